@@ -1,0 +1,63 @@
+"""tornado_sse: Server-Sent Events for Tornado."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "tornado_sse" / "__init__.py").read_text())[1]
+
+EXTRAS = {
+    "metrics": ["prometheus_client>=0.17"],
+    "redis": ["redis>=5"],
+    "jupyter": ["jupyter_server>=2.4", "jupyter_events>=0.6"],
+    "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+}
+EXTRAS["test"] = sorted(
+    {
+        *EXTRAS["metrics"],
+        *EXTRAS["redis"],
+        *EXTRAS["jupyter"],
+        "pytest>=8",
+        "pytest-tornado>=0.8",
+        "pytest-timeout>=2.2",
+        "pytest-jupyter[server]>=0.9",
+        "hypothesis>=6.100",
+        "httpx>=0.27",
+        "httpx-sse>=0.4",
+        "playwright>=1.45",
+        "psutil>=5.9",
+        "ruff>=0.6",
+        "mypy>=1.11",
+        "types-redis",
+        "setuptools<81",
+    }
+)
+
+setup(
+    name="tornado-sse",
+    version=VERSION,
+    description="Server-Sent Events for Tornado: embeddable handler, hub, bridge, Redis, Jupyter",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tornado_sse", "tornado_sse.*"]),
+    package_data={"tornado_sse": ["py.typed", "static/*", "templates/*"]},
+    data_files=[
+        (
+            "etc/jupyter/jupyter_server_config.d",
+            ["jupyter-config/jupyter_server_config.d/tornado_sse.json"],
+        )
+    ],
+    include_package_data=True,
+    install_requires=["tornado>=6.3", "msgpack>=1.0", "click>=8.1"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["tornado-sse=tornado_sse.cli:main"]},
+    classifiers=[
+        "Framework :: Tornado",
+        "Programming Language :: Python :: 3",
+        "Typing :: Typed",
+    ],
+)

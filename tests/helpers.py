@@ -1,0 +1,152 @@
+"""Test helpers: a raw HTTP/1.1 event-stream reader on asyncio sockets, bounded waits, ports.
+
+The reader is deliberately independent of Tornado's HTTP client: it speaks HTTP/1.1 over a plain
+socket, decodes chunked framing itself and parses with the sans-I/O parser, so tests see exactly
+the bytes the server wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tornado_sse.protocol import Event, EventStreamParser
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until(
+    condition: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.005
+) -> Any:
+    """Poll *condition* until it returns something truthy; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        await asyncio.sleep(interval)
+
+
+class RawStream:
+    """One ``GET`` of an event stream over a raw socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.header_lines: list[tuple[str, str]] = []
+        self.parser = EventStreamParser()
+        self.raw = b""  # decoded body bytes received so far
+        self.events: list[Event] = []
+        self.ended = False
+        self._chunked = False
+        self._buffer = b""
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        method: str = "GET",
+        timeout: float = DEFAULT_TIMEOUT,
+        rcvbuf: int | None = None,
+    ) -> RawStream:
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        self = cls(reader, writer)
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+        await asyncio.wait_for(self._read_head(), timeout)
+        return self
+
+    async def _read_head(self) -> None:
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, _, value = line.partition(":")
+            self.header_lines.append((name.strip(), value.strip()))
+            self.headers[name.strip().lower()] = value.strip()
+        self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+
+    async def _read_some(self) -> bool:
+        data = await self.reader.read(1 << 16)
+        if not data:
+            self.ended = True
+            self.events.extend(self.parser.close())
+            return False
+        if not self._chunked:
+            self._body(data)
+            return True
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                break
+            size = int(self._buffer[:end].split(b";")[0], 16)
+            if len(self._buffer) < end + 2 + size + 2:
+                break
+            chunk = self._buffer[end + 2 : end + 2 + size]
+            self._buffer = self._buffer[end + 2 + size + 2 :]
+            if size == 0:
+                self.ended = True
+                self.events.extend(self.parser.close())
+                return False
+            self._body(chunk)
+        return True
+
+    def _body(self, data: bytes) -> None:
+        self.raw += data
+        self.events.extend(self.parser.feed(data))
+
+    async def read_until(
+        self, condition: Callable[[RawStream], Any], timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Read until ``condition(self)`` holds; fail after *timeout*, or if the stream ends first."""
+
+        async def run() -> None:
+            while not condition(self):
+                if self.ended:
+                    raise AssertionError(f"stream ended before condition; raw={self.raw[-500:]!r}")
+                await self._read_some()
+
+        await asyncio.wait_for(run(), timeout)
+
+    async def events_count(self, count: int, timeout: float = DEFAULT_TIMEOUT) -> list[Event]:
+        await self.read_until(lambda s: len(s.events) >= count, timeout)
+        return self.events
+
+    async def read_to_end(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        async def run() -> None:
+            while not self.ended:
+                await self._read_some()
+
+        await asyncio.wait_for(run(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()

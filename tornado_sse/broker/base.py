@@ -1,0 +1,427 @@
+"""The broker contract: what every backend (in-process, unix-socket bridge, Redis) provides.
+
+A broker takes publishes, assigns event ids, keeps a bounded history per channel and delivers
+events to the local subscriptions of this process. The public half of the contract lives here
+and is the same for every backend; a backend implements five coroutines:
+
+``_publish(channel, event)``
+    Assign the id (locally or remotely), store the event in history, arrange for it to reach
+    :meth:`Broker._deliver` on this process (if anything here follows the channel) and return the
+    id. May raise `.BrokerUnavailableError`.
+``_follow(channels)``
+    Start receiving live events of *channels* (possibly empty: already followed) and return a
+    *position*: the id of the last event published in the whole broker such that every later
+    event of those channels reaches :meth:`Broker._deliver`. Calls are made in order.
+``_unfollow(channels)``
+    No local subscription follows *channels* any more.
+``_history(channels, after)``
+    The retained frames of *channels* with ids after *after*, in id order; raise
+    `.HistoryGapError` when *after* is older than what is retained, unparseable, or unknown.
+``id_key(event_id)``
+    A sortable key for an id of this broker, or ``None`` if the id is not one of ours.
+
+Resume, the part that is easy to get wrong, is done once, here, for every backend
+(:meth:`Broker.subscribe`): the subscription is registered locally *first*, so live events
+arriving meanwhile are buffered; then the backend follows the channels and returns the position;
+then history after the client's Last-Event-ID is read; the buffered live events are then released
+after the replay, dropping those whose id the replay (or the position) already covered. Every
+event is thus delivered exactly once and in id order, even while publishes race with the replay.
+
+Ids are short strings of ``[A-Za-z0-9._~-]`` (they travel in a ``Last-Event-ID`` header, where
+``:`` would force a CORS preflight), strictly increasing within a broker and comparable across
+channels through :meth:`Broker.id_key`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import re
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from ..errors import BrokerClosedError, HistoryGapError, InvalidChannelError
+from ..protocol import Event, encode_event
+
+__all__ = [
+    "CHANNEL_PATTERN",
+    "Broker",
+    "Frame",
+    "Subscriber",
+    "Subscription",
+    "validate_channel",
+]
+
+#: channel names: 1-200 characters of ``A-Z a-z 0-9 _ - . : / @ ~``
+CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_\-.:/@~]{1,200}")
+
+
+def validate_channel(channel: object) -> str:
+    """Return *channel* if it is a valid channel name; raise `.InvalidChannelError` otherwise."""
+    if not isinstance(channel, str) or CHANNEL_PATTERN.fullmatch(channel) is None:
+        raise InvalidChannelError(
+            f"invalid channel {channel!r}: use 1-200 characters of A-Z a-z 0-9 _ - . : / @ ~"
+        )
+    return channel
+
+
+class Frame:
+    """An event of a channel, encoded once and shared by every subscriber that receives it.
+
+    ``data`` is the complete encoded event (ending in the blank line); ``chunk`` is the same bytes
+    framed as one HTTP/1.1 chunk, computed on first use and then shared too.
+    """
+
+    __slots__ = ("_chunk", "channel", "data", "id", "published_at", "written")
+
+    def __init__(self, channel: str, id: str, data: bytes, published_at: float) -> None:
+        self.channel = channel
+        self.id = id
+        self.data = data
+        #: ``time.time()`` when the event was published (for latency metrics)
+        self.published_at = published_at
+        #: set once the first stream in this process wrote it (latency is measured once)
+        self.written = False
+        self._chunk: bytes | None = None
+
+    @classmethod
+    def from_event(cls, channel: str, event: Event, published_at: float | None = None) -> Frame:
+        """Encode *event* (whose ``id`` must be set) into a frame."""
+        assert event.id is not None
+        return cls(
+            channel,
+            event.id,
+            encode_event(event),
+            time.time() if published_at is None else published_at,
+        )
+
+    @property
+    def chunk(self) -> bytes:
+        chunk = self._chunk
+        if chunk is None:
+            chunk = self._chunk = b"%x\r\n%s\r\n" % (len(self.data), self.data)
+        return chunk
+
+    def __repr__(self) -> str:
+        return f"Frame({self.channel!r}, {self.id!r}, {self.data!r})"
+
+
+class Subscriber(Protocol):
+    """What a broker delivers to: `.EventStreamHandler` implements it; tests may too."""
+
+    def deliver(self, frame: Frame) -> None:
+        """Take one frame; called on the broker's event loop, in id order. Must not block."""
+
+
+class Subscription:
+    """One subscriber's interest in some channels of a broker, as returned by `Broker.subscribe`.
+
+    After :meth:`Broker.subscribe` returns, the subscription holds what the subscriber must send
+    before live events, in this order:
+
+    * ``reset``: true if the requested Last-Event-ID was not in history (send ``stream-reset``);
+    * ``position``: the id the stream is at before ``replay`` (send it to prime a fresh stream);
+    * ``replay``: the missed frames, in id order.
+
+    Live events are held back until :meth:`start` is called, so the caller can write the replay
+    first. :meth:`close` (or `Broker.unsubscribe`) ends it; both are idempotent.
+    """
+
+    __slots__ = (
+        "_broker",
+        "_last_key",
+        "_pending",
+        "channels",
+        "closed",
+        "position",
+        "replay",
+        "reset",
+        "subscriber",
+    )
+
+    def __init__(self, broker: Broker, channels: tuple[str, ...], subscriber: Subscriber) -> None:
+        self._broker = broker
+        self.channels = channels
+        self.subscriber = subscriber
+        self.position = ""
+        self.reset = False
+        self.replay: list[Frame] = []
+        self.closed = False
+        self._pending: list[Frame] | None = []
+        self._last_key: Any = None
+
+    def _deliver(self, frame: Frame) -> None:
+        pending = self._pending
+        if pending is None:
+            self.subscriber.deliver(frame)
+        else:
+            pending.append(frame)
+
+    def start(self) -> None:
+        """Release the live events buffered since :meth:`Broker.subscribe` and go live.
+
+        Buffered events already covered by the replay or by the position are dropped.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self.replay = []
+        if self.closed:
+            return
+        key = self._broker.id_key
+        last = self._last_key
+        for frame in pending:
+            frame_key = key(frame.id)
+            if last is None or (frame_key is not None and frame_key > last):
+                self.subscriber.deliver(frame)
+                if self.closed:
+                    return
+
+    def close(self) -> None:
+        """Stop delivering to the subscriber. Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._broker.unsubscribe(self)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.channels!r} at {self.position!r}>"
+
+
+class Broker(abc.ABC):
+    """Base class of brokers: validation, threading, local fan-out and resume.
+
+    :param history_size: events retained per channel for resume.
+    """
+
+    def __init__(self, *, history_size: int = 1000) -> None:
+        if history_size < 0:
+            raise ValueError("history_size must not be negative")
+        self.history_size = history_size
+        self.closed = False
+        #: events published through this broker object (not those arriving from other processes)
+        self.published_count = 0
+        self._subscriptions: dict[str, set[Subscription]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self._follow_lock: asyncio.Lock | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect to the backend and bind to the running event loop. Idempotent.
+
+        Called on first use by :meth:`publish` and :meth:`subscribe`; call it yourself to fail
+        early or to make :meth:`publish_threadsafe` usable before anything else happened.
+        """
+        if self._started:
+            return
+        if self.closed:
+            raise BrokerClosedError("broker is closed")
+        self._bind_loop()
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._started:
+                await self._start()
+                self._started = True
+
+    async def _start(self) -> None:
+        """Backend hook for :meth:`start`."""
+
+    async def close(self) -> None:
+        """Close the broker: end every subscription, release the backend. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for subs in list(self._subscriptions.values()):
+            for sub in list(subs):
+                sub.closed = True
+        self._subscriptions.clear()
+        await self._close()
+
+    async def _close(self) -> None:
+        """Backend hook for :meth:`close`."""
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the broker can deliver right now (``/healthz`` reports it)."""
+        return not self.closed
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("a broker is bound to the event loop it was first used on")
+        return loop
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        channel: str,
+        data: str | None = "",
+        *,
+        event: str | None = None,
+        retry: int | None = None,
+    ) -> str:
+        """Publish an event to *channel* and return its id.
+
+        :param data: text of the event; it is split into ``data`` lines on CRLF, CR and LF.
+        :param event: event name (``None`` for a plain ``message``).
+        :param retry: reconnection delay in milliseconds for clients that receive it.
+        :raises InvalidEventError: for illegal fields, before anything is sent.
+        :raises InvalidChannelError: for an invalid channel name.
+        :raises BrokerUnavailableError: when the backend cannot take it now.
+        """
+        validate_channel(channel)
+        value = Event(data=data, event=event, retry=retry)
+        if self.closed:
+            raise BrokerClosedError("broker is closed")
+        await self.start()
+        event_id = await self._publish(channel, value)
+        self.published_count += 1
+        return event_id
+
+    def publish_threadsafe(
+        self,
+        channel: str,
+        data: str | None = "",
+        *,
+        event: str | None = None,
+        retry: int | None = None,
+    ) -> concurrent.futures.Future[str]:
+        """Publish from any thread (or a plain callback); returns a future of the id.
+
+        Validation happens at once in the calling thread. The broker must have been started (or
+        used) on its event loop before. Never blocks, so it is safe on the loop's thread too.
+        """
+        validate_channel(channel)
+        Event(data=data, event=event, retry=retry)
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("broker not started: await broker.start() on its event loop first")
+        if self.closed:
+            raise BrokerClosedError("broker is closed")
+        return asyncio.run_coroutine_threadsafe(
+            self.publish(channel, data, event=event, retry=retry), loop
+        )
+
+    # ------------------------------------------------------------------ subscribe
+
+    async def subscribe(
+        self,
+        channels: Iterable[str],
+        subscriber: Subscriber,
+        last_event_id: str | None = None,
+    ) -> Subscription:
+        """Subscribe *subscriber* to *channels*, resuming after *last_event_id* if given.
+
+        Returns a `Subscription` holding what to send first (see there); live events follow
+        once the caller calls `Subscription.start`. Duplicate channel names count once.
+        """
+        names = tuple(dict.fromkeys(validate_channel(c) for c in channels))
+        if not names:
+            raise InvalidChannelError("subscribe to at least one channel")
+        if self.closed:
+            raise BrokerClosedError("broker is closed")
+        await self.start()
+        sub = Subscription(self, names, subscriber)
+        new: list[str] = []
+        for name in names:
+            subs = self._subscriptions.get(name)
+            if subs is None:
+                subs = self._subscriptions[name] = set()
+                new.append(name)
+            subs.add(sub)
+        try:
+            if self._follow_lock is None:
+                self._follow_lock = asyncio.Lock()
+            async with self._follow_lock:
+                position = await self._follow(new)
+            sub.position = position
+            sub._last_key = self.id_key(position)
+            if last_event_id is not None:
+                try:
+                    sub.replay = await self._history(names, last_event_id)
+                except HistoryGapError as gap:
+                    sub.reset = True
+                    sub.position = gap.current_id
+                    sub._last_key = self.id_key(gap.current_id)
+                    sub.replay = []
+                else:
+                    start_key = self.id_key(last_event_id)
+                    if sub.replay:
+                        sub._last_key = self.id_key(sub.replay[-1].id)
+                    else:
+                        sub._last_key = start_key
+                    sub.position = last_event_id
+        except BaseException:
+            sub.close()
+            raise
+        return sub
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """End *subscription* (same as `Subscription.close`). Idempotent."""
+        subscription.closed = True
+        gone: list[str] = []
+        for name in subscription.channels:
+            subs = self._subscriptions.get(name)
+            if subs is None:
+                continue
+            subs.discard(subscription)
+            if not subs:
+                del self._subscriptions[name]
+                gone.append(name)
+        if gone and not self.closed and self._loop is not None:
+            self._loop.create_task(self._unfollow_soon(gone))
+
+    async def _unfollow_soon(self, channels: list[str]) -> None:
+        if self._follow_lock is None:
+            self._follow_lock = asyncio.Lock()
+        async with self._follow_lock:
+            still_gone = [c for c in channels if c not in self._subscriptions]
+            if still_gone and not self.closed:
+                await self._unfollow(still_gone)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Local subscriptions per channel (for metrics)."""
+        return {name: len(subs) for name, subs in self._subscriptions.items()}
+
+    # ------------------------------------------------------------------ for backends
+
+    def _deliver(self, frame: Frame) -> None:
+        """Hand a live frame to the local subscriptions of its channel (event loop thread)."""
+        subs = self._subscriptions.get(frame.channel)
+        if subs:
+            for sub in tuple(subs):
+                if sub._pending is None:
+                    if not sub.closed:
+                        sub.subscriber.deliver(frame)
+                else:
+                    sub._pending.append(frame)
+
+    @property
+    def followed_channels(self) -> frozenset[str]:
+        """Channels with at least one local subscription."""
+        return frozenset(self._subscriptions)
+
+    @abc.abstractmethod
+    async def _publish(self, channel: str, event: Event) -> str: ...
+
+    @abc.abstractmethod
+    async def _follow(self, channels: Sequence[str]) -> str: ...
+
+    @abc.abstractmethod
+    async def _unfollow(self, channels: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def _history(self, channels: Sequence[str], after: str) -> list[Frame]: ...
+
+    @abc.abstractmethod
+    def id_key(self, event_id: str) -> Any:
+        """A sortable key for *event_id*, or ``None`` if it is not an id of this broker."""

@@ -1,0 +1,153 @@
+"""The in-process broker (the default), and the history store the bridge hub reuses.
+
+Ids are ``<epoch>-<seq>``: ``epoch`` is the broker's start time in milliseconds, base 36, and
+``seq`` a decimal counter. Ids therefore keep increasing across a restart of the process, and an
+id from an earlier incarnation (whose history is gone) is recognised and answered with
+``stream-reset`` rather than misread as a position in the new history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
+
+from ..errors import HistoryGapError
+from ..protocol import Event
+from .base import Broker, Frame
+
+__all__ = ["History", "IdSequence", "InProcessBroker"]
+
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+T = TypeVar("T")
+
+
+def _base36(number: int) -> str:
+    out = []
+    while True:
+        number, digit = divmod(number, 36)
+        out.append(_DIGITS[digit])
+        if not number:
+            return "".join(reversed(out))
+
+
+class IdSequence:
+    """Strictly increasing ids ``<epoch>-<seq>``; :meth:`key` parses one of ours into ``seq``."""
+
+    def __init__(self, epoch_ms: int | None = None) -> None:
+        epoch = int(time.time() * 1000) if epoch_ms is None else epoch_ms
+        self.epoch = _base36(epoch)
+        self._prefix = self.epoch + "-"
+        self.seq = 0
+
+    def next(self) -> str:
+        self.seq += 1
+        return f"{self._prefix}{self.seq}"
+
+    @property
+    def current(self) -> str:
+        """The id of the last assigned event (``<epoch>-0`` before the first)."""
+        return f"{self._prefix}{self.seq}"
+
+    def key(self, event_id: str) -> int | None:
+        """``seq`` of one of our ids, or ``None`` (another incarnation, garbage, the future)."""
+        if not event_id.startswith(self._prefix):
+            return None
+        digits = event_id[len(self._prefix) :]
+        if not digits.isascii() or not digits.isdigit() or len(digits) > 20:
+            return None
+        seq = int(digits)
+        if seq > self.seq:
+            return None
+        return seq
+
+
+class History(Generic[T]):
+    """Per-channel bounded history of ``(seq, item)`` with gap detection.
+
+    Each channel keeps its last *size* items; the seq of the last item a channel dropped is
+    remembered so that a resume point older than what is kept is detected as a gap.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._channels: dict[str, deque[tuple[int, T]]] = {}
+        self._dropped: dict[str, int] = {}
+
+    def append(self, channel: str, seq: int, item: T) -> None:
+        if self.size == 0:
+            self._dropped[channel] = seq
+            return
+        items = self._channels.get(channel)
+        if items is None:
+            items = self._channels[channel] = deque()
+        if len(items) >= self.size:
+            self._dropped[channel] = items.popleft()[0]
+        items.append((seq, item))
+
+    def since(self, channels: Sequence[str], after: int) -> list[tuple[int, T]] | None:
+        """Items of *channels* with seq > *after*, in seq order; ``None`` if some are gone."""
+        found: list[tuple[int, T]] = []
+        for channel in channels:
+            dropped = self._dropped.get(channel)
+            if dropped is not None and dropped > after:
+                return None
+            items = self._channels.get(channel)
+            if not items:
+                continue
+            tail: list[tuple[int, T]] = []
+            for entry in reversed(items):
+                if entry[0] <= after:
+                    break
+                tail.append(entry)
+            tail.reverse()
+            found.extend(tail)
+        if len(channels) > 1:
+            found.sort(key=lambda entry: entry[0])
+        return found
+
+    def sizes(self) -> dict[str, int]:
+        """Retained items per channel (for metrics)."""
+        return {channel: len(items) for channel, items in self._channels.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._channels)
+
+
+class InProcessBroker(Broker):
+    """Broker for one process: ids, history and fan-out all in memory.
+
+    :param history_size: events retained per channel for resume (default 1000).
+    """
+
+    def __init__(self, *, history_size: int = 1000) -> None:
+        super().__init__(history_size=history_size)
+        self.ids = IdSequence()
+        self.history: History[Frame] = History(history_size)
+
+    async def _publish(self, channel: str, event: Event) -> str:
+        event_id = self.ids.next()
+        frame = Frame.from_event(
+            channel, Event(data=event.data, event=event.event, id=event_id, retry=event.retry)
+        )
+        self.history.append(channel, self.ids.seq, frame)
+        self._deliver(frame)
+        return event_id
+
+    async def _follow(self, channels: Sequence[str]) -> str:
+        return self.ids.current
+
+    async def _unfollow(self, channels: Sequence[str]) -> None:
+        return None
+
+    async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
+        after_seq = self.ids.key(after)
+        found = None if after_seq is None else self.history.since(channels, after_seq)
+        if found is None:
+            raise HistoryGapError(self.ids.current)
+        return [frame for _, frame in found]
+
+    def id_key(self, event_id: str) -> int | None:
+        return self.ids.key(event_id)

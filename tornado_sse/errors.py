@@ -1,0 +1,81 @@
+"""Exceptions raised by tornado_sse.
+
+::
+
+    SSEError
+     +- InvalidEventError (also ValueError)     an event we were asked to send is illegal
+     +- InvalidChannelError (also ValueError)   a channel name is not allowed
+     +- StreamParseError                        the peer sent an event stream we refuse to buffer
+     +- EventStreamClosedError                  sending to a stream whose client went away
+     +- BrokerError
+         +- BrokerClosedError                   the broker was closed
+         +- BrokerUnavailableError              the backend (hub, Redis) cannot be reached now
+         +- HistoryGapError                     a Last-Event-ID fell out of history (.current_id)
+
+"You asked for something illegal" (``InvalidEventError``, ``InvalidChannelError``) is kept apart
+from "the peer sent something bad" (``StreamParseError``), as h11 separates local and remote
+protocol errors.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerClosedError",
+    "BrokerError",
+    "BrokerUnavailableError",
+    "EventStreamClosedError",
+    "HistoryGapError",
+    "InvalidChannelError",
+    "InvalidEventError",
+    "SSEError",
+    "StreamParseError",
+]
+
+
+class SSEError(Exception):
+    """Base class of every exception tornado_sse raises."""
+
+
+class InvalidEventError(SSEError, ValueError):
+    """An event (or comment) we were asked to encode is not legal on the wire.
+
+    Raised instead of silently rewriting the field: a rewritten id would break resume.
+    """
+
+
+class InvalidChannelError(SSEError, ValueError):
+    """A channel name is empty, too long, or holds characters channel names may not hold."""
+
+
+class StreamParseError(SSEError):
+    """The peer sent an event stream that exceeds our buffer bounds."""
+
+
+class EventStreamClosedError(SSEError):
+    """Raised by `.EventStreamHandler.send_event` after the stream has closed."""
+
+
+class BrokerError(SSEError):
+    """Base class for broker failures."""
+
+
+class BrokerClosedError(BrokerError):
+    """The broker has been closed and takes no more publishes or subscriptions."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """The broker's backend (the bridge hub, Redis) cannot be reached right now.
+
+    Publishing while the backend is away raises this at once instead of queueing without bound.
+    """
+
+
+class HistoryGapError(BrokerError):
+    """A resume point is older than the retained history (or unknown to this broker).
+
+    ``current_id`` is the id a client may resume from after it has been told of the gap.
+    """
+
+    def __init__(self, current_id: str, message: str = "Last-Event-ID is not in history") -> None:
+        super().__init__(message)
+        self.current_id = current_id

@@ -1,0 +1,662 @@
+"""`EventStreamHandler`: a Tornado `RequestHandler` that serves one ``text/event-stream``.
+
+It is shaped like Tornado's `WebSocketHandler`: override hooks (:meth:`open`, :meth:`on_close`)
+and policies (:meth:`get_channels`, :meth:`check_channel`, :meth:`check_origin`,
+:meth:`get_last_event_id`), never ``get()``; act with verbs (:meth:`send_event`,
+:meth:`send_comment`, :meth:`close`). Application settings prefixed ``sse_`` are read through
+properties a subclass may override for one route.
+
+The fast path, and why it bypasses parts of Tornado: after the headers, event bytes are written
+straight to the connection's `IOStream` (and, when its buffer is empty, straight to the socket),
+pre-framed as HTTP/1.1 chunks shared by every subscriber of the event. That avoids a Future, a
+copy and a chunk-framing pass per subscriber per event. Events that arrive in one event loop
+iteration go out in one write. Tornado's output transforms are switched off for the stream, so
+``compress_response=True`` never gzips it (a gzip stream would be buffered by the compressor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, cast
+
+import tornado.web
+from tornado.http1connection import HTTP1Connection
+from tornado.iostream import IOStream, StreamClosedError
+
+from .broker.base import Broker, Frame, validate_channel
+from .broker.memory import InProcessBroker
+from .connections import ConnectionSet
+from .errors import (
+    BrokerError,
+    EventStreamClosedError,
+    InvalidChannelError,
+)
+from .metrics import Metrics
+from .protocol import Event, encode_comment, encode_event, encode_retry
+
+__all__ = ["EventStreamHandler", "default_broker"]
+
+log = logging.getLogger("tornado_sse")
+
+_HEARTBEAT = encode_comment("")
+_default_brokers: dict[asyncio.AbstractEventLoop, InProcessBroker] = {}
+
+
+def default_broker() -> InProcessBroker:
+    """The in-process broker used when the application sets no ``sse_broker``.
+
+    One per event loop; publish to it from anywhere in the process::
+
+        await tornado_sse.default_broker().publish("news", "hello")
+    """
+    loop = asyncio.get_event_loop()
+    broker = _default_brokers.get(loop)
+    if broker is None or broker.closed:
+        broker = _default_brokers[loop] = InProcessBroker()
+    return broker
+
+
+async def _maybe_await(value: Any) -> Any:
+    if isinstance(value, Awaitable):
+        return await value
+    return value
+
+
+class _StreamParams:
+    """Settings resolved once per stream so the hot path never reads the settings dict."""
+
+    __slots__ = ("heartbeat", "max_buffer", "max_lifetime", "metrics", "stall_timeout")
+
+    def __init__(self, handler: EventStreamHandler) -> None:
+        interval = handler.heartbeat_interval
+        event = handler.heartbeat_event
+        self.heartbeat = _HEARTBEAT if event is None else encode_event(Event(data="", event=event))
+        self.max_buffer = handler.max_buffer_size
+        self.max_lifetime = handler.max_lifetime
+        stall = handler.stall_timeout
+        self.stall_timeout = stall if stall is not None else max(2 * (interval or 15.0), 30.0)
+        self.metrics = handler.metrics
+
+
+class EventStreamHandler(tornado.web.RequestHandler):
+    """Serve a Server-Sent Events stream of one or more broker channels.
+
+    Subclass it, say which channels a connection follows, and route to it::
+
+        class Feed(tornado_sse.EventStreamHandler):
+            def get_channels(self):
+                return ["news", f"user/{self.current_user}"]
+
+            def check_channel(self, channel):
+                return channel == "news" or self.current_user is not None
+
+        app = tornado.web.Application([(r"/events", Feed)], sse_heartbeat_interval=15)
+
+    ``GET`` answers ``200 text/event-stream`` and first sends a jittered ``retry:``, then either an
+    id-only event (a fresh stream: the client now knows where to resume from), a
+    ``stream-reset`` event (the requested Last-Event-ID is no longer in history), or the events
+    missed since Last-Event-ID; then live events. Refusals are plain-text 4xx responses: 400 for
+    a missing or invalid channel, 403 for a forbidden channel or origin. A stream beyond the
+    connection limits (or while the broker is unavailable, or during shutdown) is *shed*: a 200
+    stream carrying only a jittered ``retry:`` and a ``Retry-After`` header, then closed, so that
+    browsers' EventSource try again later (after a 503 or 204 they would give up for good).
+
+    Methods of the handler are for the event loop's thread only; publish through the broker
+    (`.Broker.publish_threadsafe`) from other threads.
+    """
+
+    _subscription: Any = None
+    _stream: IOStream | None = None
+    _queue: list[Frame] | None = None
+    _done: asyncio.Future[None] | None = None
+    _closed_once = False
+    _chunked = False
+    _raw_socket: socket.socket | None = None
+    _params: _StreamParams | None = None
+    _connections: ConnectionSet | None = None
+    _opened_at = 0.0
+    _stall_since: float | None = None
+    _stall_pending = 0
+    _allowance = 0
+    _idle_ticks = 0
+    _close_reason = "closed"
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def broker(self) -> Broker:
+        """Setting ``sse_broker``: the broker streams subscribe to.
+
+        Default: `default_broker()`, an `.InProcessBroker` shared by the process.
+        """
+        broker = self.settings.get("sse_broker")
+        return broker if broker is not None else default_broker()
+
+    @property
+    def connections(self) -> ConnectionSet:
+        """Setting ``sse_connections``: the `.ConnectionSet` holding this stream.
+
+        Default: `.ConnectionSet.current()`, one per event loop.
+        """
+        conns = self.settings.get("sse_connections")
+        return conns if conns is not None else ConnectionSet.current()
+
+    @property
+    def metrics(self) -> Metrics:
+        """Setting ``sse_metrics``: where counters go. Default: `.Metrics.default()`."""
+        metrics = self.settings.get("sse_metrics")
+        return metrics if metrics is not None else Metrics.default()
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Setting ``sse_heartbeat_interval``: seconds of idleness before a heartbeat.
+
+        Default 15.0; ``0`` or ``None`` turns heartbeats off.
+        """
+        return float(self.settings.get("sse_heartbeat_interval", 15.0) or 0.0)
+
+    @property
+    def heartbeat_event(self) -> str | None:
+        """Setting ``sse_heartbeat_event``: send heartbeats as an event of this name (with empty
+        data) instead of a comment, for clients that must see them. Default ``None`` (comment)."""
+        return cast("str | None", self.settings.get("sse_heartbeat_event"))
+
+    @property
+    def retry_interval(self) -> float:
+        """Setting ``sse_retry_interval``: reconnection delay announced to clients, in seconds.
+
+        Default 3.0. Each stream announces it jittered upwards by up to
+        :attr:`retry_jitter`, sent on the wire in milliseconds.
+        """
+        return float(self.settings.get("sse_retry_interval", 3.0))
+
+    @property
+    def retry_jitter(self) -> float:
+        """Setting ``sse_retry_jitter``: fraction added at random to the retry. Default 0.5."""
+        return float(self.settings.get("sse_retry_jitter", 0.5))
+
+    @property
+    def max_buffer_size(self) -> int:
+        """Setting ``sse_max_buffer_size``: bytes of unsent output a stream may hold before it is
+        closed as a slow consumer (it resumes from Last-Event-ID). Default 1 MiB. A replay after
+        resume does not count against it."""
+        return int(self.settings.get("sse_max_buffer_size", 1 << 20))
+
+    @property
+    def max_lifetime(self) -> float | None:
+        """Setting ``sse_max_lifetime``: seconds after which a stream is closed (the client
+        reconnects and resumes). Default ``None``: no limit."""
+        value = self.settings.get("sse_max_lifetime")
+        return float(value) if value else None
+
+    @property
+    def stall_timeout(self) -> float | None:
+        """Setting ``sse_stall_timeout``: seconds a stream's pending output may stay undrained
+        before the peer is taken for half-open and pruned; also set as the socket's
+        ``TCP_USER_TIMEOUT``. Default ``None``: twice the heartbeat interval, at least 30 s."""
+        value = self.settings.get("sse_stall_timeout")
+        return float(value) if value else None
+
+    @property
+    def max_connections(self) -> int | None:
+        """Setting ``sse_max_connections``: streams this connection set holds at most; beyond, new
+        ones are shed. Default ``None``: no limit."""
+        value = self.settings.get("sse_max_connections")
+        return int(value) if value else None
+
+    @property
+    def max_connections_per_address(self) -> int | None:
+        """Setting ``sse_max_connections_per_address``: streams one client address may hold.
+        Default ``None``: no limit."""
+        value = self.settings.get("sse_max_connections_per_address")
+        return int(value) if value else None
+
+    @property
+    def cors_origins(self) -> Sequence[str]:
+        """Setting ``sse_cors_origins``: exact origins (``https://app.example``) allowed to read
+        streams cross-origin, with credentials. Default: none (same origin only)."""
+        return tuple(self.settings.get("sse_cors_origins", ()))
+
+    # ------------------------------------------------------------------ policy hooks
+
+    def get_channels(self) -> Iterable[str] | Awaitable[Iterable[str]]:
+        """Channels this stream follows. May be a coroutine.
+
+        Default: the ``channel`` query arguments (``?channel=a&channel=b``). An empty result or an
+        invalid name is answered with 400.
+        """
+        return self.get_query_arguments("channel")
+
+    def check_channel(self, channel: str) -> bool | Awaitable[bool]:
+        """Whether this request may follow *channel*; ``False`` answers 403. May be a coroutine.
+
+        Default: allow. Use ``self.current_user`` (Tornado's `get_current_user`) here.
+        """
+        return True
+
+    def check_origin(self, origin: str) -> bool:
+        """Whether a request with this ``Origin`` header may open a stream.
+
+        Default: the same origin as the request, or one of :attr:`cors_origins`.
+        """
+        if origin in self.cors_origins:
+            return True
+        return origin == f"{self.request.protocol}://{self.request.host}"
+
+    def get_last_event_id(self) -> str | None:
+        """The id to resume after: the ``Last-Event-ID`` header, else the ``last_event_id`` query
+        argument (for clients that cannot set headers), else ``None``. The header wins."""
+        header = self.request.headers.get("Last-Event-ID")
+        if header is not None:
+            return header
+        return self.get_query_argument("last_event_id", None)
+
+    def open(self) -> Awaitable[None] | None:
+        """Called once the stream is open and any replay written, before live events.
+
+        May be a coroutine (live events wait for it). `send_event` works from here on.
+        """
+        return None
+
+    def on_close(self) -> None:
+        """Called exactly once when the stream ends, whoever ends it and however."""
+
+    # ------------------------------------------------------------------ actions
+
+    def send_event(
+        self,
+        data: str | Event | None = "",
+        *,
+        event: str | None = None,
+        id: str | None = None,
+        retry: int | None = None,
+    ) -> None:
+        """Send an event to this stream only (not through the broker).
+
+        Give an `.Event` or its fields. Leave ``id`` unset unless it is a broker id: the client
+        resumes from the last id it saw.
+
+        :raises EventStreamClosedError: if the stream is closed.
+        :raises InvalidEventError: for illegal fields.
+        """
+        value = data if isinstance(data, Event) else Event(data, event=event, id=id, retry=retry)
+        self._send_bytes(encode_event(value), value.id or "")
+
+    def send_comment(self, text: str = "") -> None:
+        """Send a comment (ignored by clients) to this stream.
+
+        :raises EventStreamClosedError: if the stream is closed.
+        """
+        self._send_bytes(encode_comment(text), "")
+
+    def _send_bytes(self, data: bytes, event_id: str) -> None:
+        if self._queue is None:
+            raise EventStreamClosedError("event stream is not open")
+        self.deliver(Frame("", event_id, data, 0.0))
+
+    def close(self, event: Event | None = None) -> asyncio.Future[None]:
+        """End the stream (after sending *event*, if given) and close the connection.
+
+        Returns a future resolved once the final bytes are written (or the connection dropped).
+        Idempotent. ``on_close`` runs once.
+        """
+        done = self._done_future()
+        if self._closed_once:
+            return done
+        if self._stream is None or self._queue is None:
+            self._finalize("closed")
+            return done
+        if event is not None:
+            self._queue.append(Frame("", event.id or "", encode_event(event), 0.0))
+        self._flush()
+        stream = self._stream
+        self._finalize("closed")  # writes the last chunk of a chunked response
+        try:
+            write = stream.write(b"")
+        except StreamClosedError:
+            self._resolve_done()
+            return done
+
+        def _written(_: object) -> None:
+            stream.close()
+            self._resolve_done()
+
+        write.add_done_callback(_written)
+        return done
+
+    # ------------------------------------------------------------------ request flow
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    async def options(self, *args: Any, **kwargs: Any) -> None:
+        """CORS preflight for the stream (``Last-Event-ID`` is a non-safelisted header)."""
+        origin = self.request.headers.get("Origin")
+        if origin is None or not self.check_origin(origin):
+            self._refuse(403, "origin not allowed")
+            return
+        self._set_cors_headers(origin)
+        self.set_header("Access-Control-Allow-Methods", "GET, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Last-Event-ID, Cache-Control")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        origin = self.request.headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            self._refuse(403, "origin not allowed")
+            return
+        if origin is not None:
+            self._set_cors_headers(origin)
+        connections = self.connections
+        limit = self.max_connections
+        per_address = self.max_connections_per_address
+        if (
+            connections.closing
+            or (limit is not None and len(connections) >= limit)
+            or (per_address is not None and connections.count(self.address) >= per_address)
+        ):
+            self._shed()
+            return
+        try:
+            channels = list(await _maybe_await(self.get_channels()))
+            if not channels:
+                raise InvalidChannelError("name at least one channel (?channel=...)")
+            for channel in channels:
+                validate_channel(channel)
+        except InvalidChannelError as exc:
+            self._refuse(400, str(exc))
+            return
+        for channel in dict.fromkeys(channels):
+            if not await _maybe_await(self.check_channel(channel)):
+                self._refuse(403, f"not allowed to follow channel {channel!r}")
+                return
+        if self.request.connection is None or self._finished:
+            return
+        params = self._params = _StreamParams(self)
+        self._connections = connections
+        self._queue = []
+        connections.add(self, self.heartbeat_interval)
+        last_event_id = self.get_last_event_id()
+        try:
+            subscription = await self.broker.subscribe(channels, self, last_event_id)
+        except BrokerError as exc:
+            log.warning("shedding stream: broker unavailable: %s", exc)
+            connections.discard(self)
+            self._queue = None
+            self._shed()
+            return
+        if self._closed_once:  # the client left while we subscribed
+            subscription.close()
+            return
+        self._subscription = subscription
+        metrics = params.metrics
+        metrics.connections_open += 1
+        metrics.connections_total += 1
+        self._opened_at = time.monotonic()
+        first = [encode_retry(self._jittered_retry())]
+        if subscription.reset:
+            metrics.stream_resets += 1
+            first.append(
+                encode_event(
+                    Event(
+                        data=json.dumps({"id": subscription.position, "reason": "history"}),
+                        event="stream-reset",
+                        id=subscription.position,
+                    )
+                )
+            )
+        elif last_event_id is None:
+            first.append(encode_event(Event(data=None, id=subscription.position)))
+        else:
+            metrics.resumes += 1
+        replay = subscription.replay
+        for frame in replay:
+            first.append(frame.data)
+        body = b"".join(first)
+        if replay:
+            self._allowance = len(body)
+            metrics.events_sent += len(replay)
+        self._start_stream(body)
+        log.info(
+            "stream open: channels=%s client=%s resume=%s",
+            ",".join(subscription.channels),
+            self.address,
+            last_event_id is not None,
+        )
+        opened = self.open()
+        if opened is not None:
+            await opened
+        if not self._closed_once:
+            subscription.start()
+
+    def _start_stream(self, body: bytes) -> None:
+        """Send headers and the first bytes; from here on, bytes go straight to the stream."""
+        self._transforms = []  # never gzip an event stream
+        self.set_status(200)
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        self.clear_header("Connection")
+        connection = self.request.connection
+        if isinstance(connection, HTTP1Connection) and isinstance(connection.stream, IOStream):
+            stream = connection.stream
+            self._stream = stream
+            # Tornado frames HTTP/1.1 responses without Content-Length as chunks (the first one
+            # below, and the last one in finish()); we frame the chunks in between ourselves.
+            self._chunked = self.request.version == "HTTP/1.1"
+            stream.set_nodelay(True)
+            sock = stream.socket
+            if type(stream) is IOStream and sock is not None and sock.family != socket.AF_UNIX:
+                self._raw_socket = sock
+                timeout = self._params.stall_timeout if self._params else 30.0
+                if hasattr(socket, "TCP_USER_TIMEOUT"):
+                    try:
+                        sock.setsockopt(
+                            socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000)
+                        )
+                    except OSError:
+                        pass
+        self._auto_finish = False
+        self.write(body)
+        self.flush()
+
+    def _jittered_retry(self) -> int:
+        return int(self.retry_interval * 1000 * (1.0 + random.random() * self.retry_jitter))
+
+    def _shed(self) -> None:
+        self.metrics.connections_shed += 1
+        retry = self._jittered_retry()
+        self._transforms = []
+        self.set_status(200)
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("Retry-After", str(max(1, round(retry / 1000))))
+        self.clear_header("Connection")
+        self.finish(encode_retry(retry))
+
+    def _refuse(self, status: int, message: str) -> None:
+        self._transforms = []
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(message + "\n")
+
+    def _set_cors_headers(self, origin: str) -> None:
+        if origin in self.cors_origins:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Credentials", "true")
+        self.add_header("Vary", "Origin")
+
+    @property
+    def address(self) -> str:
+        """The client address used for per-address limits (``request.remote_ip``)."""
+        return self.request.remote_ip or ""
+
+    # ------------------------------------------------------------------ hot path
+
+    def deliver(self, frame: Frame) -> None:
+        """Queue *frame* for this stream; it is written at the end of the loop iteration."""
+        queue = self._queue
+        if queue is None:
+            return
+        queue.append(frame)
+        if len(queue) == 1 and self._stream is not None:
+            self._connections.mark_dirty(self)  # type: ignore[union-attr]
+
+    def _flush(self) -> None:
+        queue = self._queue
+        stream = self._stream
+        if not queue or stream is None:
+            return
+        self._queue = []
+        self._idle_ticks = 0
+        params = cast(_StreamParams, self._params)
+        metrics = params.metrics
+        first = queue[0]
+        for frame in queue:
+            if frame.channel:
+                metrics.events_sent += 1
+        if not first.written and first.published_at:
+            first.written = True
+            metrics.observe_latency(time.time() - first.published_at)
+        if self._chunked:
+            if len(queue) == 1:
+                data = first.chunk
+            else:
+                body = b"".join([frame.data for frame in queue])
+                data = b"%x\r\n%s\r\n" % (len(body), body)
+        else:
+            data = first.data if len(queue) == 1 else b"".join([f.data for f in queue])
+        self._write(stream, data)
+        if self._stream is None:
+            return
+        pending = len(stream._write_buffer)
+        if pending > params.max_buffer:
+            if pending > params.max_buffer + self._allowance:
+                metrics.slow_disconnects += 1
+                self._abort("slow")
+        elif self._allowance:
+            self._allowance = 0
+
+    def _write(self, stream: IOStream, data: bytes) -> None:
+        sock = self._raw_socket
+        if sock is not None and not stream._write_buffer and not stream.closed():
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort("write-failed")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        try:
+            stream.write(data)
+        except StreamClosedError:
+            self._abort("write-failed")
+
+    def _heartbeat(self) -> None:
+        self._idle_ticks = 0
+        stream = self._stream
+        if stream is None or self._queue is None:
+            return
+        params = cast(_StreamParams, self._params)
+        params.metrics.heartbeats_sent += 1
+        data = params.heartbeat
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self._write(stream, data)
+
+    def _prune_reason(self, now: float) -> str | None:
+        stream = self._stream
+        params = self._params
+        if stream is None or params is None:
+            return None
+        if stream.closed():
+            return "write-failed"
+        if params.max_lifetime is not None and now - self._opened_at > params.max_lifetime:
+            return "lifetime"
+        pending = len(stream._write_buffer)
+        if not pending:
+            self._stall_since = None
+        elif self._stall_since is None or pending < self._stall_pending:
+            self._stall_since = now
+        elif now - self._stall_since > params.stall_timeout:
+            return "stalled"
+        self._stall_pending = pending
+        return None
+
+    def _abort(self, reason: str) -> None:
+        """Drop the connection at once (slow, stalled, failed, lifetime, shutdown)."""
+        if reason == "lifetime":
+            self.close()
+            return
+        if reason not in ("slow", "shutdown") and self._params is not None:
+            self._params.metrics.connections_pruned += 1
+        stream = self._stream
+        self._finalize(reason)
+        if stream is not None:
+            stream.close()
+        self._resolve_done()
+
+    # ------------------------------------------------------------------ ending
+
+    def on_connection_close(self) -> None:
+        self._finalize("client-closed")
+        self._resolve_done()
+
+    def on_finish(self) -> None:
+        if self._queue is not None:
+            self._finalize("finished")
+
+    def _finalize(self, reason: str) -> None:
+        """Unsubscribe, leave the connection set and call on_close, exactly once."""
+        if self._closed_once:
+            return
+        self._closed_once = True
+        self._close_reason = reason
+        self._queue = None
+        self._raw_socket = None
+        stream = self._stream
+        self._stream = None
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        if self._connections is not None:
+            self._connections.discard(self)
+        if stream is not None and self._params is not None:
+            self._params.metrics.connections_open -= 1
+            log.info(
+                "stream closed: client=%s reason=%s duration=%.1fs",
+                self.address,
+                reason,
+                time.monotonic() - self._opened_at,
+            )
+        try:
+            self.on_close()
+        except Exception:
+            log.exception("error in on_close")
+        if stream is not None and not self._finished:
+            self._finished = True
+            connection = self.request.connection
+            if connection is not None and not stream.closed():
+                connection.finish()
+            self._log()
+
+    def _done_future(self) -> asyncio.Future[None]:
+        if self._done is None:
+            self._done = asyncio.get_event_loop().create_future()
+        return self._done
+
+    def _resolve_done(self) -> None:
+        done = self._done_future()
+        if not done.done():
+            done.set_result(None)
