@@ -43,8 +43,18 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["tornado_sse", "tornado_sse.*"]),
-    package_data={"tornado_sse": ["py.typed", "static/*", "templates/*"]},
+    # demo/ and bench/ sit at the top of the repository and install as tornado_sse.demo and
+    # tornado_sse.bench, so that `tornado-sse demo` and `tornado-sse bench` work from any install.
+    packages=[
+        *find_packages(include=["tornado_sse", "tornado_sse.*"]),
+        "tornado_sse.demo",
+        "tornado_sse.bench",
+    ],
+    package_dir={"tornado_sse.demo": "demo", "tornado_sse.bench": "bench"},
+    package_data={
+        "tornado_sse": ["py.typed"],
+        "tornado_sse.demo": ["static/*", "templates/*"],
+    },
     data_files=[
         (
             "etc/jupyter/jupyter_server_config.d",

@@ -26,3 +26,9 @@ def require(condition: bool, reason: str) -> None:
 def _fresh_metrics() -> None:
     Metrics._default = None
     ConnectionSet._instances.clear()
+
+
+@pytest.fixture
+def port(http_server: object, http_port: int) -> int:
+    """The port of pytest-tornado's server running the test's ``app`` fixture."""
+    return http_port
