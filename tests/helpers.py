@@ -127,7 +127,7 @@ class RawStream:
     async def read_until(
         self, condition: Callable[[RawStream], Any], timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        """Read until ``condition(self)`` holds; fail after *timeout*, or if the stream ends first."""
+        """Read until ``condition(self)`` holds; fail after *timeout* or if the stream ends."""
 
         async def run() -> None:
             while not condition(self):
