@@ -12,7 +12,15 @@ EXTRAS = {
     "metrics": ["prometheus_client>=0.17"],
     "redis": ["redis>=5"],
     "jupyter": ["jupyter_server>=2.4", "jupyter_events>=0.6"],
-    "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+    "bench": [
+        "matplotlib>=3.7",
+        "psutil>=5.9",
+        "sse-starlette>=2",
+        "uvicorn>=0.30",
+        "aiohttp>=3.9",
+        "aiohttp-sse>=2.2",
+        "uvloop>=0.19; platform_system != 'Windows'",
+    ],
 }
 EXTRAS["test"] = sorted(
     {
