@@ -1,0 +1,266 @@
+"""The broker contract, one suite for every backend.
+
+Subclass `BrokerContract` in a test module and provide a fixture ``make_broker`` returning an
+async factory ``make(history_size=1000) -> Broker``: each call gives a new, started broker on the
+same backend (two brokers act as two processes or two hosts). The fixture tears them down.
+pytest-tornado has no async fixtures: write ``make_broker`` as a plain fixture taking ``io_loop``
+and close the brokers with ``io_loop.run_sync`` after ``yield`` (see tests/test_broker_memory.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from tests.helpers import wait_until
+from tornado_sse.broker.base import Broker, Frame, Subscription
+from tornado_sse.errors import InvalidChannelError, InvalidEventError
+from tornado_sse.protocol import Event, parse
+
+MakeBroker = Callable[..., Awaitable[Broker]]
+ID_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
+TIMEOUT = 20
+
+
+class Collector:
+    """A subscriber that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+
+    def deliver(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    @property
+    def events(self) -> list[Event]:
+        return [event for frame in self.frames for event in parse(frame.data)]
+
+    @property
+    def data(self) -> list[str | None]:
+        return [event.data for event in self.events]
+
+
+async def subscribe(
+    broker: Broker, channels: list[str], last_event_id: str | None = None
+) -> tuple[Subscription, Collector]:
+    """Subscribe as the handler does: the replay first, then live events."""
+    collector = Collector()
+    sub = await broker.subscribe(channels, collector, last_event_id)
+    collector.frames.extend(sub.replay)
+    sub.start()
+    return sub, collector
+
+
+class BrokerContract:
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_ids_increase_and_are_header_safe(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        ids = [await broker.publish(channel, "x") for channel in ("a", "b", "a", "c", "b")]
+        assert len(set(ids)) == len(ids)
+        for event_id in ids:
+            assert ID_CHARS.fullmatch(event_id), event_id
+            assert len(event_id) <= 64
+        keys = [broker.id_key(event_id) for event_id in ids]
+        assert None not in keys
+        assert keys == sorted(keys)
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_fresh_subscription_gets_later_events_in_order(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        await broker.publish("news", "before")
+        sub, got = await subscribe(broker, ["news"])
+        assert (not sub.reset and sub.replay == []) or sub.replay == []
+        ids = [await broker.publish("news", str(n)) for n in range(20)]
+        await wait_until(lambda: len(got.frames) >= 20, TIMEOUT)
+        assert got.data == [str(n) for n in range(20)]
+        assert [frame.id for frame in got.frames] == ids
+        assert [event.id for event in got.events] == ids
+        sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_position_then_resume_from_it(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        await broker.publish("p", "old")
+        sub, _ = await subscribe(broker, ["p"])
+        position = sub.position
+        sub.close()
+        await broker.publish("p", "missed")
+        sub2, got = await subscribe(broker, ["p"], position)
+        await wait_until(lambda: got.data == ["missed"], TIMEOUT)
+        assert not sub2.reset
+        sub2.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_several_channels_in_id_order_and_duplicates_once(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        sub, got = await subscribe(broker, ["a", "b", "a"])
+        assert sub.channels == ("a", "b")
+        for n in range(10):
+            await broker.publish("a" if n % 2 else "b", str(n))
+        await broker.publish("c", "not followed")
+        await wait_until(lambda: len(got.frames) >= 10, TIMEOUT)
+        assert got.data == [str(n) for n in range(10)]
+        sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_resume_replays_exactly_the_missed_events(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        ids = []
+        for n in range(6):
+            ids.append(await broker.publish("a" if n % 2 else "b", str(n)))
+        await broker.publish("other", "skip")
+        sub, got = await subscribe(broker, ["a", "b"], ids[2])
+        assert not sub.reset
+        assert [frame.id for frame in got.frames] == ids[3:]
+        await broker.publish("a", "live")
+        await wait_until(lambda: len(got.frames) == 4, TIMEOUT)
+        assert got.data == ["3", "4", "5", "live"]
+        sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_resume_while_publishing_loses_and_repeats_nothing(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        first = await broker.publish("race", "0")
+        total = 200
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            for n in range(1, total):
+                await broker.publish("race", str(n))
+                if n % 10 == 0:
+                    await asyncio.sleep(0)
+            stop.set()
+
+        task = asyncio.ensure_future(publisher())
+        subs = []
+        for _ in range(5):
+            await asyncio.sleep(0)
+            subs.append(await subscribe(broker, ["race"], first))
+        await task
+        for sub, got in subs:
+            await wait_until(lambda got=got: len(got.frames) >= total - 1, TIMEOUT)
+            assert got.data == [str(n) for n in range(1, total)], "lost, repeated or reordered"
+            sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_too_old_id_is_a_reset_never_a_gap(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker(history_size=2)
+        ids = [await broker.publish("small", str(n)) for n in range(5)]
+        sub, got = await subscribe(broker, ["small"], ids[0])
+        assert sub.reset
+        assert broker.id_key(sub.position) is not None
+        assert broker.id_key(sub.position) >= broker.id_key(ids[-1])
+        assert got.frames == []
+        await broker.publish("small", "after")
+        await wait_until(lambda: got.data == ["after"], TIMEOUT)
+        sub.close()
+        # within history: no reset
+        sub2, got2 = await subscribe(broker, ["small"], ids[3])
+        assert not sub2.reset
+        assert got2.data[:1] == ["4"]
+        sub2.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_unparseable_id_is_treated_as_too_old(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        await broker.publish("u", "x")
+        for bad in ("garbage", "", "99999999999999999999999999-1", "-", "0-0-0"):
+            sub, got = await subscribe(broker, ["u"], bad)
+            assert sub.reset, bad
+            assert got.frames == []
+            sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_unsubscribe_stops_delivery(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        sub, got = await subscribe(broker, ["gone"])
+        keep, kept = await subscribe(broker, ["gone"])
+        await broker.publish("gone", "1")
+        await wait_until(lambda: len(got.frames) == 1 and len(kept.frames) == 1, TIMEOUT)
+        sub.close()
+        sub.close()
+        await broker.publish("gone", "2")
+        await wait_until(lambda: len(kept.frames) == 2, TIMEOUT)
+        assert got.data == ["1"]
+        keep.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_bad_input_is_a_typed_error(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        for channel in ("", "has space", "x" * 201, "tab\t", "new\nline", "ü"):
+            with pytest.raises(InvalidChannelError):
+                await broker.publish(channel, "x")
+            with pytest.raises(InvalidChannelError):
+                await broker.subscribe([channel], Collector())
+        with pytest.raises(InvalidChannelError):
+            await broker.subscribe([], Collector())
+        with pytest.raises(InvalidEventError):
+            await broker.publish("ok", "x", event="bad\nname")
+        with pytest.raises(InvalidEventError):
+            await broker.publish("ok", "x", retry=-1)
+        with pytest.raises(InvalidEventError):
+            await broker.publish("ok", "x", retry=True)  # type: ignore[arg-type]
+        with pytest.raises(InvalidEventError):
+            broker.publish_threadsafe("ok", 5)  # type: ignore[arg-type]
+        assert await broker.publish("ok", "still works")
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_fields_survive(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        sub, got = await subscribe(broker, ["f"])
+        event_id = await broker.publish("f", "line1\r\nline2\rline3\n\u2028ü", event="e", retry=5)
+        await wait_until(lambda: len(got.frames) == 1, TIMEOUT)
+        assert got.events == [
+            Event("line1\nline2\nline3\n\u2028ü", event="e", id=event_id, retry=5)
+        ]
+        sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_threadsafe_publish_from_a_pool(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        sub, got = await subscribe(broker, ["t"])
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(lambda n=n: broker.publish_threadsafe("t", str(n)).result(TIMEOUT))
+                for n in range(100)
+            ]
+            ids = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), TIMEOUT
+            )
+        assert len(set(ids)) == 100
+        await wait_until(lambda: len(got.frames) == 100, TIMEOUT)
+        assert sorted(got.data, key=lambda d: int(d or 0)) == [str(n) for n in range(100)]
+        keys = [broker.id_key(frame.id) for frame in got.frames]
+        assert keys == sorted(keys)
+        sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_two_brokers_share_events_and_history(self, make_broker: MakeBroker) -> None:
+        one = await make_broker()
+        two = await make_broker()
+        sub, got = await subscribe(two, ["shared"])
+        first = await one.publish("shared", "from one")
+        await wait_until(lambda: got.data == ["from one"], TIMEOUT)
+        assert got.frames[0].id == first
+        sub.close()
+        await one.publish("shared", "missed")
+        sub2, got2 = await subscribe(two, ["shared"], first)
+        await wait_until(lambda: got2.data == ["missed"], TIMEOUT)
+        sub2.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_close_is_idempotent_and_final(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        await broker.close()
+        await broker.close()
+        assert broker.closed

@@ -1,0 +1,87 @@
+"""The broker contract against the in-process broker, and its own details."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from tornado.ioloop import IOLoop
+
+from tests.broker_contract import BrokerContract, subscribe
+from tornado_sse.broker.base import Broker
+from tornado_sse.broker.memory import History, IdSequence, InProcessBroker
+
+
+@pytest.fixture
+def make_broker(io_loop: IOLoop) -> Iterator[Callable[..., Awaitable[Broker]]]:
+    made: list[Broker] = []
+
+    async def make(history_size: int = 1000) -> Broker:
+        if made:  # one process: a second broker object is the same broker
+            return made[0] if made[0].history_size == history_size else await new(history_size)
+        return await new(history_size)
+
+    async def new(history_size: int) -> Broker:
+        broker = InProcessBroker(history_size=history_size)
+        await broker.start()
+        made.append(broker)
+        return broker
+
+    yield make
+
+    async def close_all() -> None:
+        for broker in made:
+            await broker.close()
+
+    io_loop.run_sync(close_all)
+
+
+class TestInProcessBroker(BrokerContract):
+    pass
+
+
+def test_ids_from_another_incarnation_are_unknown() -> None:
+    old = IdSequence(epoch_ms=1_000)
+    new = IdSequence(epoch_ms=2_000)
+    old_id = old.next()
+    assert new.key(old_id) is None
+    assert new.key(new.current) == 0
+    assert new.key(new.epoch + "-5") is None  # from the future
+
+
+def test_history_detects_trimmed_channels_independently() -> None:
+    history: History[str] = History(2)
+    for seq in range(1, 6):
+        history.append("a", seq, f"a{seq}")
+    history.append("b", 6, "b6")
+    assert history.since(["a"], 1) is None
+    assert history.since(["a"], 3) == [(4, "a4"), (5, "a5")]
+    assert history.since(["b"], 0) == [(6, "b6")]
+    assert history.since(["a", "b"], 4) == [(5, "a5"), (6, "b6")]
+    zero: History[str] = History(0)
+    zero.append("z", 1, "z1")
+    assert zero.since(["z"], 0) is None
+    assert zero.since(["z"], 1) == []
+
+
+@pytest.mark.gen_test
+async def test_subscriber_closing_itself_during_fanout_does_not_break_others() -> None:
+    broker = InProcessBroker()
+    got: list[str] = []
+
+    class Closer:
+        sub = None
+
+        def deliver(self, frame: object) -> None:
+            got.append("closer")
+            assert self.sub is not None
+            self.sub.close()
+
+    closer = Closer()
+    closer.sub = await broker.subscribe(["c"], closer)
+    closer.sub.start()
+    _, other = await subscribe(broker, ["c"])
+    await broker.publish("c", "1")
+    await broker.publish("c", "2")
+    assert got == ["closer"]
+    assert other.data == ["1", "2"]
