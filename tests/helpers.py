@@ -54,6 +54,7 @@ class RawStream:
         self.events: list[Event] = []
         self.ended = False
         self._chunked = False
+        self._remaining: int | None = None
         self._buffer = b""
 
     @classmethod
@@ -93,6 +94,10 @@ class RawStream:
             self.header_lines.append((name.strip(), value.strip()))
             self.headers[name.strip().lower()] = value.strip()
         self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        length = self.headers.get("content-length")
+        self._remaining = int(length) if length is not None else None
+        if self._remaining == 0:
+            self.ended = True
 
     async def _read_some(self) -> bool:
         data = await self.reader.read(1 << 16)
@@ -102,6 +107,12 @@ class RawStream:
             return False
         if not self._chunked:
             self._body(data)
+            if self._remaining is not None:
+                self._remaining -= len(data)
+                if self._remaining <= 0:
+                    self.ended = True
+                    self.events.extend(self.parser.close())
+                    return False
             return True
         self._buffer += data
         while True:

@@ -1,12 +1,49 @@
-"""EventStreamHandler through a real Tornado server on loopback."""
+"""EventStreamHandler through a real Tornado server on loopback, read by a raw socket client."""
 
 from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import json
+import weakref
+from typing import Any
 
 import pytest
 import tornado.web
 
-from tests.helpers import RawStream
-from tornado_sse import EventStreamHandler, InProcessBroker
+from tests.helpers import RawStream, wait_until
+from tornado_sse import ConnectionSet, Event, EventStreamHandler, InProcessBroker, Metrics
+
+TIMEOUT = 15
+
+
+class Recorder(EventStreamHandler):
+    """Records hook calls in the application's ``calls`` list."""
+
+    def _calls(self) -> list[Any]:
+        return self.application.settings["calls"]  # type: ignore[no-any-return]
+
+    def check_channel(self, channel: str) -> bool:
+        self._calls().append(("check_channel", channel))
+        return channel != "secret"
+
+    def open(self) -> None:
+        self._calls().append(("open", self.get_query_argument("channel")))
+        self.send_event("welcome", event="hello")
+
+    def on_close(self) -> None:
+        self._calls().append(("on_close", self.get_query_argument("channel")))
+
+
+class Async(EventStreamHandler):
+    async def get_channels(self) -> list[str]:  # type: ignore[override]
+        await asyncio.sleep(0)
+        return ["async-" + self.get_query_argument("room")]
+
+    async def check_channel(self, channel: str) -> bool:  # type: ignore[override]
+        await asyncio.sleep(0)
+        return self.get_query_argument("user", None) == "alice"
 
 
 @pytest.fixture
@@ -15,23 +52,495 @@ def broker() -> InProcessBroker:
 
 
 @pytest.fixture
-def app(broker: InProcessBroker) -> tornado.web.Application:
+def connections() -> ConnectionSet:
+    return ConnectionSet(prune_interval=0.05)
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Extra application settings: parametrize indirectly."""
+    return getattr(request, "param", {})  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def app(
+    broker: InProcessBroker, connections: ConnectionSet, settings: dict[str, Any]
+) -> tornado.web.Application:
     return tornado.web.Application(
-        [(r"/events", EventStreamHandler)],
+        [
+            (r"/events", EventStreamHandler),
+            (r"/recorded", Recorder),
+            (r"/async", Async),
+        ],
         sse_broker=broker,
+        sse_connections=connections,
+        sse_metrics=Metrics(),
         compress_response=True,
+        calls=[],
+        **settings,
     )
 
 
-@pytest.mark.gen_test
-async def test_headers(port: int, broker: InProcessBroker) -> None:
+async def publish_all(broker: InProcessBroker, channel: str, items: list[str]) -> list[str]:
+    return [await broker.publish(channel, item) for item in items]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_headers_and_first_bytes(port: int, broker: InProcessBroker) -> None:
     stream = await RawStream.open(port, "/events?channel=a", {"Accept-Encoding": "gzip"})
     assert stream.status == 200
     assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
     assert stream.headers["cache-control"] == "no-cache"
+    assert stream.headers["x-accel-buffering"] == "no"
     assert "content-encoding" not in stream.headers
     assert "connection" not in stream.headers
-    await broker.publish("a", "hi")
-    events = await stream.events_count(1)
-    assert events[0].data == "hi"
+    assert "content-length" not in stream.headers
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    assert stream.raw.startswith(b"retry: ")
+    retry = stream.parser.retry
+    assert retry is not None and 3000 <= retry <= 4500
+    position = stream.parser.last_event_id
+    assert broker.id_key(position) is not None
+    event_id = await broker.publish("a", "hi")
+    await stream.events_count(1)
+    assert stream.events == [Event("hi", id=event_id)]
     stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_retry_is_jittered_per_connection(port: int) -> None:
+    streams = [await RawStream.open(port, "/events?channel=j") for _ in range(8)]
+    for stream in streams:
+        await stream.read_until(lambda s: s.parser.retry is not None)
+    retries = {stream.parser.retry for stream in streams}
+    assert len(retries) > 1
+    for stream in streams:
+        stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_bad_requests(port: int) -> None:
+    for path, status, message in [
+        ("/events", 400, b"channel"),
+        ("/events?channel=", 400, b"invalid channel"),
+        ("/events?channel=has%20space", 400, b"invalid channel"),
+        ("/events?channel=" + "x" * 201, 400, b"invalid channel"),
+        ("/recorded?channel=secret", 403, b"secret"),
+        ("/async?room=r", 403, b"async-r"),
+    ]:
+        stream = await RawStream.open(port, path)
+        assert stream.status == status, path
+        await stream.read_to_end()
+        assert message in stream.raw, stream.raw
+        stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_async_hooks(port: int, broker: InProcessBroker) -> None:
+    stream = await RawStream.open(port, "/async?room=r&user=alice")
+    assert stream.status == 200
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    await broker.publish("async-r", "x")
+    await stream.events_count(1)
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_hook_order_and_on_close_once(
+    port: int, app: tornado.web.Application, broker: InProcessBroker, connections: ConnectionSet
+) -> None:
+    calls = app.settings["calls"]
+    stream = await RawStream.open(port, "/recorded?channel=room")
+    await stream.events_count(1)
+    assert stream.events[0] == Event("welcome", event="hello")
+    assert calls == [("check_channel", "room"), ("open", "room")]
+    await broker.publish("room", "live")
+    await stream.events_count(2)
+    stream.close()
+    await wait_until(lambda: len(connections) == 0)
+    await wait_until(lambda: ("on_close", "room") in calls)
+    # closing from the server side, then the client: still once
+    stream = await RawStream.open(port, "/recorded?channel=room2")
+    await stream.events_count(1)
+    (handler,) = list(connections)
+    await asyncio.wait_for(handler.close(), TIMEOUT)  # type: ignore[attr-defined]
+    await stream.read_to_end()
+    handler.close()  # type: ignore[attr-defined]
+    stream.close()
+    assert calls.count(("on_close", "room")) == 1
+    assert calls.count(("on_close", "room2")) == 1
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_send_event_after_close_raises(port: int, connections: ConnectionSet) -> None:
+    from tornado_sse import EventStreamClosedError
+
+    stream = await RawStream.open(port, "/events?channel=x")
+    await wait_until(lambda: len(connections) == 1)
+    (handler,) = list(connections)
+    handler.send_event("direct")  # type: ignore[attr-defined]
+    await stream.events_count(1)
+    await handler.close(Event("bye", event="shutdown"))  # type: ignore[attr-defined]
+    await stream.read_to_end()
+    assert stream.events[-1] == Event("bye", event="shutdown")
+    with pytest.raises(EventStreamClosedError):
+        handler.send_event("late")  # type: ignore[attr-defined]
+    stream.close()
+
+
+@pytest.mark.parametrize("settings", [{"sse_heartbeat_interval": 0.01}], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_heartbeat_when_idle(
+    settings: dict[str, Any], port: int, broker: InProcessBroker
+) -> None:
+    stream = await RawStream.open(port, "/events?channel=hb")
+    await stream.read_until(lambda s: s.parser.comments >= 10)
+    stream.close()
+
+
+@pytest.mark.parametrize("settings", [{"sse_heartbeat_interval": 0.01}], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_no_heartbeat_while_events_flow(
+    settings: dict[str, Any], port: int, broker: InProcessBroker
+) -> None:
+    stream = await RawStream.open(port, "/events?channel=busy")
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    base = stream.parser.comments
+    # publish faster than the heartbeat threshold (3 ticks of 2.5 ms): no comment in between
+    for n in range(30):
+        await broker.publish("busy", str(n))
+        await asyncio.sleep(0.001)
+    await stream.events_count(30)
+    assert stream.parser.comments - base <= 3
+    stream.close()
+
+
+@pytest.mark.parametrize(
+    "settings", [{"sse_heartbeat_interval": 0, "sse_heartbeat_event": "ping"}], indirect=True
+)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_heartbeat_off(
+    settings: dict[str, Any], port: int, connections: ConnectionSet
+) -> None:
+    stream = await RawStream.open(port, "/events?channel=off")
+    await wait_until(lambda: len(connections) == 1)
+    assert connections._wheels == {}
+    stream.close()
+
+
+@pytest.mark.parametrize(
+    "settings", [{"sse_heartbeat_interval": 0.01, "sse_heartbeat_event": "ping"}], indirect=True
+)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_heartbeat_as_named_event(settings: dict[str, Any], port: int) -> None:
+    stream = await RawStream.open(port, "/events?channel=ping")
+    await stream.events_count(2)
+    assert stream.events[0] == Event("", event="ping")
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resume_from_header_and_query(port: int, broker: InProcessBroker) -> None:
+    ids = await publish_all(broker, "r", ["0", "1", "2", "3"])
+    stream = await RawStream.open(port, "/events?channel=r", {"Last-Event-ID": ids[1]})
+    await stream.events_count(2)
+    assert [e.data for e in stream.events] == ["2", "3"]
+    stream.close()
+    stream = await RawStream.open(port, f"/events?channel=r&last_event_id={ids[2]}")
+    await stream.events_count(1)
+    assert [e.data for e in stream.events] == ["3"]
+    stream.close()
+    # the header wins over the query argument
+    stream = await RawStream.open(
+        port, f"/events?channel=r&last_event_id={ids[0]}", {"Last-Event-ID": ids[2]}
+    )
+    await stream.events_count(1)
+    assert [e.data for e in stream.events] == ["3"]
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resume_while_publishing(port: int, broker: InProcessBroker) -> None:
+    broker.history.size = 1000
+    first = await broker.publish("race", "0")
+    total = 300
+
+    async def publisher() -> None:
+        for n in range(1, total):
+            await broker.publish("race", str(n))
+            if n % 7 == 0:
+                await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(publisher())
+    streams = []
+    for _ in range(4):
+        streams.append(await RawStream.open(port, "/events?channel=race", {"Last-Event-ID": first}))
+    await task
+    for stream in streams:
+        await stream.events_count(total - 1)
+        assert [e.data for e in stream.events] == [str(n) for n in range(1, total)]
+        stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_priming_id_resumes_without_loss(port: int, broker: InProcessBroker) -> None:
+    await broker.publish("prime", "before")
+    stream = await RawStream.open(port, "/events?channel=prime")
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    position = stream.parser.last_event_id
+    stream.close()
+    await broker.publish("prime", "missed")
+    stream = await RawStream.open(port, "/events?channel=prime", {"Last-Event-ID": position})
+    await stream.events_count(1)
+    assert stream.events[0].data == "missed"
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_stream_reset(port: int, broker: InProcessBroker) -> None:
+    ids = await publish_all(broker, "s", [str(n) for n in range(8)])  # history_size=5
+    for last in (ids[0], "not-an-id"):
+        stream = await RawStream.open(port, "/events?channel=s", {"Last-Event-ID": last})
+        await stream.events_count(1)
+        reset = stream.events[0]
+        assert reset.event == "stream-reset"
+        assert reset.id == ids[-1]
+        assert json.loads(reset.data or "")["id"] == ids[-1]
+        live = await broker.publish("s", "live")
+        await stream.events_count(2)
+        assert stream.events[1] == Event("live", id=live)
+        stream.close()
+        ids.append(live)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"sse_max_buffer_size": 64 * 1024, "sse_heartbeat_interval": 0, "sse_stall_timeout": 60}],
+    indirect=True,
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_slow_consumer_is_cut_off_and_resumes(
+    settings: dict[str, Any],
+    port: int,
+    broker: InProcessBroker,
+    connections: ConnectionSet,
+    app: tornado.web.Application,
+) -> None:
+    stalled = await RawStream.open(port, "/events?channel=big", rcvbuf=4096)
+    await stalled.read_until(lambda s: s.parser.last_event_id != "")
+    fast = await RawStream.open(port, "/events?channel=big")
+    await fast.read_until(lambda s: s.parser.last_event_id != "")
+    payload = "x" * 16_000
+    published = 0
+    metrics = app.settings["sse_metrics"]
+    while metrics.slow_disconnects == 0:
+        await broker.publish("big", payload)
+        published += 1
+        await fast.events_count(published)
+        assert published < 500, "stalled client never cut off"
+    assert len(connections) == 1
+    for _ in range(3):
+        await broker.publish("big", payload)
+        published += 1
+    await fast.events_count(published)
+    assert len(fast.events) == published
+    fast.close()
+    # the cut-off client reads what it got, then resumes from its last id and misses nothing
+    await stalled.read_to_end(timeout=TIMEOUT)
+    got = len(stalled.events)
+    assert got < published
+    last = stalled.parser.last_event_id
+    stalled.close()
+    # history is 5 events: resume inside it or get a reset, never a gap
+    resumed = await RawStream.open(port, "/events?channel=big", {"Last-Event-ID": last})
+    await resumed.events_count(1)
+    if resumed.events[0].event == "stream-reset":
+        assert published - got > 5
+    else:
+        await resumed.events_count(published - got)
+        assert len(resumed.events) == published - got
+    resumed.close()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"sse_heartbeat_interval": 0.01, "sse_stall_timeout": 0.3, "sse_max_buffer_size": 1 << 24}],
+    indirect=True,
+)
+@pytest.mark.gen_test(timeout=30)
+async def test_vanished_client_is_pruned_and_released(
+    settings: dict[str, Any],
+    port: int,
+    broker: InProcessBroker,
+    connections: ConnectionSet,
+    app: tornado.web.Application,
+) -> None:
+    gone = await RawStream.open(port, "/events?channel=v", rcvbuf=4096)
+    await wait_until(lambda: len(connections) == 1)
+    (handler,) = list(connections)
+    ref = weakref.ref(handler)
+    del handler
+    # the client stops reading: fill the socket buffers so output stays pending
+    for _ in range(20):
+        await broker.publish("v", "y" * 100_000)
+    # gone through the pruner's stall check or the kernel's TCP_USER_TIMEOUT, whichever is first
+    await wait_until(lambda: len(connections) == 0, timeout=TIMEOUT)
+    assert broker.subscriber_counts() == {}
+    gone.close()
+    await wait_until(lambda: gc.collect() is not None and ref() is None, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("settings", [{"sse_max_lifetime": 0.1}], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_max_lifetime_closes_cleanly(
+    settings: dict[str, Any], port: int, connections: ConnectionSet
+) -> None:
+    stream = await RawStream.open(port, "/events?channel=life")
+    await stream.read_to_end()
+    assert stream.ended
+    await wait_until(lambda: len(connections) == 0)
+    stream.close()
+
+
+CORS = {"sse_cors_origins": ["https://app.example"]}
+
+
+@pytest.mark.parametrize("settings", [CORS], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_cors(settings: dict[str, Any], port: int) -> None:
+    allowed = await RawStream.open(port, "/events?channel=c", {"Origin": "https://app.example"})
+    assert allowed.status == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert "Origin" in allowed.headers["vary"]
+    allowed.close()
+    refused = await RawStream.open(port, "/events?channel=c", {"Origin": "https://evil.example"})
+    assert refused.status == 403
+    assert "access-control-allow-origin" not in refused.headers
+    refused.close()
+    same = await RawStream.open(port, "/events?channel=c", {"Origin": f"http://127.0.0.1:{port}"})
+    assert same.status == 200
+    assert "access-control-allow-origin" not in same.headers
+    same.close()
+    preflight = await RawStream.open(
+        port,
+        "/events?channel=c",
+        {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "last-event-id",
+        },
+        method="OPTIONS",
+    )
+    assert preflight.status == 204
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "GET" in preflight.headers["access-control-allow-methods"]
+    assert "last-event-id" in preflight.headers["access-control-allow-headers"].lower()
+    preflight.close()
+    bad = await RawStream.open(
+        port, "/events?channel=c", {"Origin": "https://evil.example"}, method="OPTIONS"
+    )
+    assert bad.status == 403
+    bad.close()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"sse_max_connections": 2, "sse_retry_interval": 2.0, "sse_retry_jitter": 1.0}],
+    indirect=True,
+)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_connection_limit_sheds_so_eventsource_retries(
+    settings: dict[str, Any], port: int, connections: ConnectionSet
+) -> None:
+    kept = [await RawStream.open(port, "/events?channel=l") for _ in range(2)]
+    await wait_until(lambda: len(connections) == 2)
+    shed = await RawStream.open(port, "/events?channel=l")
+    assert shed.status == 200
+    assert shed.headers["content-type"].startswith("text/event-stream")
+    assert int(shed.headers["retry-after"]) >= 2
+    await shed.read_to_end()
+    assert shed.parser.retry is not None and 2000 <= shed.parser.retry <= 4000
+    assert shed.events == []
+    shed.close()
+    kept[0].close()
+    await wait_until(lambda: len(connections) == 1, timeout=1.0)
+    again = await RawStream.open(port, "/events?channel=l")
+    await again.read_until(lambda s: s.parser.last_event_id != "")
+    again.close()
+    kept[1].close()
+
+
+@pytest.mark.parametrize("settings", [{"sse_max_connections_per_address": 1}], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_per_address_limit(
+    settings: dict[str, Any], port: int, connections: ConnectionSet
+) -> None:
+    first = await RawStream.open(port, "/events?channel=pa")
+    await wait_until(lambda: len(connections) == 1)
+    second = await RawStream.open(port, "/events?channel=pa")
+    await second.read_to_end()
+    assert "retry-after" in second.headers
+    first.close()
+    second.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_graceful_shutdown(port: int, connections: ConnectionSet) -> None:
+    streams = [await RawStream.open(port, f"/events?channel=g{n}") for n in range(5)]
+    await wait_until(lambda: len(connections) == 5)
+    await asyncio.wait_for(connections.close(Event("bye", event="shutdown")), TIMEOUT)
+    assert len(connections) == 0
+    assert connections._pruner is not None and not connections._pruner.is_running()
+    assert all(not wheel.timer.is_running() for wheel in connections._wheels.values())
+    for stream in streams:
+        await stream.read_to_end()
+        assert stream.events[-1] == Event("bye", event="shutdown")
+        stream.close()
+    late = await RawStream.open(port, "/events?channel=g0")
+    await late.read_to_end()
+    assert "retry-after" in late.headers
+    late.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_publish_from_threads(port: int, broker: InProcessBroker) -> None:
+    stream = await RawStream.open(port, "/events?channel=t")
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(lambda n=n: broker.publish_threadsafe("t", str(n)).result(TIMEOUT))
+            for n in range(200)
+        ]
+        ids = await asyncio.wait_for(
+            asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), TIMEOUT
+        )
+    await stream.events_count(200)
+    assert sorted(e.data or "" for e in stream.events) == sorted(str(n) for n in range(200))
+    assert {e.id for e in stream.events} == set(ids)
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_burst_goes_out_batched(port: int, broker: InProcessBroker) -> None:
+    stream = await RawStream.open(port, "/events?channel=burst")
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    for n in range(50):  # one loop iteration: no await yields between in-process publishes
+        await broker.publish("burst", str(n))
+    await stream.events_count(50)
+    assert [e.data for e in stream.events] == [str(n) for n in range(50)]
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_metrics_counted(port: int, broker: InProcessBroker, app: Any) -> None:
+    metrics = app.settings["sse_metrics"]
+    stream = await RawStream.open(port, "/events?channel=m")
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    assert metrics.connections_open == 1
+    await broker.publish("m", "1")
+    await stream.events_count(1)
+    assert metrics.events_sent == 1
+    assert metrics.latency_count == 1
+    stream.close()
+    await wait_until(lambda: metrics.connections_open == 0)
