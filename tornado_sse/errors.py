@@ -6,6 +6,7 @@
      +- InvalidEventError (also ValueError)     an event we were asked to send is illegal
      +- InvalidChannelError (also ValueError)   a channel name is not allowed
      +- StreamParseError                        the peer sent an event stream we refuse to buffer
+     +- EventStreamError                        a URL did not answer with an event stream (.status)
      +- EventStreamClosedError                  sending to a stream whose client went away
      +- BrokerError
          +- BrokerClosedError                   the broker was closed
@@ -24,6 +25,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailableError",
     "EventStreamClosedError",
+    "EventStreamError",
     "HistoryGapError",
     "InvalidChannelError",
     "InvalidEventError",
@@ -49,6 +51,33 @@ class InvalidChannelError(SSEError, ValueError):
 
 class StreamParseError(SSEError):
     """The peer sent an event stream that exceeds our buffer bounds."""
+
+
+class EventStreamError(SSEError):
+    """The server answered a stream request with something other than an event stream.
+
+    Raised by `.client.EventSource`, which then stops for good (as a browser's EventSource does):
+    a status other than 200 or 204, or a 200 whose ``Content-Type`` is not
+    ``text/event-stream``. With ``reconnect=False`` also raised when the connection fails, with
+    ``status`` ``None`` and the network error as ``__cause__``.
+
+    :ivar status: the HTTP status, or ``None`` when no response arrived.
+    :ivar content_type: the response's ``Content-Type`` (``None`` if absent or no response).
+    :ivar body: the start of the response body, decoded (the server's message), or ``""``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        content_type: str | None = None,
+        body: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.content_type = content_type
+        self.body = body
 
 
 class EventStreamClosedError(SSEError):

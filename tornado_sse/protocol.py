@@ -140,12 +140,14 @@ class EventStreamParser:
 
     :param max_size: bound, in characters, on a pending line plus pending event data; past it
         `.StreamParseError` is raised rather than buffering without bound.
+    :param last_event_id: the last event id of a previous connection: a reconnecting client
+        carries it over, as the WHATWG "last event ID buffer" outlives the connection.
     """
 
-    def __init__(self, max_size: int = 1 << 20) -> None:
+    def __init__(self, max_size: int = 1 << 20, *, last_event_id: str = "") -> None:
         self.max_size = max_size
         #: the last event id seen, as a browser's ``EventSource.lastEventId``
-        self.last_event_id = ""
+        self.last_event_id = last_event_id
         #: the last valid ``retry`` value seen, in milliseconds
         self.retry: int | None = None
         #: number of comment lines seen (heartbeats, for instance)
@@ -158,7 +160,7 @@ class EventStreamParser:
         self._data_size = 0
         self._event: str | None = None
         self._id: str | None = None
-        self._id_buffer = ""
+        self._id_buffer = last_event_id
         self._block_retry: int | None = None
         self._closed = False
 
