@@ -544,3 +544,19 @@ async def test_metrics_counted(port: int, broker: InProcessBroker, app: Any) -> 
     assert metrics.latency_count == 1
     stream.close()
     await wait_until(lambda: metrics.connections_open == 0)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_http10_stream_without_keep_alive(port: int, broker: InProcessBroker) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /events?channel=h10 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert b" 200 " in head.split(b"\r\n")[0]
+    assert b"connection:" not in head.lower()
+    assert b"transfer-encoding" not in head.lower()
+    body = await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)  # retry
+    body = await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)  # priming id
+    event_id = await broker.publish("h10", "plain")
+    body = await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)
+    assert body == f"id: {event_id}\ndata: plain\n\n".encode()
+    writer.close()

@@ -445,6 +445,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
         self.clear_header("Connection")
+        if self.request.version == "HTTP/1.0" and "Connection" in self.request.headers:
+            # An HTTP/1.0 stream ends when the connection closes: Tornado would otherwise answer a
+            # keep-alive request with "Connection: Keep-Alive" (and no length to end the body).
+            del self.request.headers["Connection"]
         connection = self.request.connection
         if isinstance(connection, HTTP1Connection) and isinstance(connection.stream, IOStream):
             stream = connection.stream
