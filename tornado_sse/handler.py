@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, cast
@@ -45,21 +46,29 @@ __all__ = ["EventStreamHandler", "default_broker"]
 log = logging.getLogger("tornado_sse")
 
 _HEARTBEAT = encode_comment("")
-_default_brokers: dict[asyncio.AbstractEventLoop, InProcessBroker] = {}
+_default_lock = threading.Lock()
+_default: InProcessBroker | None = None
 
 
 def default_broker() -> InProcessBroker:
     """The in-process broker used when the application sets no ``sse_broker``.
 
-    One per event loop; publish to it from anywhere in the process::
+    One per process, bound to the event loop that first uses it (a new one replaces it if that
+    loop is closed). Publish to it from anywhere in the process::
 
-        await tornado_sse.default_broker().publish("news", "hello")
+        await tornado_sse.default_broker().publish("news", "hello")       # on the loop
+        tornado_sse.default_broker().publish_threadsafe("news", "hello")  # from any thread
+
+    From other threads it can be used once the loop has started it (``await broker.start()``,
+    or any subscription or publish on the loop).
     """
-    loop = asyncio.get_event_loop()
-    broker = _default_brokers.get(loop)
-    if broker is None or broker.closed:
-        broker = _default_brokers[loop] = InProcessBroker()
-    return broker
+    global _default
+    with _default_lock:
+        broker = _default
+        loop = broker._loop if broker is not None else None
+        if broker is None or broker.closed or (loop is not None and loop.is_closed()):
+            broker = _default = InProcessBroker()
+        return broker
 
 
 async def _maybe_await(value: Any) -> Any:
