@@ -85,3 +85,17 @@ async def test_subscriber_closing_itself_during_fanout_does_not_break_others() -
     await broker.publish("c", "2")
     assert got == ["closer"]
     assert other.data == ["1", "2"]
+
+
+def test_history_forgets_least_recent_channels_past_the_bound() -> None:
+    history: History[str] = History(10, max_channels=2)
+    history.append("a", 1, "a1")
+    history.append("b", 2, "b2")
+    history.append("a", 3, "a3")  # a is now the most recent
+    history.append("c", 4, "c4")  # forgets b (newest item 2)
+    assert sorted(history) == ["a", "c"]
+    assert history.since(["b"], 1) is None  # b's event 2 is gone: a gap, not silence
+    assert history.since(["b"], 2) == []
+    assert history.since(["never"], 0) is None  # unknown channels are conservative too
+    assert history.since(["a", "c"], 1) == [(3, "a3"), (4, "c4")]
+    assert len(history) == 2

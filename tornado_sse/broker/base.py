@@ -196,6 +196,10 @@ class Broker(abc.ABC):
     :param history_size: events retained per channel for resume.
     """
 
+    #: whether :meth:`_unfollow` must hear of channels no local subscription follows any more
+    #: (backends that fan in remotely); the in-process broker turns it off
+    follows_remotely = True
+
     def __init__(self, *, history_size: int = 1000) -> None:
         if history_size < 0:
             raise ValueError("history_size must not be negative")
@@ -377,7 +381,7 @@ class Broker(abc.ABC):
             if not subs:
                 del self._subscriptions[name]
                 gone.append(name)
-        if gone and not self.closed and self._loop is not None:
+        if gone and self.follows_remotely and not self.closed and self._loop is not None:
             self._loop.create_task(self._unfollow_soon(gone))
 
     async def _unfollow_soon(self, channels: list[str]) -> None:

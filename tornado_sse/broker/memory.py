@@ -68,35 +68,53 @@ class History(Generic[T]):
     """Per-channel bounded history of ``(seq, item)`` with gap detection.
 
     Each channel keeps its last *size* items; the seq of the last item a channel dropped is
-    remembered so that a resume point older than what is kept is detected as a gap.
+    remembered so that a resume point older than what is kept is detected as a gap. At most
+    *max_channels* channels are kept: past that, the channel published to least recently is
+    forgotten whole, and a resume point older than the newest item of any forgotten channel is a
+    gap for every channel not kept (conservative: a needless ``stream-reset`` rather than a
+    silent loss), so memory stays bounded however many channels come and go.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_channels: int = 10_000) -> None:
         self.size = size
+        self.max_channels = max_channels
         self._channels: dict[str, deque[tuple[int, T]]] = {}
         self._dropped: dict[str, int] = {}
+        self._forgotten = -1
 
     def append(self, channel: str, seq: int, item: T) -> None:
         if self.size == 0:
-            self._dropped[channel] = seq
+            self._forgotten = seq
             return
-        items = self._channels.get(channel)
+        items = self._channels.pop(channel, None)
         if items is None:
-            items = self._channels[channel] = deque()
+            items = deque()
+            if len(self._channels) >= self.max_channels:
+                self._forget_oldest_channel()
+        self._channels[channel] = items  # most recently published last
         if len(items) >= self.size:
             self._dropped[channel] = items.popleft()[0]
         items.append((seq, item))
+
+    def _forget_oldest_channel(self) -> None:
+        oldest = next(iter(self._channels))
+        items = self._channels.pop(oldest)
+        self._dropped.pop(oldest, None)
+        if items:
+            self._forgotten = max(self._forgotten, items[-1][0])
 
     def since(self, channels: Sequence[str], after: int) -> list[tuple[int, T]] | None:
         """Items of *channels* with seq > *after*, in seq order; ``None`` if some are gone."""
         found: list[tuple[int, T]] = []
         for channel in channels:
+            items = self._channels.get(channel)
+            if items is None:
+                if after < self._forgotten:
+                    return None
+                continue
             dropped = self._dropped.get(channel)
             if dropped is not None and dropped > after:
                 return None
-            items = self._channels.get(channel)
-            if not items:
-                continue
             tail: list[tuple[int, T]] = []
             for entry in reversed(items):
                 if entry[0] <= after:
@@ -112,6 +130,9 @@ class History(Generic[T]):
         """Retained items per channel (for metrics)."""
         return {channel: len(items) for channel, items in self._channels.items()}
 
+    def __len__(self) -> int:
+        return len(self._channels)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._channels)
 
@@ -120,12 +141,16 @@ class InProcessBroker(Broker):
     """Broker for one process: ids, history and fan-out all in memory.
 
     :param history_size: events retained per channel for resume (default 1000).
+    :param max_channels: channels whose history is retained (default 10,000); past it the channel
+        published to least recently is forgotten (its subscribers' resumes get ``stream-reset``).
     """
 
-    def __init__(self, *, history_size: int = 1000) -> None:
+    follows_remotely = False
+
+    def __init__(self, *, history_size: int = 1000, max_channels: int = 10_000) -> None:
         super().__init__(history_size=history_size)
         self.ids = IdSequence()
-        self.history: History[Frame] = History(history_size)
+        self.history: History[Frame] = History(history_size, max_channels)
 
     async def _publish(self, channel: str, event: Event) -> str:
         event_id = self.ids.next()
