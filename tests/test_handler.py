@@ -46,6 +46,19 @@ class Async(EventStreamHandler):
         return self.get_query_argument("user", None) == "alice"
 
 
+class UserFeed(EventStreamHandler):
+    """Authorization through Tornado's get_current_user."""
+
+    def get_current_user(self) -> str | None:
+        return self.request.headers.get("X-User")
+
+    def get_channels(self) -> list[str]:
+        return ["public", f"user.{self.current_user}"] if self.current_user else ["public"]
+
+    def check_channel(self, channel: str) -> bool:
+        return channel == "public" or channel == f"user.{self.current_user}"
+
+
 @pytest.fixture
 def broker() -> InProcessBroker:
     return InProcessBroker(history_size=5)
@@ -71,6 +84,7 @@ def app(
             (r"/events", EventStreamHandler),
             (r"/recorded", Recorder),
             (r"/async", Async),
+            (r"/user", UserFeed),
         ],
         sse_broker=broker,
         sse_connections=connections,
@@ -560,3 +574,19 @@ async def test_http10_stream_without_keep_alive(port: int, broker: InProcessBrok
     body = await asyncio.wait_for(reader.readuntil(b"\n\n"), TIMEOUT)
     assert body == f"id: {event_id}\ndata: plain\n\n".encode()
     writer.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_channels_per_current_user(port: int, broker: InProcessBroker) -> None:
+    alice = await RawStream.open(port, "/user", {"X-User": "alice"})
+    anonymous = await RawStream.open(port, "/user")
+    for stream in (alice, anonymous):
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+    await broker.publish("user.alice", "for alice")
+    await broker.publish("public", "for all")
+    await alice.events_count(2)
+    await anonymous.events_count(1)
+    assert [e.data for e in alice.events] == ["for alice", "for all"]
+    assert [e.data for e in anonymous.events] == ["for all"]
+    alice.close()
+    anonymous.close()
