@@ -1,0 +1,547 @@
+"""A reconnecting Server-Sent Events client on Tornado's HTTP client.
+
+:class:`EventSource` behaves like a browser's ``EventSource``, as an async iterator::
+
+    async with EventSource("http://127.0.0.1:8000/events?channel=news") as source:
+        async for event in source:
+            print(event.id, event.event, event.data)
+
+It reconnects on its own after a network error or a clean end of the stream, waiting the
+reconnection delay (the server's ``retry:`` field once one arrived, else the ``retry`` argument),
+backed off exponentially while attempts keep failing, plus up to 25 % of random jitter so that
+clients dropped together do not return together; it sends ``Last-Event-ID`` so the server can
+replay what was missed. Like a browser it stops for good on a status other than 200 (raising
+`.EventStreamError`), on a 200 that is not ``text/event-stream`` (same), and on 204 (ending the
+iteration quietly).
+
+Deliberate choices:
+
+* **Bounded memory, with backpressure.** Bytes go through the sans-I/O
+  `.EventStreamParser` (an event or line over ``max_event_size`` raises `.StreamParseError`,
+  and the client stops: the server would send the same event again after a resume), and
+  parsed events wait in a buffer of at most ``max_queue`` events. When the buffer is full the
+  streaming callback waits (Tornado's ``simple_httpclient`` supports coroutine streaming
+  callbacks), so Tornado stops reading the socket and TCP flow control pushes back on the
+  server, whose slow-consumer bound then applies; the client later resumes from
+  ``Last-Event-ID``. Nothing grows without bound when the consumer is slow.
+* **Resume position.** ``Last-Event-ID`` is the id of the last *parsed* block carrying an
+  ``id`` field, including the id-only events a server uses to prime a fresh stream. Events in
+  the buffer are kept across a reconnect, so resuming from the parsed position loses and
+  duplicates nothing. As in browsers an empty id resets it, and then no header is sent.
+* **Closing an idle stream at once.** Tornado's HTTP client has no way to abort a fetch, so
+  the client makes its own `SimpleAsyncHTTPClient` whose TCP client remembers the connection's
+  stream; :meth:`EventSource.close` closes that stream. With a caller's ``http_client`` the
+  connection is released when its next bytes arrive (a hub's heartbeat) instead.
+* No ``Accept-Encoding``: a compressed event stream is buffered by the compressor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import logging
+import random
+import socket
+import ssl
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.httputil import HTTPHeaders, HTTPInputError, parse_response_start_line
+from tornado.iostream import IOStream
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.tcpclient import TCPClient
+
+from .errors import EventStreamError, InvalidEventError, StreamParseError
+from .protocol import Event, EventStreamParser
+
+__all__ = ["EventSource"]
+
+log = logging.getLogger("tornado_sse.client")
+
+#: fraction of the delay added at random before a reconnect
+JITTER = 0.25
+#: bytes of a refusal's body kept for the error message
+_BODY_LIMIT = 4096
+#: the longest stream the client's own HTTP client accepts before it reconnects
+_MAX_BODY = 1 << 62
+
+
+class _Aborted(HTTPInputError):
+    """Raised from the streaming callback to drop a connection we cannot close directly.
+
+    A subclass of `HTTPInputError` because Tornado then closes the connection quietly.
+    """
+
+
+class _TrackingTCPClient(TCPClient):
+    """A `TCPClient` that hands each connected stream to *on_connect*."""
+
+    def __init__(self, on_connect: Any, resolver: Any) -> None:
+        super().__init__(resolver=resolver)
+        self._on_connect = on_connect
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        af: socket.AddressFamily = socket.AF_UNSPEC,
+        ssl_options: dict[str, Any] | ssl.SSLContext | None = None,
+        max_buffer_size: int | None = None,
+        source_ip: str | None = None,
+        source_port: int | None = None,
+        timeout: float | datetime.timedelta | None = None,
+    ) -> IOStream:
+        stream = await super().connect(
+            host,
+            port,
+            af=af,
+            ssl_options=ssl_options,
+            max_buffer_size=max_buffer_size,
+            source_ip=source_ip,
+            source_port=source_port,
+            timeout=timeout,
+        )
+        self._on_connect(stream)
+        return stream
+
+
+class _Attempt:
+    """The state of one connection attempt."""
+
+    __slots__ = (
+        "aborted",
+        "body",
+        "content_type",
+        "fatal",
+        "headers",
+        "parser",
+        "progressed",
+        "status",
+        "stream",
+    )
+
+    def __init__(self, parser: EventStreamParser) -> None:
+        self.parser = parser
+        self.status: int | None = None
+        self.headers = HTTPHeaders()
+        self.content_type: str | None = None
+        self.stream = False  # headers said: a 200 event stream
+        self.body = b""
+        self.fatal: Exception | None = None
+        self.aborted = False
+        self.progressed = False  # an event, an id or a heartbeat comment arrived
+
+
+def _is_event_stream(content_type: str | None) -> bool:
+    if content_type is None:
+        return False
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+class EventSource:
+    """An async iterator of the `.Event` objects of a ``text/event-stream`` URL, reconnecting.
+
+    :param url: the ``http://`` or ``https://`` URL of the stream.
+    :param last_event_id: resume after this id on the first connection (sent as
+        ``Last-Event-ID``); ``None`` or ``""`` for none.
+    :param headers: extra request headers (cookies, authorization ...).
+    :param retry: initial reconnection delay in seconds, until the server sends ``retry:``.
+    :param max_retry: the exponential backoff of repeated failures stops growing here (seconds);
+        a larger delay the server asks for is still honoured.
+    :param max_event_size: bound, in characters, on one event's data or one line; past it the
+        client stops with `.StreamParseError`.
+    :param connect_timeout: seconds to wait for a connection (``None``: no limit).
+    :param request_timeout: seconds a single connection may last in all before the client
+        drops it and reconnects (``None``, the default: no limit).
+    :param reconnect: ``False`` to make one connection only: its end ends the iteration, and a
+        failure to connect raises `.EventStreamError` with ``status`` ``None``.
+    :param http_client: a `SimpleAsyncHTTPClient` to use (it is not closed). Default: a private
+        one, closed by :meth:`close`.
+    :param max_queue: events kept for the consumer; when full, reading pauses.
+
+    Iterating yields every dispatched event, including ``stream-reset`` events (the caller
+    decides what a gap in history means to it), and ends after :meth:`close`, a 204 response, or
+    the end of the stream when ``reconnect`` is false. It raises `.EventStreamError` (a status
+    other than 200 and 204, or a wrong ``Content-Type``) and `.StreamParseError` (an oversized
+    event) after yielding the events received before; the client is then closed.
+
+    Subclass it to watch the connection: :meth:`on_open` and :meth:`on_reconnect`.
+    The object belongs to the event loop it is first iterated on.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        last_event_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: float = 3.0,
+        max_retry: float = 60.0,
+        max_event_size: int = 1 << 20,
+        connect_timeout: float | None = 10.0,
+        request_timeout: float | None = None,
+        reconnect: bool = True,
+        http_client: SimpleAsyncHTTPClient | None = None,
+        max_queue: int = 64,
+    ) -> None:
+        if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
+            raise InvalidEventError("last_event_id must not contain CR, LF or NUL")
+        if retry < 0 or max_retry < 0:
+            raise ValueError("retry and max_retry must not be negative")
+        if max_queue < 1 or max_event_size < 1:
+            raise ValueError("max_queue and max_event_size must be at least 1")
+        if http_client is not None and not isinstance(http_client, SimpleAsyncHTTPClient):
+            # curl_httpclient ignores a coroutine streaming callback: no backpressure.
+            raise TypeError("http_client must be a tornado.simple_httpclient.SimpleAsyncHTTPClient")
+        self.url = url
+        self.headers = dict(headers or {})
+        self.max_retry = float(max_retry)
+        self.max_event_size = max_event_size
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.reconnect = reconnect
+        self.max_queue = max_queue
+        #: number of streams opened so far (a 200 ``text/event-stream`` response each);
+        #: more than one means the client has reconnected
+        self.connections = 0
+        #: whether a stream is open right now
+        self.connected = False
+        #: the error that ended the last connection or attempt (``None`` after a clean end)
+        self.last_error: BaseException | None = None
+        self._last_event_id = last_event_id or ""
+        self._retry = float(retry)
+        self._client = http_client
+        self._own_client = http_client is None
+        self._conn_stream: IOStream | None = None
+        self._attempt: _Attempt | None = None
+        self._items: deque[Event] = deque()
+        self._readable: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._done = False  # the run task has ended; nothing more will arrive
+        self._error: BaseException | None = None
+        self._closed = False
+        self._released = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def last_event_id(self) -> str:
+        """The ``Last-Event-ID`` the next connection sends (``""``: none), as
+        ``EventSource.lastEventId`` in browsers.
+
+        It is the last id the stream carried, id-only events included; it may be ahead of the
+        events still waiting in the buffer (up to ``max_queue``), which are delivered anyway.
+        """
+        return self._last_event_id
+
+    @property
+    def retry(self) -> float:
+        """The reconnection delay in seconds: the server's last ``retry:`` (sent in milliseconds)
+        or the ``retry`` argument. Backoff and jitter are added on top of it."""
+        return self._retry
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called or the client stopped for good."""
+        return self._closed or self._done
+
+    @property
+    def pending(self) -> int:
+        """Events received and waiting for the consumer (at most ``max_queue``)."""
+        return len(self._items)
+
+    # ------------------------------------------------------------------ hooks
+
+    def on_open(self) -> None:
+        """Called each time a stream opens (after a 200 ``text/event-stream`` response's headers).
+
+        Not a coroutine. The default does nothing.
+        """
+
+    def on_reconnect(self, error: BaseException | None, delay: float) -> None:
+        """Called when a connection ended or failed and the client will reconnect in *delay*
+        seconds. *error* is the network error, or ``None`` after a clean end of the stream.
+
+        Not a coroutine. The default logs at INFO.
+        """
+        log.info(
+            "event stream %s %s; reconnecting in %.2fs",
+            self.url,
+            "ended" if error is None else f"failed ({_describe(error)})",
+            delay,
+        )
+
+    # ------------------------------------------------------------------ iteration
+
+    def __aiter__(self) -> EventSource:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._task is None and not self._closed:
+            self._start()
+        while not self._items:
+            if self._done or self._closed:
+                error = self._error
+                if error is not None:
+                    self._error = None
+                    raise error
+                raise StopAsyncIteration
+            if self._readable is None or self._readable.done():
+                self._readable = asyncio.get_running_loop().create_future()
+            await self._readable
+        event = self._items.popleft()
+        _wake(self._writable)
+        return event
+
+    async def __aenter__(self) -> EventSource:
+        if self._task is None and not self._closed:
+            self._start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def close(self) -> None:
+        """Stop: drop the connection, cancel a pending reconnect, end the iteration. Idempotent.
+
+        Events not yet taken from the iterator are discarded.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.connected = False
+        self._items.clear()
+        attempt = self._attempt
+        if attempt is not None:
+            self._abort(attempt)
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        _wake(self._readable)
+        _wake(self._writable)
+        self._release()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait until the background task has finished."""
+        self.close()
+        task = self._task
+        if task is not None:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    # ------------------------------------------------------------------ connection loop
+
+    def _start(self) -> None:
+        if self._client is None:
+            self._client = self._make_client()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _make_client(self) -> SimpleAsyncHTTPClient:
+        client = SimpleAsyncHTTPClient(force_instance=True, max_body_size=_MAX_BODY)
+        # Tornado offers no way to abort a fetch; remembering the stream gives us one.
+        client.tcp_client.close()
+        client.tcp_client = _TrackingTCPClient(self._on_stream, client.resolver)
+        return client
+
+    def _on_stream(self, stream: IOStream) -> None:
+        self._conn_stream = stream
+        if self._closed:
+            stream.close()
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while not self._closed:
+                attempt = _Attempt(
+                    EventStreamParser(self.max_event_size, last_event_id=self._last_event_id)
+                )
+                error = await self._connect(attempt)
+                if self._closed:
+                    return
+                if attempt.fatal is not None:
+                    raise attempt.fatal
+                if error is None and attempt.status == 204:
+                    return
+                if error is None and attempt.status != 200:
+                    raise self._refusal(attempt)
+                if error is not None and not self.reconnect:
+                    raise EventStreamError(
+                        f"cannot read event stream {self.url}: {_describe(error)}"
+                    ) from error
+                if not self.reconnect:
+                    return
+                self.last_error = error
+                # A stream that carried an event, an id or a heartbeat worked; anything else (a
+                # refused connection, a shed stream carrying only retry:) backs off further.
+                failures = 0 if attempt.progressed else failures + 1
+                delay = self._delay(failures)
+                try:
+                    self.on_reconnect(error, delay)
+                except Exception:
+                    log.exception("error in on_reconnect")
+                await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done = True
+            self.connected = False
+            _wake(self._readable)
+            self._release()
+
+    def _release(self) -> None:
+        """Close the private HTTP client, once."""
+        if not self._released:
+            self._released = True
+            if self._own_client and self._client is not None:
+                self._client.close()
+
+    def _delay(self, failures: int) -> float:
+        delay = self._retry
+        if failures > 1:
+            backoff = min(self.max_retry, max(delay, 0.1) * 2.0 ** min(failures - 1, 32))
+            delay = max(delay, backoff)
+        return delay + random.uniform(0.0, delay * JITTER)
+
+    async def _connect(self, attempt: _Attempt) -> BaseException | None:
+        """Run one connection to its end; return the network error that ended it, if any."""
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **self.headers}
+        if self._last_event_id:
+            # Header values travel as latin-1 in Tornado; send the id's UTF-8 bytes, as browsers do.
+            headers["Last-Event-ID"] = self._last_event_id.encode("utf-8").decode("latin-1")
+        request = HTTPRequest(
+            self.url,
+            headers=headers,
+            connect_timeout=self.connect_timeout or 0.0,
+            request_timeout=self.request_timeout or 0.0,
+            decompress_response=False,
+            streaming_callback=functools.partial(self._on_chunk, attempt),
+            header_callback=functools.partial(self._on_header, attempt),
+        )
+        self._attempt = attempt
+        assert self._client is not None
+        fetch = self._client.fetch(request, raise_error=False)
+        # If close() cancels us, the fetch must not be cancelled: Tornado would log an error
+        # when it later fails. It fails promptly once close() has closed the stream.
+        fetch.add_done_callback(_retrieve)
+        try:
+            response: HTTPResponse = await asyncio.shield(fetch)
+        except (OSError, HTTPClientError, HTTPInputError) as exc:
+            return exc
+        finally:
+            self._attempt = None
+            self._conn_stream = None
+            self.connected = False
+            if attempt.stream and attempt.fatal is None and not self._closed:
+                # End of stream: an event without its closing blank line is dropped (WHATWG);
+                # an oversized event reported late by the parser is still fatal.
+                try:
+                    attempt.parser.close()
+                except StreamParseError as exc:
+                    attempt.fatal = exc
+        if attempt.status is None:
+            attempt.status = response.code
+        return None
+
+    def _refusal(self, attempt: _Attempt) -> EventStreamError:
+        body = attempt.body.decode("utf-8", "replace").strip()
+        message = f"{self.url} answered HTTP {attempt.status}"
+        if body:
+            message += f": {body.splitlines()[0][:200]}"
+        return EventStreamError(
+            message, status=attempt.status, content_type=attempt.content_type, body=body
+        )
+
+    def _abort(self, attempt: _Attempt) -> None:
+        attempt.aborted = True
+        stream = self._conn_stream
+        if stream is not None and self._attempt is attempt:
+            stream.close()
+
+    # ------------------------------------------------------------------ Tornado callbacks
+
+    def _on_header(self, attempt: _Attempt, line: str) -> None:
+        if attempt.status is None:
+            attempt.status = parse_response_start_line(line.strip()).code
+            return
+        if line.strip():
+            attempt.headers.parse_line(line)
+            return
+        # The blank line: headers are complete.
+        attempt.content_type = attempt.headers.get("Content-Type")
+        if attempt.status != 200:
+            return
+        if not _is_event_stream(attempt.content_type):
+            attempt.fatal = EventStreamError(
+                f"{self.url} answered with Content-Type {attempt.content_type!r}, "
+                "not text/event-stream",
+                status=200,
+                content_type=attempt.content_type,
+            )
+            self._abort(attempt)
+            return
+        attempt.stream = True
+        self.connected = True
+        self.connections += 1
+        try:
+            self.on_open()
+        except Exception:
+            log.exception("error in on_open")
+
+    async def _on_chunk(self, attempt: _Attempt, chunk: bytes) -> None:
+        if attempt.aborted:
+            raise _Aborted("event stream closed by the client")
+        if not attempt.stream:
+            attempt.body += chunk[: _BODY_LIMIT - len(attempt.body)]
+            if len(attempt.body) >= _BODY_LIMIT:
+                self._abort(attempt)
+            return
+        try:
+            events = attempt.parser.feed(chunk)
+        except StreamParseError as exc:
+            attempt.fatal = exc
+            self._abort(attempt)
+            return
+        parser = attempt.parser
+        if parser.last_event_id != self._last_event_id:
+            self._last_event_id = parser.last_event_id
+            attempt.progressed = True
+        if parser.retry is not None:
+            self._retry = parser.retry / 1000.0
+        if events or parser.comments:
+            attempt.progressed = True
+        for event in events:
+            while len(self._items) >= self.max_queue:
+                if self._closed:
+                    return
+                if self._writable is None or self._writable.done():
+                    self._writable = asyncio.get_running_loop().create_future()
+                await self._writable
+            if self._closed:
+                return
+            self._items.append(event)
+            _wake(self._readable)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _wake(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
