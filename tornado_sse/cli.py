@@ -65,3 +65,7 @@ def _unavailable(name: str, exc: ImportError) -> click.Command:
 @click.version_option(__version__, prog_name="tornado-sse")
 def main() -> None:
     """Server-Sent Events for Tornado."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,895 @@
+"""The standalone hub: ``tornado-sse serve``.
+
+A backend in any language POSTs an event to ``/publish``; browsers follow ``/events``. The
+operator's contract (endpoints, status codes, flags, metrics, signals) is ``docs/serve.md``; keep
+the two in step.
+
+The hub is a thin layer over the core: `HubEventsHandler` is an `.EventStreamHandler` configured
+through Application settings, publishing goes through the broker, and ``/metrics`` exposes the
+same `.Metrics` an embedded application would register itself.
+
+Deliberate choices:
+
+* **The request body limit is ours, not Tornado's.** Past ``max_body_size`` Tornado drops the
+  connection without an answer, so a publisher cannot tell "too large" from "hub crashed".
+  `PublishHandler` streams the body (``@stream_request_body``), counts it itself (chunked
+  bodies included) and answers 413. A refused body of reasonable size is read to its end and
+  discarded before the answer, so the client is not reset while still sending (which could
+  lose the 413); a body announced (or sent) far past the limit, or one sent after
+  ``Expect: 100-continue``, is answered at once and the connection closed.
+* **Sockets are bound before anything else is built** (`serve`): ``--processes`` forks after
+  binding and before any event loop or broker exists, so each worker builds its own; bind
+  errors are reported as a clean command-line error.
+* **Every broker is made by** `make_broker`, the one place a backend (``--redis``, the bridge
+  behind ``--processes``) plugs in.
+* **No secret reaches a log**: the token is compared with `hmac.compare_digest` and never
+  logged; the access log redacts query parameters that look like credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib
+import json
+import logging
+import math
+import re
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from .broker.base import Broker, validate_channel
+from .broker.memory import InProcessBroker
+from .connections import ConnectionSet
+from .errors import BrokerError, InvalidChannelError, InvalidEventError
+from .handler import EventStreamHandler
+from .metrics import Metrics
+from .protocol import Event
+
+__all__ = [
+    "HubEventsHandler",
+    "HubOptions",
+    "PublishError",
+    "PublishHandler",
+    "PublishRequest",
+    "make_app",
+    "make_broker",
+    "parse_publish",
+    "run_hub",
+    "serve",
+    "serve_command",
+]
+
+log = logging.getLogger("tornado_sse.server")
+access_log = logging.getLogger("tornado.access")
+
+#: the environment variable holding the publish token
+TOKEN_ENV = "TORNADO_SSE_TOKEN"  # noqa: S105 (a variable name, not a secret)
+
+#: a refused body is read and discarded up to this many bytes past the limit before the answer
+DRAIN_ALLOWANCE = 4 << 20
+
+#: seconds the hub waits for streams to close on SIGTERM before dropping the rest
+SHUTDOWN_STREAMS_TIMEOUT = 2.5
+
+_TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
+_PUBLISH_FIELDS = ("channel", "data", "event", "retry")
+_SECRET_QUERY_KEYS = frozenset(
+    {"token", "access_token", "auth", "authorization", "key", "api_key", "apikey", "secret"}
+)
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Everything ``tornado-sse serve`` was told, as one value (the flags, in seconds/bytes).
+
+    :param retry: reconnection delay announced to clients, in milliseconds (as on the wire).
+    :param max_connections: streams held at most; ``None``: no limit.
+    :param processes: worker processes sharing the port (``--processes``, bridge backend).
+    :param redis: Redis URL (``--redis``, Redis backend); ``None``: in-process broker.
+    """
+
+    token: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    history: int = 1000
+    heartbeat: float = 15.0
+    retry: int = 3000
+    cors_origins: tuple[str, ...] = ()
+    max_connections: int | None = None
+    max_body_size: int = 1 << 20
+    max_buffer_size: int = 1 << 20
+    processes: int = 1
+    redis: str | None = None
+    xheaders: bool = False
+    log_level: str = "info"
+    log_json: bool = False
+
+
+# ---------------------------------------------------------------------- broker
+
+
+def make_broker(options: HubOptions) -> Broker:
+    """The broker the hub publishes to and streams subscribe to.
+
+    ``--redis URL``: `tornado_sse.broker.redis.RedisBroker`; otherwise an `.InProcessBroker`.
+    Called once per process, after the sockets are bound (and after forking, if any).
+    """
+    if options.redis is not None:
+        module = importlib.import_module("tornado_sse.broker.redis")
+        broker: Broker = module.RedisBroker(options.redis, history_size=options.history)
+        return broker
+    return InProcessBroker(history_size=options.history)
+
+
+def _check_backends(options: HubOptions) -> None:
+    """Fail with a clear command-line error when a flag needs a backend this install lacks."""
+    if options.redis is not None:
+        _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
+    if options.processes > 1:
+        _require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
+
+
+def _require_module(name: str, flag: str, remedy: str) -> None:
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        if exc.name == name:
+            raise click.UsageError(
+                f"{flag} is not supported by this version of tornado-sse ({name} is missing)"
+            ) from exc
+        raise click.UsageError(f"{flag} needs {exc.name or exc}: {remedy}") from exc
+
+
+# ---------------------------------------------------------------------- publish contract
+
+
+class PublishError(ValueError):
+    """A ``/publish`` body we refuse (answered with 400 and this message)."""
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    """A validated ``/publish`` body."""
+
+    channel: str
+    data: str
+    event: str | None = None
+    retry: int | None = None
+
+
+def _reject_constant(name: str) -> Any:
+    raise PublishError(f"body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_publish(body: bytes) -> PublishRequest:
+    """Validate a ``/publish`` body: ``{"channel", "data", "event"?, "retry"?}``.
+
+    String ``data`` is kept verbatim; any other JSON value (``null`` included) is sent as its
+    compact JSON encoding. Raises `PublishError` with a message for the client.
+    """
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise PublishError("body is not valid JSON: it is not UTF-8 text") from exc
+    except RecursionError as exc:
+        raise PublishError("body is not valid JSON: nested too deeply") from exc
+    except ValueError as exc:
+        if isinstance(exc, PublishError):
+            raise
+        raise PublishError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise PublishError('body must be a JSON object like {"channel": "news", "data": "hi"}')
+    unknown = sorted(set(payload) - set(_PUBLISH_FIELDS))
+    if unknown:
+        raise PublishError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(_PUBLISH_FIELDS)}"
+        )
+    if "channel" not in payload:
+        raise PublishError('missing "channel"')
+    try:
+        channel = validate_channel(payload["channel"])
+    except InvalidChannelError as exc:
+        raise PublishError(str(exc)) from exc
+    if "data" not in payload:
+        raise PublishError('missing "data" (any JSON value; null is sent as null)')
+    value = payload["data"]
+    if isinstance(value, str):
+        data = value
+    else:
+        try:
+            data = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        except RecursionError as exc:
+            raise PublishError("data is nested too deeply") from exc
+    _require_unicode(data, "data")
+    event = payload.get("event")
+    if event is not None:
+        if not isinstance(event, str) or not event:
+            raise PublishError('"event" must be a non-empty string')
+        if "\r" in event or "\n" in event:
+            raise PublishError('"event" must not contain CR or LF')
+        _require_unicode(event, "event")
+    retry = payload.get("retry")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise PublishError('"retry" must be a non-negative integer (milliseconds)')
+    try:
+        Event(data=data, event=event, retry=retry)
+    except InvalidEventError as exc:
+        raise PublishError(str(exc)) from exc
+    return PublishRequest(channel=channel, data=data, event=event, retry=retry)
+
+
+def _require_unicode(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PublishError(f'"{field}" is not valid Unicode (it holds a lone surrogate)') from exc
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+class _Hub:
+    """State the hub's handlers share (one per application)."""
+
+    def __init__(
+        self, options: HubOptions, broker: Broker, connections: ConnectionSet, metrics: Metrics
+    ) -> None:
+        self.options = options
+        self.broker = broker
+        self.connections = connections
+        self.metrics = metrics
+        self.token = options.token.encode("utf-8")
+        self.closing = False
+        self._registry: Any = None
+
+    def allows_origin(self, origin: str, request: Any) -> bool:
+        return (
+            origin in self.options.cors_origins or origin == f"{request.protocol}://{request.host}"
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            not self.closing
+            and self.broker.healthy
+            and all(check() for check in self.metrics.health_sources)
+        )
+
+    def registry(self) -> Any:
+        """The Prometheus registry of this hub (imports ``prometheus_client`` on first use)."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+            from prometheus_client.process_collector import ProcessCollector
+
+            registry = CollectorRegistry()
+            registry.register(self.metrics.collector())
+            ProcessCollector(registry=registry)
+            self._registry = registry
+        return self._registry
+
+
+class _HubHandler(tornado.web.RequestHandler):
+    """Base of the hub's plain endpoints: JSON errors, no caching."""
+
+    hub: _Hub
+
+    def initialize(self, hub: _Hub) -> None:
+        self.hub = hub
+
+    def set_default_headers(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    def reply(self, status: int, payload: dict[str, Any]) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps(payload, ensure_ascii=False) + "\n")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(json.dumps({"error": self._reason}) + "\n")
+
+
+class HubEventsHandler(EventStreamHandler):
+    """``GET /events?channel=...``: the core stream handler, with plain-text errors."""
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(f"{status_code} {self._reason}\n")
+
+
+@tornado.web.stream_request_body
+class PublishHandler(_HubHandler):
+    """``POST /publish``: authenticate, bound and validate the body, publish, answer 202."""
+
+    _chunks: list[bytes]
+    _received = 0
+    _refusal: tuple[int, str] | None = None
+    _limit = 0
+
+    def prepare(self) -> None:
+        self._chunks = []
+        if self.request.method != "POST":
+            return
+        options = self.hub.options
+        self._limit = options.max_body_size
+        origin = self.request.headers.get("Origin")
+        if origin is not None:
+            if self.hub.allows_origin(origin, self.request):
+                self._set_cors_headers(origin)
+            else:
+                self._refusal = (403, f"origin {origin!r} is not allowed to publish")
+        if self._refusal is None and not self._authorized():
+            self._refusal = (401, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
+        declared = _content_length(self.request.headers.get("Content-Length"))
+        if self._refusal is None and declared is not None and declared > self._limit:
+            self._refusal = (413, self._too_large())
+        if self._refusal is not None and (
+            self.request.headers.get("Expect", "").lower() == "100-continue"
+            or (declared is not None and declared > self._limit + DRAIN_ALLOWANCE)
+        ):
+            self._refuse()
+            return
+        connection = self.request.connection
+        if connection is not None and hasattr(connection, "set_max_body_size"):
+            # We count the body ourselves (data_received) so that even a chunked body over
+            # the limit gets its 413; Tornado's own limit would just drop the connection.
+            connection.set_max_body_size(1 << 62)
+
+    def _authorized(self) -> bool:
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, credentials = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        presented = credentials.strip().encode("latin-1", "replace")
+        return hmac.compare_digest(presented, self.hub.token)
+
+    def _too_large(self) -> str:
+        return f"body larger than {self._limit} bytes"
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._limit == 0:  # not a POST: Tornado's server-wide limit applies
+            return
+        self._received += len(chunk)
+        if self._refusal is None and self._received > self._limit:
+            self._refusal = (413, self._too_large())
+            self._chunks = []
+        if self._refusal is not None:
+            if self._received > self._limit + DRAIN_ALLOWANCE and not self._finished:
+                self._refuse()
+            return
+        self._chunks.append(chunk)
+
+    def _refuse(self) -> None:
+        assert self._refusal is not None
+        status, message = self._refusal
+        if status == 401:
+            scheme = 'Bearer realm="tornado-sse"'
+            if "Authorization" in self.request.headers:
+                scheme += ', error="invalid_token"'
+            self.set_header("WWW-Authenticate", scheme)
+        self.reply(status, {"error": message})
+
+    async def post(self) -> None:
+        if self._finished:
+            return
+        if self._refusal is not None:
+            self._refuse()
+            return
+        body = b"".join(self._chunks)
+        self._chunks = []
+        try:
+            request = parse_publish(body)
+        except PublishError as exc:
+            self.reply(400, {"error": str(exc)})
+            return
+        try:
+            event_id = await self.hub.broker.publish(
+                request.channel, request.data, event=request.event, retry=request.retry
+            )
+        except BrokerError as exc:
+            log.warning("publish failed: broker unavailable: %s", exc)
+            self.reply(503, {"error": f"the hub cannot deliver now: {exc}"})
+            return
+        self.hub.metrics.events_published += 1
+        self.reply(202, {"id": event_id})
+
+    def options(self) -> None:
+        """CORS preflight for publishing from a browser (an allowed origin only)."""
+        origin = self.request.headers.get("Origin")
+        if origin is None or not self.hub.allows_origin(origin, self.request):
+            self.reply(403, {"error": "origin not allowed"})
+            return
+        self._set_cors_headers(origin)
+        self.set_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.finish()
+
+    def _set_cors_headers(self, origin: str) -> None:
+        if origin in self.hub.options.cors_origins:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Credentials", "true")
+        self.add_header("Vary", "Origin")
+
+
+def _content_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.split(",")[0].strip())
+    except ValueError:
+        return None  # Tornado answers 400 itself
+
+
+class HealthHandler(_HubHandler):
+    """``GET /healthz``: 200 when the hub can deliver, 503 otherwise."""
+
+    def get(self) -> None:
+        if self.hub.healthy:
+            self.reply(200, {"status": "ok"})
+        elif self.hub.closing:
+            self.reply(503, {"status": "unavailable", "reason": "shutting down"})
+        else:
+            self.reply(503, {"status": "unavailable", "reason": "the broker cannot deliver"})
+
+    head = get
+
+
+class MetricsHandler(_HubHandler):
+    """``GET /metrics``: Prometheus text exposition; 501 without ``prometheus_client``."""
+
+    def get(self) -> None:
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            registry = self.hub.registry()
+        except ImportError:
+            self.set_status(501)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(
+                "metrics need prometheus_client, which is not installed: "
+                "pip install 'tornado-sse[metrics]'\n"
+            )
+            return
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(registry))
+
+
+class NotFoundHandler(_HubHandler):
+    def prepare(self) -> None:
+        self.reply(
+            404, {"error": "not found: the hub serves /events, /publish, /healthz, /metrics"}
+        )
+
+
+def _channel_gauges(broker: Broker) -> Callable[[], dict[str, dict[str, int]]]:
+    def gauges() -> dict[str, dict[str, int]]:
+        found = {"subscribers": broker.subscriber_counts()}
+        if isinstance(broker, InProcessBroker):
+            found["history"] = broker.history.sizes()
+        return found
+
+    return gauges
+
+
+def make_app(
+    options: HubOptions,
+    broker: Broker,
+    *,
+    connections: ConnectionSet | None = None,
+    metrics: Metrics | None = None,
+) -> tornado.web.Application:
+    """The hub as a Tornado application: ``/events``, ``/publish``, ``/healthz``, ``/metrics``.
+
+    *broker* is used as given (see `make_broker`); *connections* and *metrics* default to fresh
+    instances of their own, so several hubs may share a process (in tests, say).
+    """
+    connections = connections if connections is not None else ConnectionSet()
+    metrics = metrics if metrics is not None else Metrics()
+    metrics.channel_sources.append(_channel_gauges(broker))
+    metrics.health_sources.append(lambda: broker.healthy)
+    hub = _Hub(options, broker, connections, metrics)
+    kwargs = {"hub": hub}
+    return tornado.web.Application(
+        [
+            (r"/events", HubEventsHandler),
+            (r"/publish", PublishHandler, kwargs),
+            (r"/healthz", HealthHandler, kwargs),
+            (r"/metrics", MetricsHandler, kwargs),
+        ],
+        default_handler_class=NotFoundHandler,
+        default_handler_args=kwargs,
+        log_function=_log_request,
+        tornado_sse_hub=hub,
+        sse_broker=broker,
+        sse_connections=connections,
+        sse_metrics=metrics,
+        sse_heartbeat_interval=options.heartbeat,
+        sse_retry_interval=options.retry / 1000.0,
+        sse_max_connections=options.max_connections,
+        sse_max_buffer_size=options.max_buffer_size,
+        sse_cors_origins=options.cors_origins,
+    )
+
+
+# ---------------------------------------------------------------------- logging
+
+
+def _redact(uri: str) -> str:
+    path, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):
+        return uri
+    clean = [(k, "REDACTED" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs]
+    return f"{path}?{urllib.parse.urlencode(clean)}"
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: method, path (credentials redacted), status, client, duration."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return
+    request = handler.request
+    path = _redact(request.uri or "")
+    duration = 1000.0 * request.request_time()
+    access_log.log(
+        level,
+        "%d %s %s (%s) %.2fms",
+        status,
+        request.method,
+        path,
+        request.remote_ip,
+        duration,
+        extra={
+            "status": status,
+            "method": request.method,
+            "path": path,
+            "client": request.remote_ip,
+            "duration_ms": round(duration, 3),
+        },
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the access log's fields."""
+
+    FIELDS = ("status", "method", "path", "client", "duration_ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in self.FIELDS:
+            value = record.__dict__.get(field)
+            if value is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+JsonFormatter.converter = time.gmtime
+
+
+def configure_logging(level: str, json_lines: bool) -> None:
+    """Log to stderr at *level*, as text or one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+# ---------------------------------------------------------------------- running
+
+
+def bind(options: HubOptions) -> list[socket.socket]:
+    """Bind the listening sockets, or fail with a command-line error saying why."""
+    try:
+        return bind_sockets(options.port, options.host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise click.ClickException(
+            f"cannot listen on {options.host}:{options.port}: {reason}"
+        ) from exc
+
+
+async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
+    """Serve on already-bound *sockets* until SIGTERM or SIGINT, then shut down cleanly.
+
+    Shutdown: stop accepting, close every stream (clients reconnect elsewhere or later and
+    resume), close the remaining connections and the broker; returns within about 5 seconds.
+    """
+    broker = make_broker(options)
+    await broker.start()
+    connections = ConnectionSet()
+    app = make_app(options, broker, connections=connections)
+    hub: _Hub = app.settings["tornado_sse_hub"]
+    server = HTTPServer(
+        app,
+        xheaders=options.xheaders,
+        max_body_size=options.max_body_size,
+        body_timeout=60.0,
+        idle_connection_timeout=300.0,
+    )
+    server.add_sockets(sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    address = sockets[0].getsockname()
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    log.info(
+        "hub listening on http://%s:%d (history=%d heartbeat=%gs retry=%dms max_connections=%s)",
+        host,
+        address[1],
+        options.history,
+        options.heartbeat,
+        options.retry,
+        options.max_connections or "unlimited",
+    )
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("%s received: shutting down (%d streams open)", received[0], len(connections))
+    hub.closing = True
+    server.stop()
+    await connections.close(timeout=SHUTDOWN_STREAMS_TIMEOUT)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 1.0)
+    except asyncio.TimeoutError:
+        log.warning("some connections did not close in time")
+    await broker.close()
+    log.info("hub stopped")
+
+
+def serve(options: HubOptions) -> None:
+    """Run the hub in this process until SIGTERM or SIGINT (what ``tornado-sse serve`` does)."""
+    _check_backends(options)
+    sockets = bind(options)
+    # --processes (bridge backend) forks here: after binding, before any broker or loop exists.
+    asyncio.run(run_hub(options, sockets))
+
+
+# ---------------------------------------------------------------------- command line
+
+
+class _OriginType(click.ParamType):  # type: ignore[type-arg]
+    name = "ORIGIN"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if text in ("*", "null"):
+            self.fail(f"{text!r} is not allowed: list exact origins like https://app.example")
+        parts = urllib.parse.urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.username is not None
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or port == -1
+        ):
+            self.fail(
+                f"{text!r} is not an origin: use scheme://host[:port], like https://app.example"
+            )
+        return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise click.BadParameter("must be a finite number of seconds")
+    if 0 < value < 0.1:
+        raise click.BadParameter("must be 0 (off) or at least 0.1 seconds")
+    return value
+
+
+@click.command("serve")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 or :: for every interface).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="TCP port to listen on (0: any free port, logged at start).",
+)
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    show_envvar=True,
+    metavar="TOKEN",
+    help="Secret publishers send as 'Authorization: Bearer TOKEN'. Required. Prefer the "
+    "environment variable: other users can read command lines.",
+)
+@click.option(
+    "--history",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    metavar="N",
+    help="Events retained per channel, so that reconnecting clients miss nothing.",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0, max=86400),
+    default=15.0,
+    show_default=True,
+    metavar="SECONDS",
+    callback=_finite_seconds,
+    help="A comment line on every stream idle this long (keeps proxies from timing out; "
+    "0 turns it off).",
+)
+@click.option(
+    "--retry",
+    type=click.IntRange(0, 86_400_000),
+    default=3000,
+    show_default=True,
+    metavar="MS",
+    help="Reconnection delay announced to clients, in milliseconds (jittered upwards).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    type=_OriginType(),
+    multiple=True,
+    help="An exact origin (https://app.example) whose pages may subscribe and publish; "
+    "repeatable. Default: none.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Streams held at most; beyond, a new subscriber is told to retry later. "
+    "Default: unlimited.",
+)
+@click.option(
+    "--max-body-size",
+    type=click.IntRange(min=1),
+    default=1 << 20,
+    show_default=True,
+    metavar="BYTES",
+    help="Largest /publish body accepted (larger ones get 413).",
+)
+@click.option(
+    "--max-buffer-size",
+    type=click.IntRange(min=1024),
+    default=1 << 20,
+    show_default=True,
+    metavar="BYTES",
+    help="Unsent bytes a stream may hold before it is cut off as a slow consumer "
+    "(it resumes from its last event id).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Worker processes sharing the port, joined by a unix-socket bridge.",
+)
+@click.option(
+    "--redis",
+    "redis_url",
+    metavar="URL",
+    default=None,
+    help="Redis URL (redis://host:6379/0): several hubs on several machines act as one.",
+)
+@click.option(
+    "--xheaders",
+    is_flag=True,
+    help="Trust X-Real-IP / X-Forwarded-For (behind a reverse proxy only).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Least severe level logged (info: one line per stream open and close, access log).",
+)
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+def serve_command(
+    host: str,
+    port: int,
+    token: str | None,
+    history: int,
+    heartbeat: float,
+    retry: int,
+    cors_origins: tuple[str, ...],
+    max_connections: int | None,
+    max_body_size: int,
+    max_buffer_size: int,
+    processes: int,
+    redis_url: str | None,
+    xheaders: bool,
+    log_level: str,
+    log_json: bool,
+) -> None:
+    """Run the standalone push hub.
+
+    Browsers follow GET /events?channel=NAME; backends POST /publish with a JSON body
+    {"channel": ..., "data": ...} and 'Authorization: Bearer TOKEN'. Also GET /healthz and
+    GET /metrics. SIGTERM or SIGINT closes the streams and exits 0.
+    """
+    if not token:
+        raise click.UsageError(
+            f"no publish token: set {TOKEN_ENV} (or pass --token TOKEN) to a long random "
+            "secret, for example\n"
+            f"  export {TOKEN_ENV}=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if not _TOKEN_PATTERN.fullmatch(token):
+        raise click.UsageError(
+            f"the publish token ({TOKEN_ENV} or --token) must be printable ASCII without spaces"
+        )
+    if redis_url is not None and not redis_url.strip():
+        raise click.BadParameter("must not be empty", param_hint="'--redis'")
+    options = HubOptions(
+        token=token,
+        host=host,
+        port=port,
+        history=history,
+        heartbeat=heartbeat,
+        retry=retry,
+        cors_origins=tuple(dict.fromkeys(cors_origins)),
+        max_connections=max_connections,
+        max_body_size=max_body_size,
+        max_buffer_size=max_buffer_size,
+        processes=processes,
+        redis=redis_url,
+        xheaders=xheaders,
+        log_level=log_level.lower(),
+        log_json=log_json,
+    )
+    configure_logging(options.log_level, options.log_json)
+    if len(token) < 16:
+        log.warning("the publish token is short: use a long random secret")
+    serve(options)
