@@ -1,0 +1,328 @@
+"""Frames of the unix-socket bridge, free of I/O.
+
+The bridge between worker processes and their hub (`tornado_sse.broker.bridge`) speaks msgpack
+over a unix stream socket. This module only turns frames into bytes (:func:`pack`) and bytes into
+checked frames (:class:`FrameDecoder`); it never touches a socket, so it can be tested (and
+fuzzed) exhaustively, as h11 does for HTTP.
+
+Every frame is one msgpack array ``[version, kind, *fields]``. The version is in every frame, not
+only in a handshake, so that a peer speaking another version is refused at its first frame,
+whatever that frame is. The fields of each kind::
+
+    kind            direction     fields
+    WELCOME         hub -> peer   epoch_start_id: str, current_id: str, hub_pid: int,
+                                  max_frame_size: int
+    PUBLISH         peer -> hub   rid: int, channel: str, data: str | None, event: str | None,
+                                  retry: int | None, published_at: float
+    SUBSCRIBE       peer -> hub   rid: int, channels: [str]
+    UNSUBSCRIBE     peer -> hub   channels: [str]
+    HISTORY         peer -> hub   rid: int, channels: [str], after: str
+    EVENT           hub -> peer   channel: str, id: str, data: bytes, published_at: float
+    PUBLISHED       hub -> peer   rid: int, id: str
+    SUBSCRIBED      hub -> peer   rid: int, position: str
+    HISTORY_PART    hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
+    HISTORY_END     hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
+    GAP             hub -> peer   rid: int, current_id: str
+
+``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
+event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
+no worker encodes again. A long history is answered in several HISTORY_PART frames and one
+HISTORY_END, so that no frame has to be larger than the limit.
+
+Why msgpack's streaming ``Unpacker.feed`` rather than length-prefixed frames: it already is an
+incremental, bounded decoder written in C, and it decodes a burst of small frames in one call
+without a Python-level slice per frame. The bound is kept here: input is fed in slices of at most
+``max_frame_size`` bytes, and a frame (complete, or still incomplete) larger than that raises
+`FrameTooLargeError`, so the decoder never holds more than twice the limit.
+
+Errors are the peer's fault, typed, and final: after a `FrameError` the decoder refuses more input
+and the connection should be dropped (the hub logs it and keeps serving everybody else)::
+
+    BrokerError
+     +- FrameError                 a bridge peer sent bytes we refuse
+         +- MalformedFrameError    not msgpack, not an array, unknown kind, wrong fields
+         +- UnsupportedVersionError
+         +- FrameTooLargeError
+         +- TruncatedFrameError    the connection ended in the middle of a frame
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import msgpack
+
+from ..errors import BrokerError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "EVENT",
+    "GAP",
+    "HISTORY",
+    "HISTORY_END",
+    "HISTORY_PART",
+    "HUB_BOUND",
+    "MAX_ARRAY_LEN",
+    "PEER_BOUND",
+    "PUBLISH",
+    "PUBLISHED",
+    "SUBSCRIBE",
+    "SUBSCRIBED",
+    "UNSUBSCRIBE",
+    "VERSION",
+    "WELCOME",
+    "FrameDecoder",
+    "FrameError",
+    "FrameTooLargeError",
+    "MalformedFrameError",
+    "TruncatedFrameError",
+    "UnsupportedVersionError",
+    "pack",
+]
+
+#: the bridge protocol version this module speaks
+VERSION = 1
+
+#: largest frame accepted by default (bytes)
+DEFAULT_MAX_FRAME_SIZE = 4 << 20
+
+#: most elements in one msgpack array; msgpack allocates a list as soon as it reads the header,
+#: so an unbounded length claimed by a few bytes would be a cheap way to exhaust memory
+MAX_ARRAY_LEN = 1 << 16
+
+WELCOME = 0
+PUBLISH = 1
+SUBSCRIBE = 2
+UNSUBSCRIBE = 3
+HISTORY = 4
+EVENT = 5
+PUBLISHED = 6
+SUBSCRIBED = 7
+HISTORY_PART = 8
+HISTORY_END = 9
+GAP = 10
+
+#: kinds a hub accepts from its peers
+HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY})
+#: kinds a peer accepts from its hub
+PEER_BOUND = frozenset({WELCOME, EVENT, PUBLISHED, SUBSCRIBED, HISTORY_PART, HISTORY_END, GAP})
+
+_NAMES = {
+    WELCOME: "WELCOME",
+    PUBLISH: "PUBLISH",
+    SUBSCRIBE: "SUBSCRIBE",
+    UNSUBSCRIBE: "UNSUBSCRIBE",
+    HISTORY: "HISTORY",
+    EVENT: "EVENT",
+    PUBLISHED: "PUBLISHED",
+    SUBSCRIBED: "SUBSCRIBED",
+    HISTORY_PART: "HISTORY_PART",
+    HISTORY_END: "HISTORY_END",
+    GAP: "GAP",
+}
+
+
+class FrameError(BrokerError):
+    """A bridge peer sent bytes we refuse; the connection to it should be dropped."""
+
+
+class MalformedFrameError(FrameError):
+    """Not msgpack, not a frame array, an unknown or unexpected kind, or mistyped fields."""
+
+
+class UnsupportedVersionError(FrameError):
+    """A frame carries a protocol version other than `VERSION` (``.version``)."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"bridge protocol version {version} is not supported (we speak {VERSION})")
+        self.version = version
+
+
+class FrameTooLargeError(FrameError):
+    """A frame is larger than the decoder's ``max_frame_size``."""
+
+
+class TruncatedFrameError(FrameError):
+    """The input ended in the middle of a frame."""
+
+
+def pack(kind: int, *fields: Any) -> bytes:
+    """Encode one frame of *kind* with *fields* (see the module docstring for each kind)."""
+    return msgpack.packb([VERSION, kind, *fields], use_bin_type=True)
+
+
+# ---------------------------------------------------------------------- field checks
+
+
+def _rid(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 1 << 63
+
+
+def _str(value: Any) -> bool:
+    return type(value) is str
+
+
+def _opt_str(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+def _opt_int(value: Any) -> bool:
+    return value is None or (type(value) is int and 0 <= value < 1 << 63)
+
+
+def _bytes(value: Any) -> bool:
+    return type(value) is bytes
+
+
+def _number(value: Any) -> bool:
+    return type(value) is float or type(value) is int
+
+
+def _str_list(value: Any) -> bool:
+    return type(value) is list and all(type(item) is str for item in value)
+
+
+def _frames(value: Any) -> bool:
+    if type(value) is not list:
+        return False
+    for item in value:
+        if (
+            type(item) is not list
+            or len(item) != 4
+            or type(item[0]) is not str
+            or type(item[1]) is not str
+            or type(item[2]) is not bytes
+            or not _number(item[3])
+        ):
+            return False
+    return True
+
+
+_SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
+    WELCOME: (_str, _str, _rid, _rid),
+    PUBLISH: (_rid, _str, _opt_str, _opt_str, _opt_int, _number),
+    SUBSCRIBE: (_rid, _str_list),
+    UNSUBSCRIBE: (_str_list,),
+    HISTORY: (_rid, _str_list, _str),
+    EVENT: (_str, _str, _bytes, _number),
+    PUBLISHED: (_rid, _str),
+    SUBSCRIBED: (_rid, _str),
+    HISTORY_PART: (_rid, _frames),
+    HISTORY_END: (_rid, _frames),
+    GAP: (_rid, _str),
+}
+
+
+def check_frame(obj: Any, accept: Collection[int]) -> list[Any]:
+    """Return *obj* if it is a well-formed frame of one of the *accept* kinds; raise otherwise.
+
+    :raises UnsupportedVersionError: for a frame of another protocol version.
+    :raises MalformedFrameError: for anything else that is not a frame we accept.
+    """
+    if type(obj) is not list or len(obj) < 2:
+        raise MalformedFrameError("a frame must be an array [version, kind, ...]")
+    version = obj[0]
+    if type(version) is not int:
+        raise MalformedFrameError("the frame version must be an integer")
+    if version != VERSION:
+        raise UnsupportedVersionError(version)
+    kind = obj[1]
+    if type(kind) is not int or kind not in accept:
+        raise MalformedFrameError(f"unexpected frame kind {kind!r}")
+    schema = _SCHEMAS[kind]
+    if len(obj) != len(schema) + 2:
+        raise MalformedFrameError(f"{_NAMES[kind]} frame needs {len(schema)} fields")
+    for index, check in enumerate(schema, 2):
+        if not check(obj[index]):
+            raise MalformedFrameError(f"{_NAMES[kind]} frame: bad field {index - 2}")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental decoder: bytes in (:meth:`feed`), checked frames out; bounded memory.
+
+    :param accept: the frame kinds this side accepts (`HUB_BOUND` on a hub, `PEER_BOUND` on a
+        peer); any other kind is a `MalformedFrameError`.
+    :param max_frame_size: largest frame in bytes; the decoder holds at most twice this.
+
+    Frames come out as lists ``[version, kind, *fields]`` whose fields have been type-checked
+    against the table in the module docstring (values such as channel names are the caller's to
+    validate). After an error, every further :meth:`feed` raises `MalformedFrameError`.
+    """
+
+    def __init__(
+        self, accept: Collection[int], *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> None:
+        if max_frame_size < 64:
+            raise ValueError("max_frame_size must be at least 64 bytes")
+        self.accept = frozenset(accept)
+        self.max_frame_size = max_frame_size
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_buffer_size=2 * max_frame_size,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+        self._fed = 0
+        self._consumed = 0
+        self._failed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not form a complete frame yet."""
+        return self._fed - self._consumed
+
+    def feed(self, data: bytes) -> list[list[Any]]:
+        """Take the next bytes of the stream and return the frames they complete, in order.
+
+        :raises FrameError: the stream is not one we accept; drop the connection.
+        """
+        if self._failed:
+            raise MalformedFrameError("the decoder failed before; drop the connection")
+        try:
+            return self._feed(data)
+        except FrameError:
+            self._failed = True
+            raise
+
+    def _feed(self, data: bytes) -> list[list[Any]]:
+        frames: list[list[Any]] = []
+        limit = self.max_frame_size
+        unpacker = self._unpacker
+        accept = self.accept
+        view = memoryview(data)
+        for start in range(0, len(view), limit):
+            piece = view[start : start + limit]
+            try:
+                unpacker.feed(piece)
+            except msgpack.BufferFull as exc:  # pragma: no cover - the slicing prevents it
+                raise FrameTooLargeError(f"frame larger than {limit} bytes") from exc
+            self._fed += len(piece)
+            while True:
+                try:
+                    obj = next(unpacker)
+                except StopIteration:
+                    break
+                except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                    # limits (array length, maps, ext) and bad utf-8 surface as ValueError
+                    raise MalformedFrameError(
+                        f"not a msgpack frame ({type(exc).__name__}: {exc})"
+                    ) from exc
+                end = unpacker.tell()
+                if end - self._consumed > limit:
+                    raise FrameTooLargeError(f"frame larger than {limit} bytes")
+                self._consumed = end
+                frames.append(check_frame(obj, accept))
+            if self._fed - self._consumed > limit:
+                raise FrameTooLargeError(f"frame larger than {limit} bytes")
+        return frames
+
+    def close(self) -> None:
+        """The stream ended; raise `TruncatedFrameError` if it ended inside a frame."""
+        if not self._failed and self._fed != self._consumed:
+            self._failed = True
+            raise TruncatedFrameError(f"stream ended inside a frame ({self.pending} bytes)")
