@@ -1,0 +1,389 @@
+"""tornado_sse.client.EventSource against real Tornado servers on loopback.
+
+Streams come from `EventStreamHandler` + `InProcessBroker`, and from small scripted handlers when a
+test needs bytes the real handler never sends (oversized events, refusals, exact ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import tornado.httpserver
+import tornado.web
+
+from tests.helpers import free_port, wait_until
+from tornado_sse import Event, EventStreamHandler, InProcessBroker, StreamParseError
+from tornado_sse.client import EventSource
+from tornado_sse.errors import EventStreamError, InvalidEventError
+
+TIMEOUT = 15
+
+
+class Record:
+    """What the test servers saw, shared through the application's settings."""
+
+    def __init__(self) -> None:
+        #: ``Last-Event-ID`` header of every request, in order
+        self.last_event_ids: list[str | None] = []
+        self.handlers: list[EventStreamHandler] = []
+        self.opened_at: list[float] = []
+        self.closed: list[asyncio.Future[None]] = []
+        #: when set, requests after the first wait for it before subscribing
+        self.gate: asyncio.Event | None = None
+        #: (status, content type, body) answered in turn by /script
+        self.script: list[tuple[int, str, bytes]] = []
+
+
+class Stream(EventStreamHandler):
+    """The real handler, recording what happens to it."""
+
+    @property
+    def record(self) -> Record:
+        return self.application.settings["record"]  # type: ignore[no-any-return]
+
+    async def get_channels(self) -> list[str]:  # type: ignore[override]
+        record = self.record
+        record.last_event_ids.append(self.request.headers.get("Last-Event-ID"))
+        if record.gate is not None and len(record.last_event_ids) > 1:
+            await record.gate.wait()
+        return self.get_query_arguments("channel")
+
+    def open(self) -> None:
+        record = self.record
+        record.opened_at.append(time.monotonic())
+        record.handlers.append(self)
+        record.closed.append(asyncio.get_running_loop().create_future())
+
+    def on_close(self) -> None:
+        for handler, closed in zip(self.record.handlers, self.record.closed, strict=True):
+            if handler is self and not closed.done():
+                closed.set_result(None)
+
+
+class Script(tornado.web.RequestHandler):
+    """Answers each request with the next (status, content type, body) of the record's script."""
+
+    def get(self) -> None:
+        record: Record = self.application.settings["record"]
+        record.last_event_ids.append(self.request.headers.get("Last-Event-ID"))
+        status, content_type, body = record.script.pop(0)
+        self.set_status(status)
+        if content_type:
+            self.set_header("Content-Type", content_type)
+        self.finish(body or None)
+
+
+class Endless(tornado.web.RequestHandler):
+    """A 200 that is not an event stream and never ends."""
+
+    async def get(self) -> None:
+        self._gone = asyncio.Event()
+        self.set_header("Content-Type", "text/plain")
+        self.write("not an event stream\n")
+        await self.flush()
+        await self._gone.wait()
+
+    def on_connection_close(self) -> None:
+        self._gone.set()
+
+
+class Boom(tornado.web.RequestHandler):
+    def get(self) -> None:
+        raise RuntimeError("boom (expected by the test)")
+
+    def log_exception(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def broker() -> InProcessBroker:
+    return InProcessBroker(history_size=100)
+
+
+@pytest.fixture
+def record() -> Record:
+    return Record()
+
+
+@pytest.fixture
+def app(broker: InProcessBroker, record: Record) -> tornado.web.Application:
+    return tornado.web.Application(
+        [
+            (r"/events", Stream),
+            (r"/script", Script),
+            (r"/endless", Endless),
+            (r"/boom", Boom),
+        ],
+        sse_broker=broker,
+        sse_retry_interval=0.05,
+        sse_retry_jitter=0.0,
+        sse_heartbeat_interval=0,
+        record=record,
+    )
+
+
+async def take(source: EventSource, count: int) -> list[Event]:
+    """The next *count* events of *source*, or fail within the timeout."""
+
+    async def run() -> list[Event]:
+        events: list[Event] = []
+        async for event in source:
+            events.append(event)
+            if len(events) == count:
+                break
+        return events
+
+    return await asyncio.wait_for(run(), 10)
+
+
+async def drain(source: EventSource) -> list[Event]:
+    """Every remaining event of *source* until the iteration ends (or raises)."""
+
+    async def run() -> list[Event]:
+        return [event async for event in source]
+
+    return await asyncio.wait_for(run(), 10)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resumes_after_server_close_without_loss_or_duplicates(
+    port: int, broker: InProcessBroker, record: Record
+) -> None:
+    record.gate = asyncio.Event()
+    async with EventSource(f"http://127.0.0.1:{port}/events?channel=a&channel=b") as source:
+        await wait_until(lambda: record.handlers)
+        assert source.connected
+        published = [await broker.publish("a", f"before {i}") for i in range(3)]
+        first = await take(source, 3)
+        assert [e.id for e in first] == published
+
+        await record.handlers[0].close()
+        # The reconnect is held at the gate: these are published during the outage.
+        await wait_until(lambda: len(record.last_event_ids) == 2)
+        assert not source.connected
+        for i in range(5):
+            published.append(await broker.publish("b" if i % 2 else "a", f"outage {i}"))
+        record.gate.set()
+        # And these race with the replay.
+        for i in range(5):
+            published.append(await broker.publish("a", f"after {i}"))
+        rest = await take(source, 10)
+
+        assert record.last_event_ids == [None, published[2]]
+        assert [e.id for e in first + rest] == published
+        assert [e.data for e in rest] == [f"outage {i}" for i in range(5)] + [
+            f"after {i}" for i in range(5)
+        ]
+        assert source.connections == 2
+        assert source.connected
+        assert source.last_event_id == published[-1]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resumes_from_priming_id(port: int, broker: InProcessBroker, record: Record) -> None:
+    position = await broker.publish("a", "published before the client came")
+    async with EventSource(f"http://127.0.0.1:{port}/events?channel=a") as source:
+        await wait_until(lambda: record.handlers)
+        # The fresh stream carried only retry: and an id-only event; nothing was yielded.
+        await wait_until(lambda: source.last_event_id == position)
+        assert source.pending == 0
+        await record.handlers[0].close()
+        await wait_until(lambda: len(record.handlers) == 2)
+        assert record.last_event_ids == [None, position]
+        live = await broker.publish("a", "live")
+        assert [e.id for e in await take(source, 1)] == [live]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_honours_retry_from_the_server(
+    port: int, broker: InProcessBroker, record: Record, app: tornado.web.Application
+) -> None:
+    app.settings["sse_retry_interval"] = 0.3
+    # The client's own delay is tiny: only the server's retry: explains a long wait.
+    async with EventSource(f"http://127.0.0.1:{port}/events?channel=a", retry=0.001) as source:
+        await wait_until(lambda: record.handlers)
+        await wait_until(lambda: source.retry == 0.3)
+        closed_at = time.monotonic()
+        await record.handlers[0].close()
+        await wait_until(lambda: len(record.handlers) == 2)
+        assert record.opened_at[1] - closed_at >= 0.3
+
+        # retry: carried by an event changes the delay too (milliseconds on the wire).
+        await broker.publish("a", "slower", retry=450)
+        (event,) = await take(source, 1)
+        assert event.retry == 450
+        assert source.retry == 0.45
+
+
+class Watched(EventSource):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opens = 0
+        self.reconnects: list[tuple[BaseException | None, float]] = []
+
+    def on_open(self) -> None:
+        self.opens += 1
+
+    def on_reconnect(self, error: BaseException | None, delay: float) -> None:
+        self.reconnects.append((error, delay))
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_backs_off_while_refused_then_connects(broker: InProcessBroker) -> None:
+    port = free_port()
+    source = Watched(f"http://127.0.0.1:{port}/events?channel=a", retry=0.01, max_retry=0.08)
+    async with source:
+        await wait_until(lambda: len(source.reconnects) >= 5)
+        assert source.opens == 0 and not source.connected
+        assert all(isinstance(error, ConnectionRefusedError) for error, _ in source.reconnects)
+        delays = [delay for _, delay in source.reconnects]
+        assert delays[0] >= 0.01
+        assert all(0.01 <= d <= 0.08 * 1.25 for d in delays)
+        assert min(delays[3:]) >= 0.08  # the backoff grew to max_retry
+
+        record = Record()
+        app = tornado.web.Application(
+            [(r"/events", Stream)], sse_broker=broker, sse_retry_interval=0.05, record=record
+        )
+        server = tornado.httpserver.HTTPServer(app)
+        server.listen(port, "127.0.0.1")
+        try:
+            await wait_until(lambda: record.handlers)
+            event_id = await broker.publish("a", "finally")
+            assert [e.id for e in await take(source, 1)] == [event_id]
+            assert source.opens == 1 and source.connections == 1
+        finally:
+            server.stop()
+    assert source.closed
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_sends_last_event_id_and_stops_on_204(port: int, record: Record) -> None:
+    record.script = [
+        (200, "text/event-stream", b"retry: 10\n\nid: first\n\n"),
+        (200, "text/event-stream; charset=utf-8", b"id: second\ndata: x\n\n: comment\n\n"),
+        (200, "text/event-stream", b"data: keeps the id\n\n"),
+        (204, "", b""),
+    ]
+    source = EventSource(f"http://127.0.0.1:{port}/script", last_event_id="start", retry=5)
+    events = await drain(source)
+    assert [(e.data, e.id) for e in events] == [("x", "second"), ("keeps the id", None)]
+    assert record.last_event_ids == ["start", "first", "second", "second"]
+    assert source.closed and source.connections == 3
+    assert source.retry == 0.01
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_empty_id_resets_last_event_id(port: int, record: Record) -> None:
+    record.script = [
+        (200, "text/event-stream", b"retry: 1\nid: one\ndata: a\n\n"),
+        (200, "text/event-stream", b"id:\ndata: b\n\n"),
+        (204, "", b""),
+    ]
+    events = await drain(EventSource(f"http://127.0.0.1:{port}/script"))
+    assert [(e.data, e.id) for e in events] == [("a", "one"), ("b", "")]
+    # As in browsers, an empty last event id is not sent at all.
+    assert record.last_event_ids == [None, "one", None]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("/missing", 404, "Not Found"),
+        ("/boom", 500, "Internal Server Error"),
+        ("/events", 400, "channel"),  # EventStreamHandler's refusal, no channel given
+        ("/endless", 200, "text/plain"),  # a wrong Content-Type that never ends
+    ],
+)
+async def test_stops_for_good_on_refusal(
+    port: int, record: Record, path: str, status: int, message: str
+) -> None:
+    source = EventSource(f"http://127.0.0.1:{port}{path}", retry=0.01)
+    with pytest.raises(EventStreamError) as info:
+        await drain(source)
+    assert info.value.status == status
+    assert message in str(info.value)
+    assert source.closed and source.connections == 0
+    with pytest.raises(StopAsyncIteration):
+        await source.__anext__()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_oversized_event_is_a_clear_error(port: int, record: Record) -> None:
+    record.script = [
+        (200, "text/event-stream", b"data: small\n\ndata: " + b"x" * 5000 + b"\n\ndata: after\n\n"),
+    ]
+    source = EventSource(f"http://127.0.0.1:{port}/script", max_event_size=1000, retry=0.01)
+    events: list[Event] = []
+    with pytest.raises(StreamParseError):
+        async for event in source:
+            events.append(event)
+    assert [e.data for e in events] == ["small"]
+    assert len(record.last_event_ids) == 1  # no reconnect: the same event would come back
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_buffer_is_bounded_and_loses_nothing(
+    port: int, broker: InProcessBroker, record: Record
+) -> None:
+    async with EventSource(f"http://127.0.0.1:{port}/events?channel=a", max_queue=3) as source:
+        await wait_until(lambda: record.handlers)
+        published = [await broker.publish("a", f"event {i}") for i in range(40)]
+        await wait_until(lambda: source.pending == 3)
+        more = [await broker.publish("a", f"more {i}") for i in range(10)]
+        assert source.pending == 3
+        events = await take(source, 50)
+        assert [e.id for e in events] == published + more
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_close_releases_an_idle_stream_at_once(port: int, record: Record) -> None:
+    # No heartbeats in this app: only close() itself can end the server's stream.
+    source = EventSource(f"http://127.0.0.1:{port}/events?channel=a")
+    consumer = asyncio.ensure_future(drain(source))
+    await wait_until(lambda: record.handlers)
+    source.close()
+    await asyncio.wait_for(record.closed[0], 5)
+    assert await consumer == []
+    assert source.closed and not source.connected
+    await source.aclose()  # idempotent
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_stream_reset_is_yielded(port: int, broker: InProcessBroker) -> None:
+    async with EventSource(
+        f"http://127.0.0.1:{port}/events?channel=a", last_event_id="not-an-id"
+    ) as source:
+        (reset,) = await take(source, 1)
+        assert reset.event == "stream-reset"
+        assert json.loads(reset.data or "")["id"] == reset.id
+        live = await broker.publish("a", "live")
+        assert [e.id for e in await take(source, 1)] == [live]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_without_reconnect(port: int, record: Record) -> None:
+    record.script = [(200, "text/event-stream", b"data: only\n\n")]
+    source = EventSource(f"http://127.0.0.1:{port}/script", reconnect=False)
+    assert [e.data for e in await drain(source)] == ["only"]
+    assert len(record.last_event_ids) == 1
+
+    refused = EventSource(f"http://127.0.0.1:{free_port()}/events", reconnect=False)
+    with pytest.raises(EventStreamError) as info:
+        await drain(refused)
+    assert info.value.status is None
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(InvalidEventError):
+        EventSource("http://127.0.0.1:1/", last_event_id="a\nb")
+    with pytest.raises(ValueError):
+        EventSource("http://127.0.0.1:1/", retry=-1)
+    with pytest.raises(ValueError):
+        EventSource("http://127.0.0.1:1/", max_queue=0)
