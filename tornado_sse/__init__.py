@@ -2,10 +2,15 @@
 
 Embed it (subclass `EventStreamHandler`), run it in Jupyter (``tornado_sse.jupyter``), or run the
 standalone hub (``tornado-sse serve``).
+
+The names that need Tornado (`EventStreamHandler`, `ConnectionSet`, `default_broker`) are loaded on
+first use (PEP 562, as ``tornado/__init__.py`` does), so that ``import tornado_sse.protocol``, the
+sans-I/O wire format, does not import Tornado (tests/test_import_boundary.py).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .broker import Broker, Frame, InProcessBroker, Subscription, validate_channel
-from .connections import ConnectionSet
 from .errors import (
     BrokerClosedError,
     BrokerError,
@@ -17,9 +22,34 @@ from .errors import (
     SSEError,
     StreamParseError,
 )
-from .handler import EventStreamHandler, default_broker
 from .metrics import Metrics
 from .protocol import Event, EventStreamParser, encode_comment, encode_event, encode_retry
+
+if TYPE_CHECKING:
+    from .connections import ConnectionSet
+    from .handler import EventStreamHandler, default_broker
+
+_LAZY = {
+    "ConnectionSet": "connections",
+    "EventStreamHandler": "handler",
+    "default_broker": "handler",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 
