@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import tornado.httpserver
 import tornado.web
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from tests.helpers import free_port, wait_until
 from tornado_sse import Event, EventStreamHandler, InProcessBroker, StreamParseError
@@ -387,3 +388,38 @@ def test_rejects_bad_arguments() -> None:
         EventSource("http://127.0.0.1:1/", retry=-1)
     with pytest.raises(ValueError):
         EventSource("http://127.0.0.1:1/", max_queue=0)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_with_callers_http_client(
+    port: int, broker: InProcessBroker, record: Record, app: tornado.web.Application
+) -> None:
+    # With a caller's client the connection is released by its next bytes: a heartbeat here.
+    app.settings["sse_heartbeat_interval"] = 0.05
+    client = SimpleAsyncHTTPClient(force_instance=True)
+    try:
+        source = EventSource(f"http://127.0.0.1:{port}/events?channel=a", http_client=client)
+        async with source:
+            await wait_until(lambda: record.handlers)
+            event_id = await broker.publish("a", "hello")
+            assert [e.id for e in await take(source, 1)] == [event_id]
+        await asyncio.wait_for(record.closed[0], 5)
+        # The caller's client is still usable.
+        response = await client.fetch(f"http://127.0.0.1:{port}/missing", raise_error=False)
+        assert response.code == 404
+    finally:
+        client.close()
+    with pytest.raises(TypeError):
+        EventSource("http://127.0.0.1:1/", http_client=object())  # type: ignore[arg-type]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_request_timeout_reconnects(
+    port: int, broker: InProcessBroker, record: Record
+) -> None:
+    url = f"http://127.0.0.1:{port}/events?channel=a"
+    async with EventSource(url, request_timeout=0.2) as source:
+        await wait_until(lambda: source.connections >= 2)
+        assert isinstance(source.last_error, HTTPTimeoutError)
+        event_id = await broker.publish("a", "still here")
+        assert [e.id for e in await take(source, 1)] == [event_id]

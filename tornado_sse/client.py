@@ -443,7 +443,7 @@ class EventSource:
                 # End of stream: an event without its closing blank line is dropped (WHATWG);
                 # an oversized event reported late by the parser is still fatal.
                 try:
-                    attempt.parser.close()
+                    self._items.extend(attempt.parser.close())
                 except StreamParseError as exc:
                     attempt.fatal = exc
         if attempt.status is None:
