@@ -29,6 +29,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
+
 if TYPE_CHECKING:
     from ..broker.base import Broker
     from .extension import SSEExtensionApp
@@ -40,6 +42,7 @@ __all__ = [
     "JupyterEventStreamHandler",
     "PublishHandler",
     "SSEExtensionApp",
+    "__version__",
     "get_broker",
     "schema_channel",
 ]
