@@ -413,6 +413,23 @@ def test_last_event_id_updated_only_on_dispatch() -> None:
     check(b"id: 1\ndata: a\n\nid: 2\ndata: b\n", [Event("a", id="1")], last_event_id="1")
 
 
+def test_last_event_id_carried_over_a_reconnect() -> None:
+    # The WHATWG "last event ID buffer" outlives a connection: a reconnecting client passes it on.
+    parser = EventStreamParser(last_event_id="41")
+    assert parser.last_event_id == "41"
+    assert parser.feed(b"data: a\n\n") == [Event("a")]
+    assert parser.last_event_id == "41"
+    assert parser.feed(b"id: 42\ndata: b\n\n") == [Event("b", id="42")]
+    assert parser.last_event_id == "42"
+    parser = EventStreamParser(last_event_id="41")
+    assert parser.feed(b"id:\n\n") == []
+    assert parser.last_event_id == ""
+    parser = EventStreamParser(last_event_id="41")
+    assert parser.feed(b"id: 42\ndata: unfinished\n") == []
+    assert parser.close() == []
+    assert parser.last_event_id == "41"
+
+
 def test_id_without_data_moves_last_event_id() -> None:
     # The blank line "dispatches" (sets lastEventId) even though no event fires: how a fresh
     # stream is primed with its resume position.

@@ -267,6 +267,7 @@ class EventStreamParser:
     def _refuse(self, events: list[Event]) -> list[Event]:
         self._error = f"event stream line or event exceeds {self.max_size} characters"
         self._tail = []
+        self._tail_size = 0
         self._reset_block()
         if events:
             return events
