@@ -715,3 +715,29 @@ def test_arbitrary_bytes_never_crash_and_chunking_never_matters(
     whole = _run([stream], max_size)
     assert _run([stream[:cut], stream[cut:]], max_size) == whole
     assert _run([stream[i : i + 1] for i in range(len(stream))], max_size) == whole
+
+
+# An independent parser reads what we encode the same way (httpx-sse, through its public API on
+# an in-memory response: no network involved, nothing of it mocked).
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_events, min_size=1, max_size=5))
+def test_httpx_sse_reads_what_we_encode(events: list[Event]) -> None:
+    import httpx
+    from httpx_sse import EventSource
+
+    stream = b"".join(encode_event(e) for e in events)
+    response = httpx.Response(
+        200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=stream
+    )
+    seen = list(EventSource(response).iter_sse())
+    assert len(seen) == len(events)
+    last_id = ""
+    for sent, got in zip(events, seen, strict=True):
+        if sent.id is not None:
+            last_id = sent.id
+        assert got.data == _normalised(sent.data or "")
+        assert got.event == (sent.event or "message")
+        assert got.id == last_id
+        assert got.retry == sent.retry
