@@ -1,0 +1,258 @@
+"""The broker contract against `RedisBroker` on a real redis-server, and its own details."""
+
+# ruff: noqa: F401, F811  (fixtures imported from tests.redis_server, used as parameters)
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from tornado.ioloop import IOLoop
+
+from tests.broker_contract import TIMEOUT, BrokerContract, Collector, subscribe
+from tests.helpers import wait_until
+from tests.redis_server import (
+    RedisServer,
+    redis_prefix,
+    redis_server,
+    redis_url,
+)
+from tornado_sse.broker.base import Broker, Frame
+from tornado_sse.broker.redis import RedisBroker
+
+MakeRedis = Callable[..., Awaitable[RedisBroker]]
+
+
+@pytest.fixture
+def make_broker(io_loop: IOLoop, redis_url: str, redis_prefix: str) -> Iterator[MakeRedis]:
+    """New started brokers on the shared server, one key prefix per test: two hosts' worth."""
+    made: list[Broker] = []
+
+    async def make(history_size: int = 1000, **options: Any) -> RedisBroker:
+        options.setdefault("key_prefix", redis_prefix)
+        options.setdefault("reconnect_backoff", (0.05, 0.2))
+        broker = RedisBroker(redis_url, history_size=history_size, **options)
+        made.append(broker)
+        await broker.start()
+        assert broker.healthy
+        return broker
+
+    yield make
+
+    async def close_all() -> None:
+        for broker in made:
+            await broker.close()
+
+    io_loop.run_sync(close_all)
+
+
+class TestRedisBroker(BrokerContract):
+    pass
+
+
+def stream_resets(got: Collector) -> list[dict[str, str]]:
+    return [json.loads(e.data or "") for e in got.events if e.event == "stream-reset"]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_ids_are_ordered_across_channels_and_hosts(make_broker: MakeRedis) -> None:
+    one = await make_broker()
+    two = await make_broker()
+    reader = await make_broker()
+    channels = [f"c{n}" for n in range(4)]
+    sub, got = await subscribe(reader, channels)
+
+    async def burst(broker: RedisBroker, tag: str) -> list[str]:
+        return list(
+            await asyncio.gather(
+                *(broker.publish(channels[n % 4], f"{tag}{n}") for n in range(100))
+            )
+        )
+
+    ids = [i for batch in await asyncio.gather(burst(one, "a"), burst(two, "b")) for i in batch]
+    assert len(set(ids)) == 200
+    await wait_until(lambda: len(got.frames) == 200, TIMEOUT)
+    keys = [reader.id_key(frame.id) for frame in got.frames]
+    assert keys == sorted(keys) and len(set(keys)) == 200
+    assert sorted(frame.id for frame in got.frames) == sorted(ids)
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resume_on_another_host_with_trimmed_and_future_ids(
+    make_broker: MakeRedis,
+) -> None:
+    one = await make_broker(history_size=3)
+    two = await make_broker(history_size=3)
+    ids = [await one.publish("h", str(n)) for n in range(6)]
+    sub, got = await subscribe(two, ["h"], ids[2])
+    assert not sub.reset
+    assert got.data == ["3", "4", "5"]
+    sub.close()
+    sub, got = await subscribe(two, ["h"], ids[1])
+    assert sub.reset and sub.position == ids[-1]
+    sub.close()
+    ms, seq = ids[-1].split("-")
+    for future in (f"{ms}-{int(seq) + 1}", f"{int(ms) + 1}-0", "18446744073709551616-0"):
+        sub, got = await subscribe(two, ["h"], future)
+        assert sub.reset, future
+        assert got.frames == []
+        sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_window_is_per_broker_setting(make_broker: MakeRedis) -> None:
+    """The stream keeps more than a small history size; resume still honours history_size."""
+    small = await make_broker(history_size=2)
+    big = await make_broker(history_size=50)
+    ids = [await small.publish("w", str(n)) for n in range(10)]
+    sub, _ = await subscribe(small, ["w"], ids[5])
+    assert sub.reset
+    sub.close()
+    sub, got = await subscribe(big, ["w"], ids[5])
+    assert not sub.reset and got.data == ["6", "7", "8", "9"]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_size_zero_still_delivers_live(make_broker: MakeRedis) -> None:
+    broker = await make_broker(history_size=0)
+    first = await broker.publish("z", "0")
+    sub, got = await subscribe(broker, ["z"])
+    await broker.publish("z", "1")
+    await wait_until(lambda: got.data == ["1"], TIMEOUT)
+    sub.close()
+    sub, got = await subscribe(broker, ["z"], first)
+    assert sub.reset
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_one_reader_per_process_not_per_subscriber(
+    make_broker: MakeRedis, redis_url: str
+) -> None:
+    broker = await make_broker()
+    publisher = await make_broker()
+    subs = [await subscribe(broker, ["fan"]) for _ in range(100)]
+    client = aioredis.from_url(redis_url)
+    try:
+        before = await client.info("commandstats")
+        for n in range(20):
+            await publisher.publish("fan", str(n))
+        await wait_until(lambda: all(len(got.frames) == 20 for _, got in subs), TIMEOUT)
+        after = await client.info("commandstats")
+    finally:
+        await client.aclose()
+
+    def calls(stats: dict[str, Any], command: str) -> int:
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    # 2 000 deliveries from at most one XREAD per event (fewer when events batch up)
+    assert calls(after, "xread") - calls(before, "xread") <= 21
+    for _, got in subs:
+        assert got.data == [str(n) for n in range(20)]
+    for sub, _ in subs:
+        sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_reader_that_falls_behind_sends_stream_reset(
+    make_broker: MakeRedis, redis_url: str, redis_prefix: str
+) -> None:
+    """Entries trimmed before the reader got to them: a live stream-reset, never a gap.
+
+    The subscriber holds the event loop (and so the reader) on its first event until another
+    host, in a thread, has published far more than the stream keeps.
+    """
+    broker = await make_broker(history_size=1, min_stream_length=1)
+    published = threading.Event()
+    failure: list[BaseException] = []
+
+    async def other_host() -> None:
+        other = RedisBroker(redis_url, key_prefix=redis_prefix, history_size=1, min_stream_length=1)
+        try:
+            for n in range(1, 400):
+                await other.publish("behind", str(n))
+        finally:
+            await other.close()
+
+    def run_other_host() -> None:
+        try:
+            asyncio.run(other_host())
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            published.set()
+
+    class Stalling(Collector):
+        def deliver(self, frame: Frame) -> None:
+            super().deliver(frame)
+            if len(self.frames) == 1:
+                threading.Thread(target=run_other_host).start()
+                assert published.wait(TIMEOUT)
+
+    got = Stalling()
+    sub = await broker.subscribe(["behind"], got)
+    sub.start()
+    await broker.publish("behind", "0")
+    await wait_until(lambda: published.is_set() and got.data[-1:] == ["399"], TIMEOUT)
+    assert not failure
+    resets = stream_resets(got)
+    assert len(resets) == 1 and resets[0]["reason"] == "history"
+    assert got.data[0] == "0" and len(got.data) < 300
+    keys = [broker.id_key(frame.id) for frame in got.frames]
+    assert None not in keys and keys == sorted(keys)
+    assert broker.live_resets == 1
+    # the reset's id is a position to resume from
+    sub.close()
+    reset_id = next(e.id for e in got.events if e.event == "stream-reset")
+    assert reset_id is not None
+    sub, again = await subscribe(broker, ["behind"], reset_id)
+    assert sub.reset or again.data[-1:] == ["399"]
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_url_password_and_database(tmp_path: Any) -> None:
+    with RedisServer(tmp_path, args=["--requirepass", "s3cret pass"]) as server:
+        url = f"redis://:s3cret%20pass@127.0.0.1:{server.port}/5"
+        broker = RedisBroker(url, key_prefix="auth:")
+        assert "s3cret" not in broker.address
+        await broker.start()
+        assert broker.healthy
+        event_id = await broker.publish("secure", "x")
+        client = aioredis.from_url(url)
+        try:
+            assert await client.exists("auth:s:secure") == 1
+            assert await client.get("auth:last") == event_id.encode()
+        finally:
+            await client.aclose()
+        await broker.close()
+        wrong = RedisBroker(f"redis://:nope@127.0.0.1:{server.port}/5", timeout=0.5)
+        await wrong.start()
+        assert not wrong.healthy
+        with pytest.raises(Exception) as info:
+            await wrong.publish("secure", "y")
+        assert type(info.value).__name__ == "BrokerUnavailableError"
+        assert "nope" not in str(info.value)
+        await wrong.close()
+
+
+def test_bad_url_fails_where_the_broker_is_made() -> None:
+    with pytest.raises(ValueError):
+        RedisBroker("http://example.com")
+
+
+def test_import_tornado_sse_does_not_import_redis() -> None:
+    code = "import sys, tornado_sse, tornado_sse.broker; print('redis' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,600 @@
+"""`RedisBroker`: several processes on several hosts share channels through Redis Streams.
+
+Install with ``pip install 'tornado-sse[redis]'``; nothing else in tornado_sse imports this
+module, so ``import tornado_sse`` never needs redis-py.
+
+Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
+
+``<prefix>s:<channel>``
+    A stream per channel. Each entry holds the encoded event without its ``id`` line (``b``),
+    the publish time (``t``) and the id of the entry before it in the same stream (``p``). Trimmed
+    with ``XADD MAXLEN ~`` to at least ``max(history_size, min_stream_length)`` entries.
+``<prefix>last``
+    The id of the last event published on any channel.
+``<prefix>floor``
+    The first id of this incarnation of the data: written when ``last`` is found missing (a new
+    Redis, or one that restarted without its data). An id below it is from lost history.
+``<prefix>wake:<token>``
+    A short stream per broker object, used to interrupt its own blocked reader.
+
+Deliberate choices, and why:
+
+* **Ids are assigned by a Lua script, not by ``XADD *``.** Each stream's automatic ids only grow
+  within that stream; two streams can be given ids out of publish order in the same millisecond,
+  and a subscriber of both channels must see them in one order it can resume from. The script
+  takes ``max(now-0, last + 1, stream top + 1)``, adds the entry with that explicit id and moves
+  ``last``, atomically. Ids keep Redis's ``<ms>-<seq>`` form: digits and ``-`` only, safe in a
+  ``Last-Event-ID`` header, ordered as the tuple ``(ms, seq)``.
+* **One reader per process.** A task on a dedicated connection runs ``XREAD BLOCK`` over every
+  followed stream from its own position, merges what comes back into id order and hands each
+  event once to `Broker._deliver`, which fans it out locally. Following a channel never waits
+  for the reader: `_follow` reads ``last``, sets the new stream's position to it (or to the
+  reader's horizon, if that is later) and wakes the reader with an ``XADD`` to its wake stream
+  so the next ``XREAD`` includes the new stream. A round already in flight when a channel joins
+  delivers only up to the join position, so events still come out in id order.
+* **History is the last** ``history_size`` **entries of each stream**, even though a stream may
+  physically keep more (``min_stream_length``, so that a reader that falls briefly behind a burst
+  still gets every live event). A Last-Event-ID is a gap (`.HistoryGapError`, the client gets
+  ``stream-reset``) when it does not parse, is later than ``last`` (from the future, or from
+  data Redis lost), is below ``floor``, or when an entry after it has left the window; the
+  ``p`` field of the oldest entry read says whether one was trimmed.
+* **Never a silent gap on the live path.** If the reader finds that entries it had not read yet
+  were trimmed (``p`` of the first new entry is past its position), or after an outage cannot
+  prove that Redis still holds everything after its horizon (``floor`` moved past it: the data
+  was lost; ``last`` went below it: Redis came back from an older snapshot), it delivers a
+  ``stream-reset`` event to the local subscribers of the channels concerned, with the id they
+  can resume from, and carries on from there. When Redis comes back with its data, the reader
+  simply continues from its positions and subscribers miss nothing.
+* **Faults are reported, not raised into the application.** The reader reconnects with
+  exponential backoff and jitter, logs each outage once (never the URL: it may hold a
+  password), and `healthy` is false meanwhile (the hub's ``/healthz`` answers 503). Publishing,
+  and subscribing to a channel nobody here follows yet, fail fast with
+  `.BrokerUnavailableError`, each Redis call bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from ..errors import BrokerUnavailableError, HistoryGapError
+from ..protocol import Event, encode_event
+from .base import Broker, Frame
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("tornado_sse.redis")
+
+T = TypeVar("T")
+Key = tuple[int, int]
+# The types-redis stubs (written for redis-py 4) shadow redis-py's own annotations and lack
+# parts of its asyncio API (``aclose``); clients are typed loosely rather than against them.
+Client = Any
+
+_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_PART = (1 << 64) - 1
+_ZERO: Key = (0, 0)
+
+# KEYS: last, floor, stream. ARGV: maxlen, body, published_at. Returns the new id.
+_PUBLISH = """
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = 0
+local function after(id)
+  local ms2, seq2 = parse(id)
+  if ms2 > ms or (ms2 == ms and seq2 >= seq) then ms, seq = ms2, seq2 + 1 end
+end
+local last = redis.call('GET', KEYS[1])
+if not last then
+  last = string.format('%.0f-0', ms)
+  redis.call('SET', KEYS[2], last)
+end
+after(last)
+local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+local prev = ''
+if top[1] then
+  prev = top[1][1]
+  after(prev)
+end
+local id = string.format('%.0f-%.0f', ms, seq)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], id, 'b', ARGV[2], 't', ARGV[3], 'p', prev)
+redis.call('SET', KEYS[1], id)
+return id
+"""
+
+# KEYS: last, floor. ARGV: '1' to start a new epoch (floor = last = a fresh id). Returns
+# {last, floor}, creating both when last is missing.
+_INIT = """
+local last = redis.call('GET', KEYS[1])
+local floor = redis.call('GET', KEYS[2])
+if last and ARGV[1] ~= '1' then
+  return {last, floor or '0-0'}
+end
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = 0
+if last then
+  local dash = string.find(last, '-', 1, true)
+  local ms2, seq2 = tonumber(string.sub(last, 1, dash - 1)), tonumber(string.sub(last, dash + 1))
+  if ms2 >= ms then ms, seq = ms2, seq2 + 1 end
+end
+local id = string.format('%.0f-%.0f', ms, seq)
+redis.call('SET', KEYS[1], id)
+redis.call('SET', KEYS[2], id)
+return {id, id}
+"""
+
+
+def _parse(event_id: str | bytes) -> Key | None:
+    text = event_id.decode("ascii", "replace") if isinstance(event_id, bytes) else event_id
+    match = _ID.fullmatch(text)
+    if match is None:
+        return None
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _MAX_PART or seq > _MAX_PART:
+        return None
+    return (ms, seq)
+
+
+def _format(key: Key) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
+def _redacted(url: str) -> str:
+    """``scheme://host:port/db`` without credentials or query, for logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or parts.path or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "redis"
+    path = parts.path if parts.hostname else ""
+    return f"{parts.scheme}://{host}{port}{path}"
+
+
+def _reset_frame(channel: str, key: Key, reason: str) -> Frame:
+    event_id = _format(key)
+    data = json.dumps({"id": event_id, "reason": reason})
+    return Frame.from_event(channel, Event(data=data, event="stream-reset", id=event_id))
+
+
+class RedisBroker(Broker):
+    """A broker whose ids, history and fan-in live in Redis, for several processes or hosts.
+
+    Every process (a hub, an app server) makes its own ``RedisBroker`` on the same URL and key
+    prefix; an event published on any of them reaches the subscribers of all, and a client may
+    resume on any of them with an id it got from another::
+
+        broker = RedisBroker("redis://:secret@redis.internal:6379/2", history_size=1000)
+        app = tornado.web.Application([(r"/events", EventStreamHandler)], sse_broker=broker)
+
+    :param url: a Redis URL as `redis.asyncio.from_url` reads it: ``redis://``, ``rediss://``
+        (TLS; ``ssl_*`` options in the query), ``unix://``, with password, user and database.
+    :param history_size: events per channel a client may resume across (default 1000).
+    :param key_prefix: prefix of every key this broker uses; brokers that share channels must
+        share it (default ``"tornado_sse:"``).
+    :param timeout: seconds a Redis call may take before it fails (default 3.0). Publishing while
+        Redis is unreachable raises `.BrokerUnavailableError` within about this time.
+    :param min_stream_length: entries each stream keeps at least, whatever the history size
+        (default 100), so that a reader that falls briefly behind still gets every live event.
+    :param read_block: seconds the reader blocks per ``XREAD`` (default 5.0); a silently dead
+        connection is noticed within this plus ``timeout``.
+    :param read_count: entries per stream per ``XREAD`` (default 1000).
+    :param reconnect_backoff: ``(first, max)`` seconds between reconnection attempts; the delay
+        doubles from *first* up to *max* (default ``(0.1, 5.0)``), with jitter.
+    :param redis_options: further keyword arguments for `redis.asyncio.from_url` (options in
+        the URL's query take precedence over them).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 1000,
+        key_prefix: str = "tornado_sse:",
+        timeout: float = 3.0,
+        min_stream_length: int = 100,
+        read_block: float = 5.0,
+        read_count: int = 1000,
+        reconnect_backoff: tuple[float, float] = (0.1, 5.0),
+        redis_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(history_size=history_size)
+        if timeout <= 0 or read_block <= 0:
+            raise ValueError("timeout and read_block must be positive")
+        if read_count < 1 or min_stream_length < 1:
+            raise ValueError("read_count and min_stream_length must be at least 1")
+        if not 0 < reconnect_backoff[0] <= reconnect_backoff[1]:
+            raise ValueError("reconnect_backoff must be (first, max) with 0 < first <= max")
+        self.key_prefix = key_prefix
+        self.timeout = timeout
+        self.read_block = read_block
+        self.read_count = read_count
+        self.reconnect_backoff = reconnect_backoff
+        #: entries each stream keeps (``XADD MAXLEN ~``)
+        self.stream_length = max(history_size, min_stream_length)
+        #: where Redis is, without credentials (for logs and errors)
+        self.address = _redacted(url)
+        #: times Redis became unreachable for this broker
+        self.outages = 0
+        #: ``stream-reset`` events delivered to local subscribers because continuity was lost
+        self.live_resets = 0
+
+        self._url = url
+        self._options: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            # One retry on a dropped connection, for the pooled connection that died with a
+            # Redis restart; a timeout is not retried (the script may have run).
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            **(redis_options or {}),
+        }
+        # Parse the URL now, so that a malformed one fails where the broker is made.
+        self._redis: Client = aioredis.from_url(url, **self._options)
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._init_script = self._redis.register_script(_INIT)
+        self._last_key = f"{key_prefix}last"
+        self._floor_key = f"{key_prefix}floor"
+        self._stream_prefix = f"{key_prefix}s:"
+        self._stream_prefix_bytes = self._stream_prefix.encode()
+        self._wake_key = f"{key_prefix}wake:{secrets.token_hex(8)}"
+        self._wake_pos = "0-0"
+
+        self._healthy = False
+        self._connected: asyncio.Event | None = None
+        self._reader: asyncio.Task[None] | None = None
+        # Reader state, touched only on the event loop's thread:
+        # channel -> id of the last entry read (or the join position) of each followed stream
+        self._positions: dict[str, Key] = {}
+        # every event of a followed channel up to here has been delivered (None: not connected)
+        self._horizon: Key | None = None
+        # channels followed or unfollowed while a round was in flight, and the lowest join
+        # position among them: that round delivers nothing past it
+        self._dirty: set[str] = set()
+        self._join_floor: Key | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the reader is connected to Redis (``/healthz`` reports it)."""
+        return self._healthy and not self.closed
+
+    async def _start(self) -> None:
+        self._connected = asyncio.Event()
+        self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            # Started anyway: the application keeps running and the reader keeps trying.
+            log.warning("redis at %s not reachable yet; retrying in the background", self.address)
+
+    async def _close(self) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        self._healthy = False
+        try:
+            await asyncio.wait_for(self._redis.delete(self._wake_key), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
+        await self._redis.aclose()
+
+    # ------------------------------------------------------------------ the contract
+
+    async def _publish(self, channel: str, event: Event) -> str:
+        body = encode_event(event)
+        result = await self._call(
+            self._publish_script(
+                keys=[self._last_key, self._floor_key, self._stream_prefix + channel],
+                args=[self.stream_length, body, repr(time.time())],
+            )
+        )
+        return result.decode("ascii") if isinstance(result, bytes) else str(result)
+
+    async def _follow(self, channels: Sequence[str]) -> str:
+        horizon = self._horizon
+        if not self._healthy or horizon is None:
+            raise BrokerUnavailableError(f"redis at {self.address} is unreachable")
+        new = [channel for channel in channels if channel not in self._positions]
+        if not new:
+            return _format(horizon)
+        last = await self._current()
+        position = max(last, self._horizon or horizon)
+        for channel in new:
+            self._positions[channel] = position
+            self._dirty.add(channel)
+        if self._join_floor is None or position < self._join_floor:
+            self._join_floor = position
+        await self._wake()
+        return _format(position)
+
+    async def _unfollow(self, channels: Sequence[str]) -> None:
+        for channel in channels:
+            if self._positions.pop(channel, None) is not None:
+                self._dirty.add(channel)
+
+    async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
+        start = _parse(after)
+        window = self.history_size + 1
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._last_key)
+        pipe.get(self._floor_key)
+        if start is not None:
+            for channel in channels:
+                pipe.xrevrange(
+                    self._stream_prefix + channel, max="+", min=f"({after}", count=window
+                )
+        results = await self._call(pipe.execute())
+        if results[0] is None:
+            last, _ = await self._init()
+            raise HistoryGapError(_format(last), "Redis lost its data: Last-Event-ID is unknown")
+        last = _parse(results[0]) or _ZERO
+        floor = _parse(results[1] or b"0-0") or _ZERO
+        current = _format(last)
+        if start is None:
+            raise HistoryGapError(current, "Last-Event-ID is not an id of this broker")
+        if start > last:
+            raise HistoryGapError(current, "Last-Event-ID is later than the last event")
+        if start < floor:
+            raise HistoryGapError(current, "Last-Event-ID is from history Redis no longer has")
+        found: list[tuple[Key, Frame]] = []
+        for channel, entries in zip(channels, results[2:], strict=True):
+            if not entries:
+                continue
+            if len(entries) >= window:
+                raise HistoryGapError(current)
+            oldest = entries[-1][1]
+            if (_parse(oldest.get(b"p") or b"0-0") or _ZERO) > start:
+                raise HistoryGapError(current)
+            for entry_id, fields in reversed(entries):
+                key = _parse(entry_id)
+                if key is not None:
+                    found.append((key, self._frame(channel, entry_id, fields)))
+        if len(channels) > 1:
+            found.sort(key=lambda item: item[0])
+        return [frame for _, frame in found]
+
+    def id_key(self, event_id: str) -> Key | None:
+        return _parse(event_id)
+
+    # ------------------------------------------------------------------ metrics
+
+    def collector(self) -> Any:
+        """A ``prometheus_client`` collector for this broker's health and fault counters."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        broker = self
+
+        class _Collector:
+            def collect(self) -> Iterator[Any]:
+                yield GaugeMetricFamily(
+                    "tornado_sse_redis_up",
+                    "1 while the Redis broker's reader is connected",
+                    value=1 if broker.healthy else 0,
+                )
+                yield CounterMetricFamily(
+                    "tornado_sse_redis_outages",
+                    "Times Redis became unreachable",
+                    value=broker.outages,
+                )
+                yield CounterMetricFamily(
+                    "tornado_sse_redis_live_resets",
+                    "stream-reset events sent to live subscribers after lost continuity",
+                    value=broker.live_resets,
+                )
+
+        return _Collector()
+
+    # ------------------------------------------------------------------ Redis calls
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Await a Redis call, bounded by the timeout; failures become BrokerUnavailableError."""
+        try:
+            return await asyncio.wait_for(awaitable, self.timeout + 0.5)
+        except asyncio.TimeoutError as exc:
+            raise BrokerUnavailableError(f"redis at {self.address} did not answer") from exc
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
+
+    async def _init(self, client: Client | None = None, new_epoch: bool = False) -> tuple[Key, Key]:
+        """``last`` and ``floor``, created as a new epoch when missing (or when asked)."""
+        script = self._init_script if client is None else client.register_script(_INIT)
+        result = await self._call(
+            script(keys=[self._last_key, self._floor_key], args=["1" if new_epoch else "0"])
+        )
+        last = _parse(result[0])
+        floor = _parse(result[1])
+        if last is None or floor is None:
+            raise BrokerUnavailableError(f"redis at {self.address}: unexpected ids {result!r}")
+        return last, floor
+
+    async def _current(self) -> Key:
+        value = await self._call(self._redis.get(self._last_key))
+        if value is None:
+            last, _ = await self._init()
+            return last
+        return _parse(value) or _ZERO
+
+    async def _wake(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=True)
+        pipe.pexpire(self._wake_key, 86_400_000)
+        await self._call(pipe.execute())
+
+    def _frame(self, channel: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Frame:
+        try:
+            published_at = float(fields.get(b"t", b"0"))
+        except ValueError:
+            published_at = 0.0
+        event_id = entry_id.decode("ascii")
+        return Frame(
+            channel, event_id, b"id: %s\n%s" % (entry_id, fields.get(b"b", b"")), published_at
+        )
+
+    # ------------------------------------------------------------------ the reader
+
+    async def _read_forever(self) -> None:
+        delay = self.reconnect_backoff[0]
+        while not self.closed:
+            client: Client = aioredis.from_url(
+                self._url,
+                **{
+                    **self._options,
+                    "socket_timeout": self.read_block + self.timeout,
+                    "retry": Retry(NoBackoff(), 0),
+                },
+                single_connection_client=True,
+            )
+            try:
+                await self._resync(client)
+                if self.outages:
+                    log.warning("redis at %s is back", self.address)
+                self._healthy = True
+                assert self._connected is not None
+                self._connected.set()
+                delay = self.reconnect_backoff[0]
+                while not self.closed:
+                    await self._round(client)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, BrokerUnavailableError) as exc:
+                self._lost(exc)
+            except Exception:
+                log.exception("redis reader failed; restarting it")
+                self._lost(None)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            if self.closed:
+                return
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.reconnect_backoff[1])
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self._healthy or not self.outages:
+            self.outages += 1
+            log.error(
+                "redis at %s unreachable (%s); delivering nothing until it is back",
+                self.address,
+                exc if exc is not None else "reader error",
+            )
+        self._healthy = False
+
+    async def _resync(self, client: Client) -> None:
+        """After (re)connecting: continue from the reader's positions, or reset if we cannot."""
+        last, floor = await self._init(client)
+        horizon = self._horizon
+        self._wake_pos = "0-0"
+        if horizon is None:
+            self._horizon = last
+            return
+        if floor <= horizon <= last:
+            return  # Redis kept everything after the horizon: carry on from the positions
+        if last < horizon:
+            # Redis came back from an older snapshot: ids after `last` were handed out and lost.
+            # Start a new epoch so that no client's id from the lost stretch is taken as current.
+            last, floor = await self._init(client, new_epoch=True)
+        log.warning(
+            "redis at %s lost events; sending stream-reset to subscribers of %d channels",
+            self.address,
+            len(self._positions),
+        )
+        self._horizon = last
+        for channel in list(self._positions):
+            self._positions[channel] = last
+            self.live_resets += 1
+            self._deliver(_reset_frame(channel, last, "broker"))
+
+    async def _round(self, client: Client) -> None:
+        """One ``XREAD``: deliver what it returns, in id order, exactly once."""
+        snapshot = dict(self._positions)
+        self._dirty = set()
+        self._join_floor = None
+        streams: dict[str, str] = {self._wake_key: self._wake_pos}
+        for channel, key in snapshot.items():
+            streams[self._stream_prefix + channel] = _format(key)
+        response = await client.xread(
+            streams, count=self.read_count, block=int(self.read_block * 1000)
+        )
+        if not response:
+            return
+        cutoff: Key | None = None
+        newest: Key | None = None
+        batches: list[tuple[str, list[tuple[Key, bytes, dict[bytes, bytes]]]]] = []
+        prefix = self._stream_prefix_bytes
+        for stream, entries in response:
+            if not entries:
+                continue
+            if not stream.startswith(prefix):
+                self._wake_pos = entries[-1][0].decode("ascii")
+                continue
+            channel = stream[len(prefix) :].decode()
+            parsed = []
+            for entry_id, fields in entries:
+                entry_key = _parse(entry_id)
+                if entry_key is not None:
+                    parsed.append((entry_key, entry_id, fields))
+            if not parsed:
+                continue
+            if newest is None or parsed[-1][0] > newest:
+                newest = parsed[-1][0]
+            if len(entries) >= self.read_count and (cutoff is None or parsed[-1][0] < cutoff):
+                cutoff = parsed[-1][0]  # more may follow: nothing later is complete yet
+            if channel in self._dirty or channel not in snapshot:
+                continue
+            batches.append((channel, parsed))
+        join_floor = self._join_floor
+        if join_floor is not None and (cutoff is None or join_floor < cutoff):
+            cutoff = join_floor
+        horizon = self._horizon or _ZERO
+        out: list[tuple[Key, Frame]] = []
+        for channel, parsed in batches:
+            position = snapshot[channel]
+            last_read: Key | None = None
+            for index, (key, entry_id, fields) in enumerate(parsed):
+                if cutoff is not None and key > cutoff:
+                    break
+                if index == 0:
+                    before = _parse(fields.get(b"p") or b"0-0") or _ZERO
+                    if before > position:
+                        # Entries after our position were trimmed before we read them.
+                        reset_at = max(before, horizon)
+                        self.live_resets += 1
+                        out.append((reset_at, _reset_frame(channel, reset_at, "history")))
+                        log.warning("redis reader fell behind on channel %r: stream-reset", channel)
+                out.append((key, self._frame(channel, entry_id, fields)))
+                last_read = key
+            if last_read is not None:
+                self._positions[channel] = max(self._positions.get(channel, last_read), last_read)
+        if newest is not None:
+            reached = newest if cutoff is None or newest < cutoff else cutoff
+            if reached > horizon:
+                self._horizon = reached
+        if not out:
+            return
+        out.sort(key=lambda item: item[0])
+        deliver = self._deliver
+        for _, frame in out:
+            deliver(frame)
