@@ -1,0 +1,1196 @@
+"""The unix-socket bridge: several processes on one host act as one broker.
+
+Every process creates a `BridgeBroker` on the same socket path. One *hub* owns the socket: it
+assigns the global event ids (`.IdSequence`), keeps the per-channel history (`.History`) and
+forwards each event to the processes that follow its channel, so a publish in any process reaches
+subscribers in all of them and a browser resumes on whichever process its reconnect lands. A
+process tells the hub which channels its streams follow (SUBSCRIBE / UNSUBSCRIBE frames) and
+receives only those. Frames are msgpack (`tornado_sse.broker.framing`).
+
+Decisions, and why:
+
+* **Who runs the hub: whoever gets there first, and again after it dies.** There is no hub
+  process to deploy. A `BridgeBroker` that finds no live hub tries to *take over*: it takes an
+  exclusive lock on ``<path>.lock`` (``lockf``: a POSIX record lock belongs to the process and is
+  not inherited by ``fork()``, and the kernel releases it when the process dies), checks that no
+  hub answers on the socket, replaces a stale socket file and serves the hub in its own event loop
+  (its own broker then connects to it like every other process). The lock makes the race between
+  processes safe: never two hubs, never a second hub on a live socket. The same code serves
+  ``tornado-sse serve --processes N``, processes forked by an embedding application, and processes
+  started independently (even a lone ``python -m tornado_sse.broker.bridge PATH`` hub).
+* **When the hub dies** (its process crashed or was killed), every other process sees its
+  connection end, waits a jittered moment, and reconnects with exponential backoff and jitter; one
+  of them wins the lock and becomes the hub. No operator is needed.
+* **Publishes while there is no hub fail fast** with `.BrokerUnavailableError` (and a publish whose
+  answer was lost with the hub raises it too: it may or may not have been delivered). Queueing
+  them would hide the outage from the publisher and make memory grow with its length.
+  Subscribing fails the same way, and `.EventStreamHandler` then sheds the stream with a retry
+  delay, so browsers come back once the hub is.
+* **Never a silent gap.** The new hub has a new id epoch (kept strictly increasing through the
+  lock file), so ids from before are not in its history. After reconnecting, a process follows
+  its channels again and asks the hub for what it may have missed since its last position. From
+  the *same* hub (the connection, not the hub, was lost) that is an exact replay. From a new hub it
+  is answered with a gap: every local stream is sent a ``stream-reset`` event carrying the new
+  epoch's first id (``<epoch>-0``) and then everything the new hub has published on its channels,
+  in order; a browser that reconnects later with an old Last-Event-ID gets ``stream-reset`` from
+  the handler, as for any id no longer in history. Events that died with the old hub are thus
+  announced, never silently skipped.
+* **A dead process is dropped by the hub** when its connection ends (the kernel closes it), and
+  its subscriptions are freed at once.
+* **Hygiene and security.** The socket lives in a directory only its owner may enter (created
+  0700, or checked: ours, 0700, not a symlink); the socket is chmod 0600 before it listens; both
+  ends check the other with ``SO_PEERCRED`` (same uid) where the platform has it. Malformed,
+  truncated or oversize frames, unknown versions, invalid channels or events, and a peer that does
+  not read what it is sent (its pending output passes ``max_peer_buffer``) get that one peer
+  dropped with a log line; the hub never raises out of a callback and other peers keep working.
+  A history answer larger than half of ``max_peer_buffer`` is answered with a gap
+  (``stream-reset``) rather than buffered.
+
+Call order matters with ``fork()``: create and start brokers in the processes that use them,
+after forking (see docs/bridge.md); a broker refuses to be used in a child of the process that
+started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..errors import (
+    BrokerClosedError,
+    BrokerError,
+    BrokerUnavailableError,
+    HistoryGapError,
+    InvalidChannelError,
+    InvalidEventError,
+)
+from ..protocol import Event, encode_event
+from .base import Broker, Frame, Subscription, validate_channel
+from .framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    EVENT,
+    GAP,
+    HISTORY,
+    HISTORY_END,
+    HISTORY_PART,
+    HUB_BOUND,
+    MAX_ARRAY_LEN,
+    PEER_BOUND,
+    PUBLISH,
+    PUBLISHED,
+    SUBSCRIBE,
+    SUBSCRIBED,
+    UNSUBSCRIBE,
+    VERSION,
+    WELCOME,
+    FrameDecoder,
+    FrameError,
+    pack,
+)
+from .memory import History, IdSequence
+
+__all__ = [
+    "BridgeBroker",
+    "BridgeHub",
+    "BridgePermissionError",
+    "check_peer",
+    "claim_socket",
+    "default_socket_path",
+    "peer_credentials",
+    "secure_directory",
+]
+
+log = logging.getLogger("tornado_sse.bridge")
+
+#: frames the hub sends a peer may be this many times larger than what the hub accepts: events
+#: are encoded at the hub, and ``data: `` prefixes can multiply a many-line payload's size
+EXPANSION = 8
+
+#: default bound on one peer's pending output at the hub (bytes)
+DEFAULT_MAX_PEER_BUFFER = 64 << 20
+
+_PEERCRED = struct.Struct("3i")
+
+
+class BridgePermissionError(BrokerError, PermissionError):
+    """The socket's directory or a peer on the socket is not safe to use (wrong owner or mode)."""
+
+
+# ---------------------------------------------------------------------- socket hygiene
+
+
+def default_socket_path(name: str = "tornado-sse") -> str:
+    """``$XDG_RUNTIME_DIR/<name>/hub.sock``, else ``<tmp>/<name>-<uid>/hub.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, name, "hub.sock")
+    return os.path.join(tempfile.gettempdir(), f"{name}-{os.getuid()}", "hub.sock")
+
+
+def secure_directory(path: str) -> str:
+    """Make sure the directory of socket *path* exists and only we may enter it; return it.
+
+    A missing directory is created with mode 0700 (its parent must exist). An existing one must be
+    a real directory (not a symlink), owned by us, with no permissions for group or others.
+
+    :raises BridgePermissionError: if it is not.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise BridgePermissionError(f"{directory} is not a directory (a symlink?)")
+    if info.st_uid != os.getuid():
+        raise BridgePermissionError(f"{directory} belongs to uid {info.st_uid}, not to us")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise BridgePermissionError(
+            f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o});"
+            " the bridge socket needs a directory only its owner can enter (chmod 700)"
+        )
+    return directory
+
+
+def peer_credentials(sock: Any) -> tuple[int, int, int] | None:
+    """``(pid, uid, gid)`` of the process at the other end of unix socket *sock*.
+
+    ``None`` where the platform has no ``SO_PEERCRED`` (the 0700 directory is then the only guard).
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def check_peer(credentials: tuple[int, int, int] | None, uid: int | None = None) -> None:
+    """Refuse a peer that does not run as *uid* (default: our own uid).
+
+    :raises BridgePermissionError: for a peer of another user.
+    """
+    if credentials is None:
+        return
+    expected = os.getuid() if uid is None else uid
+    if credentials[1] != expected:
+        raise BridgePermissionError(
+            f"bridge peer pid {credentials[0]} runs as uid {credentials[1]}, not {expected}"
+        )
+
+
+def _socket_is_live(path: str) -> bool:
+    """Whether something accepts connections on *path* (a stale file after a crash does not)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(path)
+    except (BlockingIOError, InterruptedError):
+        return True  # backlog full: somebody is listening
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+class _Claim:
+    """A bound, listening hub socket and the lock that makes it ours."""
+
+    def __init__(self, path: str, sock: socket.socket, lock_fd: int, epoch_ms: int) -> None:
+        self.path = path
+        self.sock = sock
+        self.lock_fd = lock_fd
+        self.epoch_ms = epoch_ms
+        self.inode = os.stat(path).st_ino
+
+    def release(self) -> None:
+        """Close the socket, remove its file if it is still ours, release the lock."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        self.sock.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def claim_socket(path: str, backlog: int = 128) -> _Claim | None:
+    """Try to become the hub on *path*: return the claim, or ``None`` if a hub already has it.
+
+    Takes ``<path>.lock`` (non-blocking), makes sure no live hub answers on *path*, removes a
+    stale socket file, binds, sets mode 0600 and only then listens. The epoch of the new hub's ids
+    is kept strictly increasing in the lock file.
+    """
+    secure_directory(path)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return None
+        raise
+    try:
+        if _socket_is_live(path):
+            os.close(lock_fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(backlog)
+            sock.setblocking(False)
+            epoch_ms = _next_epoch(lock_fd)
+        except BaseException:
+            sock.close()
+            raise
+        return _Claim(path, sock, lock_fd, epoch_ms)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)
+        raise
+
+
+def _next_epoch(lock_fd: int) -> int:
+    """An epoch (ms) later than the last hub's on this path, recorded for the next one."""
+    os.lseek(lock_fd, 0, os.SEEK_SET)
+    raw = os.read(lock_fd, 64)
+    try:
+        last = int(raw.decode("ascii").strip() or 0)
+    except ValueError:
+        last = 0
+    epoch = max(int(time.time() * 1000), last + 1)
+    os.ftruncate(lock_fd, 0)
+    os.lseek(lock_fd, 0, os.SEEK_SET)
+    os.write(lock_fd, b"%d\n" % epoch)
+    return epoch
+
+
+# ---------------------------------------------------------------------- the hub
+
+
+class _Peer(asyncio.Protocol):
+    """One process connected to the hub."""
+
+    def __init__(self, hub: BridgeHub) -> None:
+        self.hub = hub
+        self.decoder = FrameDecoder(HUB_BOUND, max_frame_size=hub.max_frame_size)
+        self.channels: set[str] = set()
+        self.out: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.pid = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        try:
+            credentials = peer_credentials(transport.get_extra_info("socket"))
+            check_peer(credentials)
+        except (BridgePermissionError, OSError) as exc:
+            log.warning("bridge hub: refusing peer: %s", exc)
+            self.closed = True
+            transport.abort()
+            return
+        self.pid = credentials[0] if credentials is not None else 0
+        high = max(self.hub.max_peer_buffer // 4, 1 << 16)
+        transport.set_write_buffer_limits(high=high)
+        self.hub._add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        hub = self.hub
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            hub.drop(self, f"bad frame: {exc}")
+            return
+        try:
+            hub._handle(self, frames)
+        except (FrameError, InvalidChannelError, InvalidEventError) as exc:
+            hub.drop(self, f"bad request: {exc}")
+        except Exception:
+            log.exception("bridge hub: error handling peer pid=%s; dropping it", self.pid)
+            hub.drop(self, "internal error")
+        hub._flush()
+
+    def eof_received(self) -> bool:
+        try:
+            self.decoder.close()
+        except FrameError as exc:
+            if not self.closed:
+                log.warning("bridge hub: peer pid=%s: %s", self.pid, exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.hub._forget(self)
+
+    def pause_writing(self) -> None:
+        # The peer is not reading what we send: stop taking its requests until it does.
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            if not self.out:
+                self.hub._dirty.append(self)
+            self.out.append(data)
+
+
+class BridgeHub:
+    """The hub of a bridge: ids, history, and routing of events to the peers that follow them.
+
+    Usually started by a `BridgeBroker` that finds no hub (see the module docstring); run one on
+    its own with ``python -m tornado_sse.broker.bridge PATH`` or::
+
+        hub = BridgeHub(path)
+        await hub.start()      # raises BrokerUnavailableError if a live hub has the socket
+
+    :param history_size: events retained per channel.
+    :param max_frame_size: largest frame accepted from a peer (bytes).
+    :param max_peer_buffer: pending output (bytes) after which a peer that does not read is
+        dropped; history answers larger than half of it are answered with a gap.
+    :param max_channels_per_peer: channels one peer may follow.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        history_size: int = 1000,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_peer_buffer: int = DEFAULT_MAX_PEER_BUFFER,
+        max_channels_per_peer: int = 1_000_000,
+    ) -> None:
+        if history_size < 0:
+            raise ValueError("history_size must not be negative")
+        self.path = path
+        self.history_size = history_size
+        self.max_frame_size = max_frame_size
+        self.max_peer_buffer = max_peer_buffer
+        self.max_channels_per_peer = max_channels_per_peer
+        self.ids = IdSequence()
+        self.history: History[list[Any]] = History(history_size)
+        self.peers: set[_Peer] = set()
+        #: peers dropped for misbehaving (for tests and metrics)
+        self.dropped = 0
+        self.closed = False
+        self._followers: dict[str, dict[_Peer, None]] = {}
+        self._dirty: list[_Peer] = []
+        self._claim: _Claim | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._pid = os.getpid()
+
+    async def start(self) -> None:
+        """Claim the socket and serve.
+
+        :raises BrokerUnavailableError: if another hub holds the socket.
+        :raises BridgePermissionError: if the socket's directory is not private.
+        """
+        claim = claim_socket(self.path)
+        if claim is None:
+            raise BrokerUnavailableError(f"another bridge hub serves {self.path}")
+        await self._serve(claim)
+
+    async def _serve(self, claim: _Claim) -> None:
+        self._claim = claim
+        self.ids = IdSequence(claim.epoch_ms)
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_unix_server(lambda: _Peer(self), sock=claim.sock)
+        except BaseException:
+            claim.release()
+            self._claim = None
+            raise
+        _live_hubs.add(self)
+        log.info("bridge hub serving %s (pid %d, ids %s-*)", self.path, os.getpid(), self.ids.epoch)
+
+    async def close(self) -> None:
+        """Stop serving: drop every peer, remove the socket file, release the lock. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        _live_hubs.discard(self)
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers):
+            peer.closed = True
+            if peer.transport is not None:
+                peer.transport.abort()
+        self.peers.clear()
+        self._followers.clear()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    def _forked(self) -> None:
+        """In a child of the hub's process: let go of the inherited socket, keep nothing."""
+        if self._claim is not None:
+            self._claim.sock.close()
+            if self._claim.lock_fd >= 0:
+                os.close(self._claim.lock_fd)  # lockf locks are not inherited; just the fd
+                self._claim.lock_fd = -1
+            self._claim = None
+        self.closed = True
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def peer_count(self) -> int:
+        """Connected peers (processes)."""
+        return len(self.peers)
+
+    def followers(self, channel: str) -> int:
+        """How many peers follow *channel*."""
+        return len(self._followers.get(channel, ()))
+
+    # ------------------------------------------------------------------ peers
+
+    def _add(self, peer: _Peer) -> None:
+        self.peers.add(peer)
+        peer.send(
+            pack(
+                WELCOME,
+                f"{self.ids.epoch}-0",
+                self.ids.current,
+                os.getpid(),
+                self.max_frame_size,
+            )
+        )
+        self._flush()
+        log.info("bridge hub: peer pid=%d connected (%d peers)", peer.pid, len(self.peers))
+
+    def _forget(self, peer: _Peer) -> None:
+        if peer not in self.peers:
+            return
+        self.peers.discard(peer)
+        followers = self._followers
+        for channel in peer.channels:
+            members = followers.get(channel)
+            if members is not None:
+                members.pop(peer, None)
+                if not members:
+                    del followers[channel]
+        peer.channels.clear()
+        peer.out.clear()
+        if not self.closed:
+            log.info("bridge hub: peer pid=%d gone (%d peers)", peer.pid, len(self.peers))
+
+    def drop(self, peer: _Peer, reason: str) -> None:
+        """Disconnect a misbehaving peer, with a log line; everybody else goes on."""
+        if peer.closed:
+            return
+        log.warning("bridge hub: dropping peer pid=%d: %s", peer.pid, reason)
+        self.dropped += 1
+        peer.closed = True
+        self._forget(peer)
+        if peer.transport is not None:
+            peer.transport.abort()
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        limit = self.max_peer_buffer
+        for peer in dirty:
+            out = peer.out
+            if peer.closed or not out:
+                out.clear()
+                continue
+            peer.out = []
+            transport = peer.transport
+            assert transport is not None
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            pending = transport.get_write_buffer_size()
+            if pending > limit:
+                self.drop(peer, f"not reading: {pending} bytes pending")
+
+    # ------------------------------------------------------------------ requests
+
+    def _handle(self, peer: _Peer, frames: list[list[Any]]) -> None:
+        for frame in frames:
+            if peer.closed:
+                return
+            kind = frame[1]
+            if kind == PUBLISH:
+                self._publish(peer, frame)
+            elif kind == SUBSCRIBE:
+                self._subscribe(peer, frame[2], frame[3])
+            elif kind == UNSUBSCRIBE:
+                self._unsubscribe(peer, frame[2])
+            else:
+                assert kind == HISTORY
+                self._history(peer, frame[2], frame[3], frame[4])
+
+    def _publish(self, peer: _Peer, frame: list[Any]) -> None:
+        _, _, rid, channel, data, name, retry, published_at = frame
+        validate_channel(channel)
+        event_id = self.ids.next()
+        encoded = encode_event(Event(data=data, event=name, id=event_id, retry=retry))
+        item = [channel, event_id, encoded, float(published_at)]
+        self.history.append(channel, self.ids.seq, item)
+        followers = self._followers.get(channel)
+        if followers:
+            message = pack(EVENT, *item)
+            for follower in followers:
+                follower.send(message)
+        peer.send(pack(PUBLISHED, rid, event_id))
+
+    def _subscribe(self, peer: _Peer, rid: int, channels: list[str]) -> None:
+        for channel in channels:
+            validate_channel(channel)
+        if len(peer.channels) + len(channels) > self.max_channels_per_peer:
+            self.drop(peer, f"follows more than {self.max_channels_per_peer} channels")
+            return
+        followers = self._followers
+        for channel in channels:
+            members = followers.get(channel)
+            if members is None:
+                members = followers[channel] = {}
+            members[peer] = None
+            peer.channels.add(channel)
+        peer.send(pack(SUBSCRIBED, rid, self.ids.current))
+
+    def _unsubscribe(self, peer: _Peer, channels: list[str]) -> None:
+        followers = self._followers
+        for channel in channels:
+            if channel in peer.channels:
+                peer.channels.discard(channel)
+                members = followers.get(channel)
+                if members is not None:
+                    members.pop(peer, None)
+                    if not members:
+                        del followers[channel]
+
+    def _history(self, peer: _Peer, rid: int, channels: list[str], after: str) -> None:
+        for channel in channels:
+            validate_channel(channel)
+        seq = self.ids.key(after)
+        found = None if seq is None else self.history.since(channels, seq)
+        if found is not None:
+            total = sum(len(item[2]) + len(item[0]) + len(item[1]) + 16 for _, item in found)
+            if total > self.max_peer_buffer // 2:
+                log.info("bridge hub: history answer of %d bytes refused as a gap", total)
+                found = None
+        if found is None:
+            peer.send(pack(GAP, rid, self.ids.current))
+            return
+        budget = self.max_frame_size
+        part: list[list[Any]] = []
+        size = 0
+        for _, item in found:
+            item_size = len(item[2]) + len(item[0]) + len(item[1]) + 16
+            if part and (size + item_size > budget or len(part) >= MAX_ARRAY_LEN):
+                peer.send(pack(HISTORY_PART, rid, part))
+                part = []
+                size = 0
+            part.append(item)
+            size += item_size
+        peer.send(pack(HISTORY_END, rid, part))
+
+
+_live_hubs: weakref.WeakSet[BridgeHub] = weakref.WeakSet()
+_live_brokers: weakref.WeakSet[BridgeBroker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for hub in list(_live_hubs):
+        hub._forked()
+    _live_hubs.clear()
+    for broker in list(_live_brokers):
+        broker._forked_away = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------- a process's connection
+
+
+#: the answers each request kind may get
+_ANSWERS = {
+    PUBLISH: frozenset({PUBLISHED}),
+    SUBSCRIBE: frozenset({SUBSCRIBED}),
+    HISTORY: frozenset({HISTORY_PART, HISTORY_END, GAP}),
+}
+
+
+class _Request:
+    __slots__ = ("answers", "frames", "future")
+
+    def __init__(self, future: asyncio.Future[Any], answers: frozenset[int]) -> None:
+        self.future = future
+        self.answers = answers
+        self.frames: list[list[Any]] = []
+
+
+class _HubConnection(asyncio.Protocol):
+    """This process's connection to the hub."""
+
+    def __init__(self, broker: BridgeBroker) -> None:
+        self.broker = broker
+        self.decoder = FrameDecoder(
+            PEER_BOUND, max_frame_size=broker.max_frame_size * EXPANSION + 4096
+        )
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.welcome: asyncio.Future[list[Any]] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, _Request] = {}
+        self.out: list[bytes] = []
+        self.epoch_start = ""
+        self.hub_pid = 0
+        self.max_frame_size = broker.max_frame_size
+        self.closed = False
+        self._next_rid = 0
+        self._drained: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            log.error("bridge: the hub sent a bad frame (%s); reconnecting", exc)
+            self.abort()
+            return
+        broker = self.broker
+        for frame in frames:
+            kind = frame[1]
+            if kind == EVENT:
+                _, _, channel, event_id, encoded, published_at = frame
+                broker._position = event_id
+                item = Frame(channel, event_id, encoded, published_at)
+                buffer = broker._resync_buffer
+                if buffer is not None:
+                    buffer.append(item)
+                else:
+                    broker._deliver(item)
+            elif kind == WELCOME:
+                if not self.welcome.done():
+                    self.welcome.set_result(frame)
+            else:
+                self._answer(kind, frame)
+            if self.closed:
+                return
+
+    def _answer(self, kind: int, frame: list[Any]) -> None:
+        rid = frame[2]
+        request = self.requests.get(rid)
+        if request is None or kind not in request.answers:
+            log.error("bridge: the hub answered a request it was not asked; reconnecting")
+            self.abort()
+            return
+        if kind == HISTORY_PART:
+            request.frames.extend(frame[3])
+            return
+        del self.requests[rid]
+        future = request.future
+        if kind == HISTORY_END:
+            request.frames.extend(frame[3])
+            result: Any = request.frames
+        else:
+            # PUBLISHED (id), SUBSCRIBED (position), GAP (current id): all are positions in the
+            # hub's order, and every event of our channels before them has reached us already.
+            self.broker._position = frame[3]
+            result = frame[3] if kind != GAP else HistoryGapError(frame[3])
+        if not future.done():
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def eof_received(self) -> bool:
+        with contextlib.suppress(FrameError):
+            self.decoder.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = BrokerUnavailableError("lost the connection to the bridge hub")
+        requests, self.requests = self.requests, {}
+        for request in requests.values():
+            if not request.future.done():
+                request.future.set_exception(error)
+                request.future.exception()  # retrieved: nobody may be waiting any more
+        if not self.welcome.done():
+            self.welcome.set_exception(error)
+            self.welcome.exception()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._drained is None or self._drained.done():
+            self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # sending
+
+    async def drain(self) -> None:
+        """Wait while the socket's buffer is above its high-water mark (flow control)."""
+        drained = self._drained
+        if drained is not None and not drained.done():
+            await drained
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise BrokerUnavailableError("lost the connection to the bridge hub")
+        if not self.out:
+            self.loop.call_soon(self._flush)
+        self.out.append(data)
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if out and not self.closed and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def request(self, kind: int, *fields: Any) -> asyncio.Future[Any]:
+        """Send a request frame (its rid is filled in) and return the future of its answer."""
+        self._next_rid += 1
+        rid = self._next_rid
+        self.send(pack(kind, rid, *fields))
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self.requests[rid] = _Request(future, _ANSWERS[kind])
+        return future
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _chunks(channels: Sequence[str], size: int = MAX_ARRAY_LEN // 2) -> list[Sequence[str]]:
+    return [channels[start : start + size] for start in range(0, len(channels), size)] or [[]]
+
+
+_BASE36 = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _parse_id(event_id: str) -> tuple[int, int] | None:
+    """``(epoch, seq)`` of a well-formed hub id ``<epoch base 36>-<seq>``, else ``None``."""
+    epoch, sep, seq = event_id.partition("-")
+    if not sep or not 0 < len(epoch) <= 13 or not 0 < len(seq) <= 20:
+        return None
+    if not _BASE36.issuperset(epoch) or not seq.isascii() or not seq.isdigit():
+        return None
+    return int(epoch, 36), int(seq)
+
+
+class BridgeBroker(Broker):
+    """A broker shared by the processes of one host through a unix socket (see the module doc).
+
+    Create one in every process (after forking), on the same *path*::
+
+        broker = BridgeBroker("/run/user/1000/myapp/hub.sock")
+        app = tornado.web.Application([...], sse_broker=broker)
+
+    :param path: the hub's socket; its directory must be private (0700) or creatable.
+        Default: `default_socket_path()`.
+    :param history_size: events the hub keeps per channel, when this process runs the hub.
+    :param takeover: run the hub in this process when none is running (default ``True``); with
+        ``False`` the broker only connects and waits for a hub started elsewhere.
+    :param connect_timeout: seconds :meth:`start` waits for a hub before raising
+        `.BrokerUnavailableError`.
+    :param max_frame_size: largest frame the hub accepts, in bytes (when this process runs it);
+        a larger event is refused with `.InvalidEventError` before it is sent.
+    :param max_peer_buffer: see `BridgeHub` (when this process runs it).
+    :param reconnect_delay: first delay (seconds) before reconnecting; doubles per failed
+        attempt up to *max_reconnect_delay*, each jittered by ±50%.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        history_size: int = 1000,
+        takeover: bool = True,
+        connect_timeout: float = 10.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_peer_buffer: int = DEFAULT_MAX_PEER_BUFFER,
+        reconnect_delay: float = 0.05,
+        max_reconnect_delay: float = 2.0,
+    ) -> None:
+        super().__init__(history_size=history_size)
+        self.path = os.path.abspath(path if path is not None else default_socket_path())
+        self.takeover = takeover
+        self.connect_timeout = connect_timeout
+        self.max_frame_size = max_frame_size
+        self.max_peer_buffer = max_peer_buffer
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        #: the hub, while this process runs it
+        self.hub: BridgeHub | None = None
+        #: connections made to a hub (the first one included)
+        self.connects = 0
+        #: reconnections after which local streams were sent ``stream-reset``
+        self.resets = 0
+        self._conn: _HubConnection | None = None
+        self._ready: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._position = ""
+        self._resync_after: str | None = None
+        self._resync_buffer: list[Frame] | None = None
+        self._pid = os.getpid()
+        self._forked_away = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def healthy(self) -> bool:
+        """Connected to a hub right now."""
+        return not self.closed and self._conn is not None and not self._conn.closed
+
+    @property
+    def connected(self) -> bool:
+        """Same as :attr:`healthy`."""
+        return self.healthy
+
+    @property
+    def hub_pid(self) -> int | None:
+        """The pid of the process running the hub we are connected to."""
+        conn = self._conn
+        return conn.hub_pid if conn is not None and not conn.closed else None
+
+    def id_key(self, event_id: str) -> tuple[int, int] | None:
+        """``(epoch, seq)`` of a hub id: ids of a later hub sort after those of an earlier one."""
+        return _parse_id(event_id)
+
+    def _connection(self) -> _HubConnection:
+        if self._forked_away:
+            raise RuntimeError(
+                "this BridgeBroker was started in the parent process: create brokers after fork"
+            )
+        conn = self._conn
+        if conn is None or conn.closed:
+            if self.closed:
+                raise BrokerClosedError("broker is closed")
+            raise BrokerUnavailableError(f"no bridge hub at {self.path} right now (reconnecting)")
+        return conn
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self) -> None:
+        secure_directory(self.path)
+        _live_brokers.add(self)
+        self._ready = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+            self._task = None
+            raise BrokerUnavailableError(
+                f"no bridge hub answered at {self.path} within {self.connect_timeout}s"
+            ) from None
+
+    async def _close(self) -> None:
+        _live_brokers.discard(self)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            await hub.close()
+
+    async def _run(self) -> None:
+        """Keep a connection to a hub, taking over when there is none, until closed."""
+        while not self.closed:
+            try:
+                await self._keep_connected()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("bridge: unexpected error; reconnecting")
+                conn = self._conn
+                if conn is not None:
+                    conn.abort()
+                await asyncio.sleep(self.max_reconnect_delay)
+
+    async def _keep_connected(self) -> None:
+        attempt = 0
+        while not self.closed:
+            try:
+                conn = await self._connect()
+            except (OSError, BrokerError, asyncio.TimeoutError) as exc:
+                refused = isinstance(exc, (ConnectionRefusedError, FileNotFoundError))
+                if refused and self.takeover and self.hub is None:
+                    try:
+                        if await self._take_over():
+                            continue
+                    except OSError as claim_error:
+                        log.error("bridge: cannot run the hub at %s: %s", self.path, claim_error)
+                level = logging.WARNING if attempt == 3 else logging.DEBUG
+                log.log(level, "bridge: no hub at %s yet: %s", self.path, exc)
+                delay = min(self.max_reconnect_delay, self.reconnect_delay * 2**attempt)
+                attempt += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                continue
+            attempt = 0
+            try:
+                await self._resync(conn)
+            except BrokerError as exc:
+                log.warning("bridge: lost the hub while following channels again: %s", exc)
+                conn.abort()
+                continue
+            assert self._ready is not None
+            self._ready.set()
+            await conn.lost
+            self._ready.clear()
+            if self._conn is conn:
+                self._conn = None
+            if self.closed:
+                return
+            log.warning("bridge: lost the hub at %s; reconnecting", self.path)
+            # Spread the reconnects of every process of the group.
+            await asyncio.sleep(random.uniform(0.0, self.reconnect_delay))
+
+    async def _take_over(self) -> bool:
+        claim = claim_socket(self.path)
+        if claim is None:
+            return False
+        hub = BridgeHub(
+            self.path,
+            history_size=self.history_size,
+            max_frame_size=self.max_frame_size,
+            max_peer_buffer=self.max_peer_buffer,
+        )
+        await hub._serve(claim)
+        if self.closed:
+            await hub.close()
+            return False
+        self.hub = hub
+        log.warning("bridge: this process (pid %d) now runs the hub at %s", os.getpid(), self.path)
+        return True
+
+    async def _connect(self) -> _HubConnection:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, self.path)
+            check_peer(peer_credentials(sock))
+            _, conn = await loop.create_unix_connection(lambda: _HubConnection(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            welcome = await asyncio.wait_for(conn.welcome, self.connect_timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        conn.epoch_start = welcome[2]
+        conn.hub_pid = welcome[4]
+        conn.max_frame_size = welcome[5]
+        self.connects += 1
+        return conn
+
+    async def _resync(self, conn: _HubConnection) -> None:
+        """Make *conn* the connection, follow our channels again and fill the gap (see top)."""
+        # If an earlier resync failed half-way, the gap still starts where it started then.
+        after = self._resync_after if self._resync_after is not None else self._position
+        self._resync_after = after
+        if self._follow_lock is None:
+            self._follow_lock = asyncio.Lock()
+        async with self._follow_lock:
+            self._conn = conn
+            channels = list(self._subscriptions)
+            if not channels:
+                self._resync_after = None
+                return
+            self._resync_buffer = []
+            try:
+                await self._subscribe_on(conn, channels)
+                reset_id: str | None = None
+                try:
+                    found = await self._history_on(conn, channels, after)
+                except HistoryGapError:
+                    try:
+                        found = await self._history_on(conn, channels, conn.epoch_start)
+                        reset_id = conn.epoch_start
+                    except HistoryGapError as gap:
+                        found = []
+                        reset_id = gap.current_id
+                buffered = self._resync_buffer
+            finally:
+                self._resync_buffer = None
+            self._resync_after = None
+            self._replay_after_reconnect(found + buffered, reset_id)
+
+    def _replay_after_reconnect(self, frames: list[Frame], reset_id: str | None) -> None:
+        floor = None
+        if reset_id is not None:
+            self.resets += 1
+            log.warning(
+                "bridge: events may have been lost with the old hub: sending stream-reset (%s)",
+                reset_id,
+            )
+            floor = _parse_id(reset_id)
+            reset = Frame(
+                "",
+                reset_id,
+                encode_event(
+                    Event(
+                        data=json.dumps({"id": reset_id, "reason": "reconnect"}),
+                        event="stream-reset",
+                        id=reset_id,
+                    )
+                ),
+                0.0,
+            )
+            seen: set[Subscription] = set()
+            for subs in list(self._subscriptions.values()):
+                for sub in subs:
+                    if sub not in seen and not sub.closed:
+                        seen.add(sub)
+                        sub._deliver(reset)
+        keyed = sorted(((_parse_id(f.id) or (0, 0), f) for f in frames), key=lambda kf: kf[0])
+        last = None
+        for key, frame in keyed:
+            if key == last or (floor is not None and key <= floor):
+                continue
+            last = key
+            self._deliver(frame)
+
+    # ------------------------------------------------------------------ backend hooks
+
+    async def _publish(self, channel: str, event: Event) -> str:
+        conn = self._connection()
+        data = event.data
+        if data is not None and len(data) * 4 + 1024 > conn.max_frame_size:
+            size = len(data.encode("utf-8")) + 1024
+            if size > conn.max_frame_size:
+                raise InvalidEventError(
+                    f"event of {size} bytes is larger than the bridge's max_frame_size"
+                    f" ({conn.max_frame_size})"
+                )
+        await conn.drain()
+        future = conn.request(PUBLISH, channel, data, event.event, event.retry, time.time())
+        result: str = await future
+        return result
+
+    async def _follow(self, channels: Sequence[str]) -> str:
+        conn = self._connection()
+        if channels:
+            await self._subscribe_on(conn, channels)
+        return self._position
+
+    async def _subscribe_on(self, conn: _HubConnection, channels: Sequence[str]) -> str:
+        futures = [conn.request(SUBSCRIBE, list(chunk)) for chunk in _chunks(channels)]
+        positions = await asyncio.gather(*futures)
+        return str(positions[-1])
+
+    async def _unfollow(self, channels: Sequence[str]) -> None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            return  # the hub forgot us with the connection
+        for chunk in _chunks(channels):
+            conn.send(pack(UNSUBSCRIBE, list(chunk)))
+
+    async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
+        return await self._history_on(self._connection(), channels, after)
+
+    async def _history_on(
+        self, conn: _HubConnection, channels: Sequence[str], after: str
+    ) -> list[Frame]:
+        futures = [conn.request(HISTORY, list(chunk), after) for chunk in _chunks(channels)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        found: list[Frame] = []
+        gap: HistoryGapError | None = None
+        for result in results:
+            if isinstance(result, HistoryGapError):
+                gap = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                found.extend(Frame(c, i, d, p) for c, i, d, p in result)
+        if gap is not None:
+            raise gap
+        if len(results) > 1:
+            found.sort(key=lambda frame: _parse_id(frame.id) or (0, 0))
+        return found
+
+
+# ---------------------------------------------------------------------- python -m
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    """Run a standalone hub: ``python -m tornado_sse.broker.bridge PATH [--history-size N]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tornado_sse.broker.bridge", description=main.__doc__
+    )
+    parser.add_argument("path", nargs="?", default=default_socket_path())
+    parser.add_argument("--history-size", type=int, default=1000)
+    parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE)
+    args = parser.parse_args(None if argv is None else list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def run() -> None:
+        hub = BridgeHub(
+            args.path, history_size=args.history_size, max_frame_size=args.max_frame_size
+        )
+        await hub.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"bridge hub ready on {args.path} (protocol {VERSION})", flush=True)
+        await stop.wait()
+        await hub.close()
+
+    try:
+        asyncio.run(run())
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
