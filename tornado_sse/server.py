@@ -173,6 +173,13 @@ def _reject_constant(name: str) -> Any:
     raise PublishError(f"body is not valid JSON: {name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise PublishError(f"body is not valid JSON: {text} is out of range")
+    return value
+
+
 def parse_publish(body: bytes) -> PublishRequest:
     """Validate a ``/publish`` body: ``{"channel", "data", "event"?, "retry"?}``.
 
@@ -180,7 +187,7 @@ def parse_publish(body: bytes) -> PublishRequest:
     compact JSON encoding. Raises `PublishError` with a message for the client.
     """
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise PublishError("body is not valid JSON: it is not UTF-8 text") from exc
     except RecursionError as exc:
@@ -686,6 +693,9 @@ def serve(options: HubOptions) -> None:
     """Run the hub in this process until SIGTERM or SIGINT (what ``tornado-sse serve`` does)."""
     _check_backends(options)
     sockets = bind(options)
+    configure_logging(options.log_level, options.log_json)
+    if len(options.token) < 16:
+        log.warning("the publish token is short: use a long random secret")
     # --processes (bridge backend) forks here: after binding, before any broker or loop exists.
     asyncio.run(run_hub(options, sockets))
 
@@ -889,7 +899,4 @@ def serve_command(
         log_level=log_level.lower(),
         log_json=log_json,
     )
-    configure_logging(options.log_level, options.log_json)
-    if len(token) < 16:
-        log.warning("the publish token is short: use a long random secret")
     serve(options)
