@@ -16,6 +16,7 @@ from .errors import (
     BrokerError,
     BrokerUnavailableError,
     EventStreamClosedError,
+    EventStreamError,
     HistoryGapError,
     InvalidChannelError,
     InvalidEventError,
@@ -26,11 +27,13 @@ from .metrics import Metrics
 from .protocol import Event, EventStreamParser, encode_comment, encode_event, encode_retry
 
 if TYPE_CHECKING:
+    from .client import EventSource
     from .connections import ConnectionSet
     from .handler import EventStreamHandler, default_broker
 
 _LAZY = {
     "ConnectionSet": "connections",
+    "EventSource": "client",
     "EventStreamHandler": "handler",
     "default_broker": "handler",
 }
@@ -60,7 +63,9 @@ __all__ = [
     "BrokerUnavailableError",
     "ConnectionSet",
     "Event",
+    "EventSource",
     "EventStreamClosedError",
+    "EventStreamError",
     "EventStreamHandler",
     "EventStreamParser",
     "Frame",
