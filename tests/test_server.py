@@ -722,7 +722,10 @@ async def test_logs_stream_lines_and_no_secrets(hub: Hub) -> None:
     opened = [line for line in log.splitlines() if "stream open" in line]
     assert any("logged-a,logged-b" in line and "127.0.0.1" in line for line in opened)
     closed = [line for line in log.splitlines() if "stream closed" in line]
-    assert any("duration=" in line and "127.0.0.1" in line for line in closed)
+    assert any(
+        "logged-a,logged-b" in line and "duration=" in line and "127.0.0.1" in line
+        for line in closed
+    )
     assert TOKEN not in log
     assert secret not in log
     assert "wrong-xyz" not in log

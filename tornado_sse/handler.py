@@ -640,7 +640,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self._raw_socket = None
         stream = self._stream
         self._stream = None
+        channels = ""
         if self._subscription is not None:
+            channels = ",".join(self._subscription.channels)
             self._subscription.close()
             self._subscription = None
         if self._connections is not None:
@@ -648,7 +650,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if stream is not None and self._params is not None:
             self._params.metrics.connections_open -= 1
             log.info(
-                "stream closed: client=%s reason=%s duration=%.1fs",
+                "stream closed: channels=%s client=%s reason=%s duration=%.1fs",
+                channels,
                 self.address,
                 reason,
                 time.monotonic() - self._opened_at,
