@@ -168,8 +168,10 @@ class EventSource:
     other than 200 and 204, or a wrong ``Content-Type``) and `.StreamParseError` (an oversized
     event) after yielding the events received before; the client is then closed.
 
-    Subclass it to watch the connection: :meth:`on_open` and :meth:`on_reconnect`.
-    The object belongs to the event loop it is first iterated on.
+    Use it with ``async with`` or call :meth:`close`: leaving an ``async for`` loop alone keeps
+    the connection (paused once the buffer is full). Subclass it to watch the connection:
+    :meth:`on_open` and :meth:`on_reconnect`; or poll :attr:`connected`, :attr:`connections`
+    and :attr:`last_error`. The object belongs to the event loop it is first iterated on.
     """
 
     def __init__(
@@ -468,6 +470,8 @@ class EventSource:
     # ------------------------------------------------------------------ Tornado callbacks
 
     def _on_header(self, attempt: _Attempt, line: str) -> None:
+        if attempt.aborted:
+            return
         if attempt.status is None:
             attempt.status = parse_response_start_line(line.strip()).code
             return
