@@ -638,8 +638,11 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
     Shutdown: stop accepting, close every stream (clients reconnect elsewhere or later and
     resume), close the remaining connections and the broker; returns within about 5 seconds.
     """
-    broker = make_broker(options)
-    await broker.start()
+    try:
+        broker = make_broker(options)
+        await broker.start()
+    except (BrokerError, ValueError, OSError) as exc:
+        raise click.ClickException(f"cannot start the broker: {exc}") from exc
     connections = ConnectionSet()
     app = make_app(options, broker, connections=connections)
     hub: _Hub = app.settings["tornado_sse_hub"]
