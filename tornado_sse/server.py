@@ -139,6 +139,8 @@ def _check_backends(options: HubOptions) -> None:
         _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
     if options.processes > 1:
         _require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
+        # Until serve() forks (bridge issue), say so rather than silently serving alone.
+        raise click.UsageError("--processes is not wired into this version of tornado-sse serve")
 
 
 def _require_module(name: str, flag: str, remedy: str) -> None:
