@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,17 @@ from traitlets.config import Config
 from tests.helpers import RawStream
 from tornado_sse import Broker
 from tornado_sse.jupyter import get_broker
+
+_PRIMING = re.compile(rb"^id: ([^\n]*)\n\n", re.MULTILINE)
+
+
+async def primed_id(stream: RawStream) -> str:
+    """The id a fresh stream is primed with: an event without data, which clients do not
+    dispatch but whose id they resume from."""
+    await stream.read_until(lambda s: _PRIMING.search(s.raw))
+    match = _PRIMING.search(stream.raw)
+    assert match is not None
+    return match.group(1).decode()
 
 
 def server_config(server: dict[str, Any] | None = None, **sse: Any) -> Config:
@@ -93,6 +105,12 @@ class SSEServer:
         all_headers = {**(self.auth if auth else {}), **(headers or {})}
         path = self.path("sse/events", channel=list(channels), **query)
         stream = await RawStream.open(self.port, path, all_headers)
+        self.streams.append(stream)
+        return stream
+
+    async def get_stream(self, path: str, auth: bool = True) -> RawStream:
+        """Open the stream at *path* (under ``base_url``) with a raw socket."""
+        stream = await RawStream.open(self.port, self.path(path), self.auth if auth else {})
         self.streams.append(stream)
         return stream
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jupyter.conftest import SSEServer, server_config
+from tests.jupyter.conftest import SSEServer, primed_id, server_config
 from tornado_sse import InProcessBroker
 from tornado_sse.jupyter import SSEExtensionApp, get_broker
 
@@ -104,7 +104,7 @@ async def test_traitlets_flow_into_handler_settings(sse_server: SSEServer) -> No
     assert 1000 <= retry <= 1500  # retry_interval, jittered upwards by up to half
     assert not stream.events  # nothing published yet: the priming id only, not dispatched
 
-    position = stream.raw.split(b"id: ")[1].split(b"\n")[0].decode()
+    position = await primed_id(stream)
     for n in range(3):
         await sse_server.broker.publish("news", str(n))
     # history_size=2: the first of the three is gone, so the client is told, not silently skipped

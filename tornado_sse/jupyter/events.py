@@ -73,6 +73,9 @@ class EventBusForwarder:
         """Detach, then wait (at most *timeout* seconds) for the events already in flight."""
         self._closed = True
         self.detach()
+        # emit() creates listener tasks that may not have started yet, so they are not in _tasks:
+        # one pass of the loop's FIFO ready queue starts each of them before we resume
+        await asyncio.sleep(0)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
