@@ -156,8 +156,7 @@ async def test_resumes_after_server_close_without_loss_or_duplicates(
 ) -> None:
     record.gate = asyncio.Event()
     async with EventSource(f"http://127.0.0.1:{port}/events?channel=a&channel=b") as source:
-        await wait_until(lambda: record.handlers)
-        assert source.connected
+        await wait_until(lambda: source.connected)
         published = [await broker.publish("a", f"before {i}") for i in range(3)]
         first = await take(source, 3)
         assert [e.id for e in first] == published
