@@ -512,12 +512,14 @@ def _publish_head(length: int, *extra: str, token: str = TOKEN) -> bytes:
 
 @pytest.mark.gen_test(timeout=20)
 async def test_body_far_over_the_limit_is_answered_without_reading_it(hub: Hub) -> None:
-    reply = await raw_exchange(hub.port, _publish_head(1 << 40))
-    assert reply.startswith(b"HTTP/1.1 413 ")
-    assert b"body larger than" in reply
+    for length in (1 << 40, 10**30):
+        reply = await raw_exchange(hub.port, _publish_head(length))
+        assert reply.startswith(b"HTTP/1.1 413 ")
+        assert reply.endswith(b'{"error": "body larger than 1048576 bytes"}\n')
+        assert reply.count(b"HTTP/1.1") == 1  # nothing but our answer
     continued = await raw_exchange(hub.port, _publish_head(2 * LIMIT, "Expect: 100-continue"))
     assert continued.startswith(b"HTTP/1.1 413 ")
-    assert b"100" not in continued.split(b"\r\n")[0]
+    assert continued.count(b"HTTP/1.1") == 1  # no "100 Continue": the body is not wanted
     unauthorized = await raw_exchange(
         hub.port, _publish_head(100, "Expect: 100-continue", token="nope")
     )

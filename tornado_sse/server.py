@@ -338,8 +338,12 @@ class PublishHandler(_HubHandler):
         self._chunks = []
         if self.request.method != "POST":
             return
-        options = self.hub.options
-        self._limit = options.max_body_size
+        self._limit = self.hub.options.max_body_size
+        connection = self.request.connection
+        if connection is not None and hasattr(connection, "set_max_body_size"):
+            # We count the body ourselves (data_received) so that even a chunked body over the
+            # limit gets its 413: Tornado's own limit would drop the connection without one.
+            connection.set_max_body_size(1 << 62)
         origin = self.request.headers.get("Origin")
         if origin is not None:
             if self.hub.allows_origin(origin, self.request):
@@ -355,13 +359,7 @@ class PublishHandler(_HubHandler):
             self.request.headers.get("Expect", "").lower() == "100-continue"
             or (declared is not None and declared > self._limit + DRAIN_ALLOWANCE)
         ):
-            self._refuse()
-            return
-        connection = self.request.connection
-        if connection is not None and hasattr(connection, "set_max_body_size"):
-            # We count the body ourselves (data_received) so that even a chunked body over
-            # the limit gets its 413; Tornado's own limit would just drop the connection.
-            connection.set_max_body_size(1 << 62)
+            self._refuse()  # Tornado then closes the connection instead of reading the body
 
     def _authorized(self) -> bool:
         header = self.request.headers.get("Authorization", "")
