@@ -11,13 +11,16 @@ Decisions, and why:
 
 * **Who runs the hub: whoever gets there first, and again after it dies.** There is no hub
   process to deploy. A `BridgeBroker` that finds no live hub tries to *take over*: it takes an
-  exclusive lock on ``<path>.lock`` (``lockf``: a POSIX record lock belongs to the process and is
-  not inherited by ``fork()``, and the kernel releases it when the process dies), checks that no
-  hub answers on the socket, replaces a stale socket file and serves the hub in its own event loop
-  (its own broker then connects to it like every other process). The lock makes the race between
-  processes safe: never two hubs, never a second hub on a live socket. The same code serves
-  ``tornado-sse serve --processes N``, processes forked by an embedding application, and processes
-  started independently (even a lone ``python -m tornado_sse.broker.bridge PATH`` hub).
+  exclusive ``flock`` on ``<path>.lock`` (released by the kernel when the hub's process dies;
+  children forked by that process close their inherited copy at once, through
+  ``os.register_at_fork``, so that they cannot keep it alive; ``lockf`` would be released by any
+  ``close()`` of the file in the process, and does not conflict within one process), checks
+  that no hub answers on the socket, replaces a stale socket file and serves the hub in its own
+  event loop (its own broker then connects to it like every other process). The lock makes the
+  race between processes safe: never two hubs, never a second hub on a live socket. The same
+  code serves ``tornado-sse serve --processes N``, processes forked by an embedding application,
+  and processes started independently (even a lone ``python -m tornado_sse.broker.bridge PATH``
+  hub).
 * **When the hub dies** (its process crashed or was killed), every other process sees its
   connection end, waits a jittered moment, and reconnects with exponential backoff and jitter; one
   of them wins the lock and becomes the hub. No operator is needed.
@@ -243,10 +246,10 @@ def claim_socket(path: str, backlog: int = 128) -> _Claim | None:
     secure_directory(path)
     lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(lock_fd)
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
+        if exc.errno in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK):
             return None
         raise
     try:
@@ -458,7 +461,7 @@ class BridgeHub:
         if self._claim is not None:
             self._claim.sock.close()
             if self._claim.lock_fd >= 0:
-                os.close(self._claim.lock_fd)  # lockf locks are not inherited; just the fd
+                os.close(self._claim.lock_fd)  # the parent's copy keeps the lock
                 self._claim.lock_fd = -1
             self._claim = None
         self.closed = True
@@ -880,13 +883,16 @@ class BridgeBroker(Broker):
 
     @property
     def healthy(self) -> bool:
-        """Connected to a hub right now."""
-        return not self.closed and self._conn is not None and not self._conn.closed
-
-    @property
-    def connected(self) -> bool:
-        """Same as :attr:`healthy`."""
-        return self.healthy
+        """Connected to a hub, and following our channels on it, right now."""
+        conn = self._conn
+        ready = self._ready
+        return (
+            not self.closed
+            and conn is not None
+            and not conn.closed
+            and ready is not None
+            and ready.is_set()
+        )
 
     @property
     def hub_pid(self) -> int | None:
