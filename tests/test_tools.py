@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import tornado.web
 from click.testing import CliRunner, Result
+from tornado.httpclient import AsyncHTTPClient
 
 from tests.helpers import RawStream, free_port, wait_until
 from tornado_sse import Event, EventStreamHandler, InProcessBroker, InvalidEventError
@@ -342,6 +343,81 @@ async def test_listen_process_exits_cleanly_on_ctrl_c(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# ---------------------------------------------------------------------- the real hub
+
+
+async def run_script(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), 15)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_listen_and_publish_with_tornado_sse_serve() -> None:
+    """The three commands together, each its own process, as an operator would run them."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    hub = await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        *("serve", "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    listener: asyncio.subprocess.Process | None = None
+    try:
+        client = AsyncHTTPClient()
+
+        async def healthy() -> bool:
+            try:
+                return (await client.fetch(f"{base}/healthz", raise_error=False)).code == 200
+            except OSError:
+                return False
+
+        await wait_until(healthy, timeout=15, interval=0.05)
+        listener = await asyncio.create_subprocess_exec(
+            str(SCRIPT),
+            *("listen", base, "-c", "room", "--json"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert listener.stdout is not None and listener.stderr is not None
+        connected = await asyncio.wait_for(listener.stderr.readline(), 15)
+        assert connected.startswith(b"connected to")
+
+        code, out, err = await run_script(
+            "publish", base, "-c", "room", "-d", "hé\nllo", "-e", "chat", "--token", TOKEN
+        )
+        assert code == 0, err
+        line = await asyncio.wait_for(listener.stdout.readline(), 10)
+        assert json.loads(line) == {"id": out.strip(), "event": "chat", "data": "hé\nllo"}
+
+        code, out, err = await run_script("publish", base, "-c", "room", "-d", "x", "--token", "no")
+        assert (code, out) == (1, "")
+        assert "unauthorized (HTTP 401)" in err and "Traceback" not in err
+        code, out, err = await run_script("publish", base, "-c", "a b", "-d", "x", "--token", TOKEN)
+        assert code == 1 and "(HTTP 400): invalid channel 'a b'" in err
+        big = b"x" * (1 << 20)
+        code, out, err = await run_script(
+            "publish", base, "-c", "room", "-d", "-", "--token", TOKEN, stdin=big
+        )
+        assert code == 1 and "larger than the hub accepts (HTTP 413)" in err
+
+        listener.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(listener.wait(), 10) == 0
+    finally:
+        for process in (listener, hub):
+            if process is not None and process.returncode is None:
+                process.terminate()
+                await asyncio.wait_for(process.wait(), 10)
 
 
 # ---------------------------------------------------------------------- helpers

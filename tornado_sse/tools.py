@@ -242,13 +242,14 @@ async def _post(url: str, body: bytes, token: str, timeout: float) -> HTTPRespon
         client.close()
 
 
-_REFUSALS = {
-    400: "the hub rejected the event",
-    401: f"unauthorized: the hub refused the token (check --token or ${TOKEN_ENV})",
-    403: "forbidden",
-    404: "not found: is this a tornado-sse hub?",
-    413: "the event is larger than the hub accepts",
-    503: "the hub cannot deliver right now",
+#: status -> (what happened, a hint shown instead of the server's message)
+_REFUSALS: dict[int, tuple[str, str | None]] = {
+    400: ("the hub rejected the event", None),
+    401: ("unauthorized", f"the hub refused the token; check --token or ${TOKEN_ENV}"),
+    403: ("forbidden", None),
+    404: ("not found", "is this the URL of a tornado-sse hub?"),
+    413: ("the event is larger than the hub accepts", None),
+    503: ("the hub cannot deliver right now", None),
 }
 
 
@@ -324,6 +325,6 @@ def publish_command(
             )
         click.echo(event_id)
         return
-    what = _REFUSALS.get(response.code, "unexpected answer")
-    detail = f": {message}" if message and response.code != 401 else ""
-    raise click.ClickException(f"{what} (HTTP {response.code}){detail}")
+    what, hint = _REFUSALS.get(response.code, ("unexpected answer", None))
+    detail = hint or message
+    raise click.ClickException(f"{what} (HTTP {response.code})" + (f": {detail}" if detail else ""))
