@@ -17,7 +17,7 @@ import tornado.web
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from tests.helpers import free_port, wait_until
-from tornado_sse import Event, EventStreamHandler, InProcessBroker, StreamParseError
+from tornado_sse import Event, EventStreamHandler, InProcessBroker, Metrics, StreamParseError
 from tornado_sse.client import EventSource
 from tornado_sse.errors import EventStreamError, InvalidEventError
 
@@ -422,3 +422,27 @@ async def test_request_timeout_reconnects(
         assert isinstance(source.last_error, HTTPTimeoutError)
         event_id = await broker.publish("a", "still here")
         assert [e.id for e in await take(source, 1)] == [event_id]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_stalled_consumer_is_cut_off_by_the_server_and_loses_nothing(
+    port: int, app: tornado.web.Application
+) -> None:
+    # The client's full buffer stops it reading; the server's slow-consumer bound then closes the
+    # stream; the client resumes from Last-Event-ID once the consumer catches up.
+    metrics = Metrics()
+    broker = InProcessBroker(history_size=50_000)
+    app.settings.update(sse_broker=broker, sse_max_buffer_size=64 * 1024, sse_metrics=metrics)
+    async with EventSource(f"http://127.0.0.1:{port}/events?channel=a", max_queue=4) as source:
+        await wait_until(lambda: source.connected)
+        payload = "x" * 2000
+        published: list[str] = []
+        while not metrics.slow_disconnects:
+            assert len(published) < 20_000, "no slow-consumer cut-off after 40 MB"
+            for _ in range(200):
+                published.append(await broker.publish("a", payload))
+            await asyncio.sleep(0.01)  # let the stream write, fill the socket and be cut off
+        assert source.pending <= 4
+        received = [event.id for event in await take(source, len(published))]
+        assert received == published
+        assert source.connections == 2
