@@ -148,3 +148,19 @@ async def test_routes_follow_base_url(sse_server: SSEServer, jp_base_url: str) -
     if jp_base_url != "/":
         outside = await sse_server.fetch("/sse/events?channel=news", headers=sse_server.auth)
         assert outside.code == 404
+
+
+def test_package_imports_little_until_linked() -> None:
+    """Jupyter imports every enabled extension package at start (and ``extension list`` imports
+    them all): ``tornado_sse.jupyter`` loads jupyter_server only when the extension is linked."""
+    script = (
+        "import sys, tornado_sse.jupyter as j\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in"
+        " ('jupyter_server', 'jupyter_events', 'traitlets')], sorted(sys.modules)\n"
+        "points = j._jupyter_server_extension_points()\n"
+        "assert 'jupyter_server' in sys.modules and points[0]['app'] is j.SSEExtensionApp\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
