@@ -11,7 +11,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "tornado_sse" / "__init_
 EXTRAS = {
     "metrics": ["prometheus_client>=0.17"],
     "redis": ["redis>=5"],
-    "jupyter": ["jupyter_server>=2.4", "jupyter_events>=0.6"],
+    "jupyter": ["jupyter_server>=2.13", "jupyter_events>=0.6"],
     "bench": [
         "matplotlib>=3.7",
         "psutil>=5.9",
