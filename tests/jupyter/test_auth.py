@@ -16,7 +16,7 @@ from tornado_sse.jupyter import JupyterEventStreamHandler, schema_channel
 CONTENTS_SCHEMA = "https://events.jupyter.org/jupyter_server/contents_service/v1"
 
 
-class DenyingAuthorizer(Authorizer):  # type: ignore[misc]
+class DenyingAuthorizer(Authorizer):
     """Allows everything but the ``action:resource`` pairs in ``deny``."""
 
     deny = List(Unicode()).tag(config=True)
@@ -31,7 +31,7 @@ def denying(*pairs: str, **server: Any) -> Any:
     return config
 
 
-class OpenHandler(JupyterHandler):  # type: ignore[misc]
+class OpenHandler(JupyterHandler):
     """An extension route with no auth rule: open when allow_unauthenticated_access is on."""
 
     def get(self) -> None:

@@ -25,7 +25,7 @@ from .handlers import EventsHandler, PublishHandler
 __all__ = ["SSEExtensionApp"]
 
 
-class SSEExtensionApp(ExtensionApp):  # type: ignore[misc]
+class SSEExtensionApp(ExtensionApp):
     """Server-Sent Events for Jupyter Server: configure it as ``c.SSEExtensionApp.<trait>``.
 
     Puts into the web application's settings: ``sse_broker`` (the shared broker, see
