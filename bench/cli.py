@@ -1,0 +1,146 @@
+"""``tornado-sse bench``: run the benchmark beside the peers and write the results.
+
+Examples::
+
+    tornado-sse bench --quick                       # about a minute
+    tornado-sse bench --out docs/benchmarks         # the full run behind docs/benchmarks.md
+    tornado-sse bench --scenario fanout --peers floor,tornado_sse
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import report
+from .harness import PEERS, SCENARIOS, Plan, Progress, cores, run_peers, steps
+
+
+def _peer_names(value: str | None) -> list[str]:
+    if not value:
+        return list(PEERS)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}"
+        )
+    return names
+
+
+def _command_line(
+    quick: bool,
+    scenarios: tuple[str, ...],
+    peers: str | None,
+    out: Path,
+    repeats: int | None,
+    streams: int | None,
+) -> str:
+    """The command that reproduces this run."""
+    argv = ["tornado-sse", "bench"]
+    if quick:
+        argv.append("--quick")
+    for name in scenarios:
+        argv += ["--scenario", name]
+    if peers:
+        argv += ["--peers", peers]
+    if repeats is not None:
+        argv += ["--repeats", str(repeats)]
+    if streams is not None:
+        argv += ["--streams", str(streams)]
+    argv += ["--out", str(out)]
+    return shlex.join(argv)
+
+
+@click.command(name="bench")
+@click.option("--quick", is_flag=True, help="Small sizes, one run each: about a minute.")
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    type=click.Choice(SCENARIOS),
+    help="Run only this scenario (repeatable). Default: all.",
+)
+@click.option(
+    "--peers",
+    default=None,
+    metavar="NAMES",
+    help=f"Comma-separated servers to compare. Default: all of {', '.join(PEERS)}.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Directory for results.json, results.md and the plots.",
+)
+@click.option("--repeats", type=int, default=None, help="Fan-out runs per size (median kept).")
+@click.option("--streams", type=int, default=None, help="Streams in the idle scenario.")
+def bench_command(
+    quick: bool,
+    scenarios: tuple[str, ...],
+    peers: str | None,
+    out: Path,
+    repeats: int | None,
+    streams: int | None,
+) -> None:
+    """Benchmark tornado_sse beside other SSE servers on this machine.
+
+    Each server runs in its own process pinned to one core, the load generator on the other;
+    events carry their publish time and a sequence number so every client checks latency,
+    loss, duplication and order. Writes JSON, a markdown table and plots (with matplotlib).
+    """
+    plan = Plan.quick() if quick else Plan()
+    if repeats is not None:
+        plan.fanout_repeats = max(1, repeats)
+    if streams is not None:
+        plan.idle_streams = max(1, streams)
+    chosen = [PEERS[name] for name in _peer_names(peers)]
+    wanted = [name for name in SCENARIOS if not scenarios or name in scenarios]
+    server_core, client_core = cores()
+    if server_core is None:
+        click.echo("warning: fewer than 2 cores; server and load generator share them", err=True)
+    total = steps(plan, wanted) * len(chosen)
+    started = time.monotonic()
+    with click.progressbar(
+        length=total,
+        label="bench",
+        show_eta=True,
+        item_show_func=lambda item: item,
+        file=sys.stderr,
+    ) as bar:
+        state: dict[str, Any] = {"label": None}
+
+        def advance(count: int) -> None:
+            bar.update(count, state["label"])
+
+        def describe(label: str) -> None:
+            state["label"] = label
+            bar.update(0, label)
+
+        results = asyncio.run(
+            run_peers(chosen, wanted, plan, Progress(advance=advance, describe=describe))
+        )
+    data = {
+        "command": _command_line(quick, scenarios, peers, out, repeats, streams),
+        "environment": report.environment(),
+        "placement": {
+            "server": sorted(server_core) if server_core else "any",
+            "clients": sorted(client_core) if client_core else "any",
+        },
+        "plan": asdict(plan),
+        "scenarios": wanted,
+        "elapsed_s": time.monotonic() - started,
+        "results": results,
+    }
+    written = report.write(data, out)
+    click.echo(report.markdown(data))
+    for path in written:
+        click.echo(f"wrote {path}", err=True)

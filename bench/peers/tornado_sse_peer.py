@@ -1,0 +1,54 @@
+"""tornado_sse in-process: `EventStreamHandler` and `InProcessBroker`, as a user would set it up.
+
+The route follows the channel ``bench``; the driver publishes through the broker in the
+server's own event loop. ``--option gc=freeze`` calls `gc.freeze()` once the server is up
+(see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+from collections.abc import Iterable
+
+import tornado.netutil
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from tornado_sse import ConnectionSet, EventStreamHandler, InProcessBroker
+
+from .common import Driver, options, parse_args, run
+
+
+class Events(EventStreamHandler):
+    def get_channels(self) -> Iterable[str]:
+        return ["bench"]
+
+
+async def main(args: argparse.Namespace) -> None:
+    broker = InProcessBroker(history_size=1000)
+    connections = ConnectionSet()
+    app = tornado.web.Application(
+        [(r"/events", Events)],
+        sse_broker=broker,
+        sse_connections=connections,
+        sse_heartbeat_interval=args.heartbeat,
+    )
+    server = HTTPServer(app)
+    server.add_sockets(tornado.netutil.bind_sockets(args.port, args.host, backlog=args.backlog))
+    await broker.start()
+
+    def publish(text: str) -> object:
+        return broker.publish("bench", text)
+
+    driver = Driver(publish, lambda: len(connections))
+    control = await driver.serve(args.host, args.control_port)
+    if options(args).get("gc") == "freeze":
+        gc.freeze()
+    async with control:
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    run(main, parse_args(__doc__ or ""))

@@ -1,0 +1,400 @@
+"""Results of a benchmark run as JSON, a markdown table and (with matplotlib) plots.
+
+Ratios are against the asyncio floor of the same run: on a shared machine the absolute figures
+move from run to run, the ratios much less.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["environment", "markdown", "plots", "write"]
+
+FLOOR = "floor"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _nginx_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"nginx": None, "nchan": None}
+    try:
+        out = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=5)
+        versions["nginx"] = out.stderr.strip().rpartition("/")[2] or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "libnginx-mod-nchan"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        versions["nchan"] = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return versions
+
+
+def environment() -> dict[str, Any]:
+    """The machine and the versions of everything compared."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = None
+    try:
+        with open("/proc/meminfo") as fh:
+            memory = int(fh.readline().split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    versions = {
+        dist: _version(dist)
+        for dist in (
+            "tornado-sse",
+            "tornado",
+            "uvloop",
+            "aiohttp",
+            "aiohttp-sse",
+            "sse-starlette",
+            "starlette",
+            "uvicorn",
+            "httptools",
+        )
+    }
+    versions.update(_nginx_versions())
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_mb": memory,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "versions": versions,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# ---------------------------------------------------------------------- markdown
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if digits == 0:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: Any, floor: Any) -> str:
+    if not value or not floor:
+        return ""
+    return f" ({value / floor:.2f}x)"
+
+
+def _ok(peer: dict[str, Any]) -> bool:
+    return peer.get("status") == "ok"
+
+
+def _fanout_table(results: dict[str, Any], sizes: Sequence[str]) -> list[str]:
+    floor = results.get(FLOOR, {}).get("fanout", {})
+    head = "| server | " + " | ".join(
+        f"{n} subs: deliveries/s | {n} subs: CPU us/delivery" for n in sizes
+    )
+    lines = [head + " |", "|---" * (1 + 2 * len(sizes)) + "|"]
+    for peer in results.values():
+        cells = [peer["label"]]
+        fanout = peer.get("fanout")
+        if not _ok(peer) and not fanout:
+            cells += [peer["status"]] + [""] * (2 * len(sizes) - 1)
+        else:
+            for size in sizes:
+                row = (fanout or {}).get(size)
+                base = floor.get(size) or {}
+                if not row or "error" in (fanout or {}):
+                    cells += [(fanout or {}).get("error", "-"), ""]
+                    continue
+                cells.append(
+                    _num(row.get("deliveries_per_s"))
+                    + _ratio(row.get("deliveries_per_s"), base.get("deliveries_per_s"))
+                )
+                cells.append(
+                    _num(row.get("cpu_us_per_delivery"), 2)
+                    + _ratio(row.get("cpu_us_per_delivery"), base.get("cpu_us_per_delivery"))
+                )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _latency_table(results: dict[str, Any]) -> list[str]:
+    floor = (results.get(FLOOR, {}).get("latency") or {}).get("latency_ms", {})
+    lines = [
+        "| server | p50 ms | p99 ms | max ms | CPU us/delivery | lost / dup / reordered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for peer in results.values():
+        row = peer.get("latency")
+        if not row or "error" in row:
+            reason = (row or {}).get("error") or peer["status"]
+            lines.append(f"| {peer['label']} | {reason} | | | | |")
+            continue
+        lat = row.get("latency_ms", {})
+        lines.append(
+            f"| {peer['label']} | {_num(lat.get('p50'), 2)} | "
+            f"{_num(lat.get('p99'), 2)}{_ratio(lat.get('p99'), floor.get('p99'))} | "
+            f"{_num(lat.get('max'), 2)} | {_num(row.get('cpu_us_per_delivery'), 2)} | "
+            f"{row['lost']} / {row['duplicated']} / {row['reordered']} |"
+        )
+    return lines
+
+
+def _idle_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| server | streams | connect all (s) | KB per stream | idle CPU % "
+        "| all released after (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for peer in results.values():
+        row = peer.get("idle")
+        if not row or "error" in row:
+            reason = (row or {}).get("error") or peer["status"]
+            lines.append(f"| {peer['label']} | {reason} | | | | |")
+            continue
+        released = row.get("release_seconds")
+        lines.append(
+            f"| {peer['label']} | {_num(row['streams'])} | {_num(row['connect_seconds'], 2)} | "
+            f"{_num(row['kb_per_stream'], 1)} | {_num(row['idle_cpu_percent'], 1)} | "
+            f"{_num(released, 2) if released is not None else 'not within 10 s / unknown'} |"
+        )
+    return lines
+
+
+def _churn_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| server | connects/s | connect p99 ms | steady p99 ms | CPU us/delivery | "
+        "lost / dup / reordered (steady + churning) | streams settled |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for peer in results.values():
+        row = peer.get("churn")
+        if not row or "error" in row:
+            reason = (row or {}).get("error") or peer["status"]
+            lines.append(f"| {peer['label']} | {reason} | | | | | |")
+            continue
+        steady, churners = row["steady"], row["churners"]
+        bad = [steady[k] + churners.get(k, 0) for k in ("lost", "duplicated", "reordered")]
+        settled = row.get("streams_settled_after_s")
+        lines.append(
+            f"| {peer['label']} | {_num(churners.get('connects_per_s'))} | "
+            f"{_num(churners.get('connect_p99_ms'), 1)} | "
+            f"{_num(steady.get('latency_ms', {}).get('p99'), 2)} | "
+            f"{_num(steady.get('cpu_us_per_delivery'), 2)} | "
+            f"{bad[0]} / {bad[1]} / {bad[2]} | "
+            f"{'yes' if settled is not None else 'unknown'} |"
+        )
+    return lines
+
+
+def integrity(results: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Lost, duplicated, reordered and dropped events (streams) per peer, all scenarios."""
+    out: dict[str, dict[str, int]] = {}
+    for name, peer in results.items():
+        totals = {"lost": 0, "duplicated": 0, "reordered": 0, "dropped": 0}
+        rows: list[dict[str, Any]] = []
+        fanout = peer.get("fanout") or {}
+        rows += [v for v in fanout.values() if isinstance(v, dict)]
+        if isinstance(peer.get("latency"), dict):
+            rows.append(peer["latency"])
+        churn = peer.get("churn")
+        if isinstance(churn, dict) and "steady" in churn:
+            rows += [churn["steady"], churn["churners"]]
+        for row in rows:
+            for key in totals:
+                totals[key] += int(row.get(key, 0) or 0)
+        out[name] = totals
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results as markdown: environment, command, one table per scenario."""
+    results: dict[str, Any] = data["results"]
+    env = data["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [
+        f"Command: `{data['command']}`  ",
+        f"Machine: {env['cpu']}, {env['cores']} cores, {env['memory_mb']} MB, Linux "
+        f"{env['kernel']}, {env['implementation']} {env['python']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}  ",
+        f"Versions: {versions}  ",
+        f"Placement: server on core(s) {data['placement']['server']}, load generator on "
+        f"{data['placement']['clients']}; {data['plan']['size']}-byte events; heartbeats every "
+        f"{data['plan']['heartbeat']} s; ratios in parentheses are against the asyncio floor of "
+        "this run.",
+        "",
+    ]
+    sizes = [str(n) for n in data["plan"]["fanout_subscribers"]]
+    if any("fanout" in p for p in results.values()):
+        lines += [
+            "### Fan-out throughput",
+            "",
+            "Events published as fast as the server's loop goes, one per loop iteration; "
+            f"median of {data['plan']['fanout_repeats']} run(s).",
+            "",
+            *_fanout_table(results, sizes),
+            "",
+        ]
+    if any("latency" in p for p in results.values()):
+        plan = data["plan"]
+        lines += [
+            "### Latency",
+            "",
+            f"{plan['latency_subscribers']} subscribers, {plan['latency_rate']:g} events/s for "
+            f"{plan['latency_duration']:g} s; publish to receive.",
+            "",
+            *_latency_table(results),
+            "",
+        ]
+    if any("idle" in p for p in results.values()):
+        lines += [
+            "### Idle streams",
+            "",
+            f"{data['plan']['idle_streams']} streams; memory is the server's RSS growth; idle "
+            f"CPU over {data['plan']['idle_window']:g} s with heartbeats on.",
+            "",
+            *_idle_table(results),
+            "",
+        ]
+    if any("churn" in p for p in results.values()):
+        plan = data["plan"]
+        lines += [
+            "### Churn",
+            "",
+            f"{plan['churn_steady']} steady subscribers, {plan['churn_clients']} clients "
+            f"connecting and leaving (each stays {plan['churn_life'][0]:g}-"
+            f"{plan['churn_life'][1]:g} s) for {plan['churn_duration']:g} s while "
+            f"{plan['churn_rate']:g} events/s flow.",
+            "",
+            *_churn_table(results),
+            "",
+        ]
+    lines += [
+        "### Integrity (all scenarios)",
+        "",
+        "| server | lost | duplicated | reordered | streams dropped by the server |",
+        "|---|---|---|---|---|",
+    ]
+    for name, totals in integrity(results).items():
+        lines.append(
+            f"| {results[name]['label']} | {totals['lost']} | {totals['duplicated']} | "
+            f"{totals['reordered']} | {totals['dropped']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def plots(data: dict[str, Any], out: Path) -> list[Path]:
+    """Write PNG plots into *out*; nothing (an empty list) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    results = {k: v for k, v in data["results"].items() if v.get("fanout") or v.get("idle")}
+    written: list[Path] = []
+    labels = {name: peer["label"].split(" (")[0] for name, peer in results.items()}
+
+    sizes = [str(n) for n in data["plan"]["fanout_subscribers"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, peer in results.items():
+        fanout = peer.get("fanout") or {}
+        xs = [int(s) for s in sizes if isinstance(fanout.get(s), dict)]
+        if not xs:
+            continue
+        rate = [fanout[str(x)]["deliveries_per_s"] or 0 for x in xs]
+        cpu = [fanout[str(x)]["cpu_us_per_delivery"] or 0 for x in xs]
+        left.plot(xs, rate, marker="o", label=labels[name])
+        right.plot(xs, cpu, marker="o", label=labels[name])
+    for axis, title in ((left, "deliveries/s"), (right, "server CPU us per delivery")):
+        axis.set_xscale("log")
+        axis.set_xlabel("subscribers")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "fanout.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    names = [
+        n
+        for n, p in results.items()
+        if isinstance(p.get("latency"), dict) and "latency_ms" in p["latency"]
+    ]
+    if names:
+        fig, axis = plt.subplots(figsize=(8, 3.5))
+        p50 = [results[n]["latency"]["latency_ms"]["p50"] for n in names]
+        p99 = [results[n]["latency"]["latency_ms"]["p99"] for n in names]
+        xs = range(len(names))
+        axis.bar([x - 0.2 for x in xs], p50, width=0.4, label="p50")
+        axis.bar([x + 0.2 for x in xs], p99, width=0.4, label="p99")
+        axis.set_xticks(list(xs), [labels[n] for n in names], rotation=20, ha="right", fontsize=8)
+        axis.set_ylabel("ms")
+        axis.set_title("publish-to-receive latency")
+        axis.legend()
+        fig.tight_layout()
+        path = out / "latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    names = [
+        n
+        for n, p in results.items()
+        if isinstance(p.get("idle"), dict) and p["idle"].get("kb_per_stream") is not None
+    ]
+    if names:
+        fig, axis = plt.subplots(figsize=(8, 3.5))
+        axis.bar(range(len(names)), [results[n]["idle"]["kb_per_stream"] for n in names])
+        axis.set_xticks(
+            range(len(names)), [labels[n] for n in names], rotation=20, ha="right", fontsize=8
+        )
+        axis.set_ylabel("KB")
+        axis.set_title(f"server memory per idle stream ({data['plan']['idle_streams']} streams)")
+        fig.tight_layout()
+        path = out / "memory.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(data: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and the plots into *out*; the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md_path = out / "results.md"
+    md_path.write_text(markdown(data))
+    return [json_path, md_path, *plots(data, out)]
