@@ -1,0 +1,248 @@
+// The chat page. Plain JavaScript, no build step, no dependencies.
+//
+// Rules this file keeps:
+// * user text is only ever put in the page with textContent (never innerHTML);
+// * the page does no de-duplication of its own: EventSource resumes with Last-Event-ID and the
+//   server sends each missed event exactly once; each message keeps its event id (data-id) and
+//   the number of the connection that delivered it (data-conn) so that this can be checked.
+'use strict';
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const xsrf = document.querySelector('meta[name="xsrf-token"]').content;
+  const maxMessage = Number(document.querySelector('meta[name="max-message"]').content) || 500;
+  const NICK_KEY = 'tornado-sse-demo-nick';
+
+  let session = null; // {room, nick, client, es, opens}
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function setStatus(state, text) {
+    $('status').dataset.state = state;
+    $('status-text').textContent = text;
+  }
+
+  function hue(name) {
+    let h = 0;
+    for (const ch of name) h = (h * 31 + ch.codePointAt(0)) % 360;
+    return String(h);
+  }
+
+  function clock(ts) {
+    const date = typeof ts === 'number' ? new Date(ts * 1000) : new Date();
+    return date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  }
+
+  async function api(method, url, params) {
+    const init = { method, headers: { 'X-XSRFToken': xsrf }, credentials: 'same-origin' };
+    if (params) init.body = new URLSearchParams(params);
+    let response;
+    try {
+      response = await fetch(url, init);
+    } catch (err) {
+      return { ok: false, error: 'The server cannot be reached.' };
+    }
+    let body = {};
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = {};
+    }
+    if (!response.ok) {
+      return { ok: false, status: response.status, error: body.error || `HTTP ${response.status}` };
+    }
+    return { ok: true, body };
+  }
+
+  // ------------------------------------------------------------------ the log
+
+  function append(node) {
+    const log = $('log');
+    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+    log.append(node);
+    if (atBottom) log.scrollTop = log.scrollHeight;
+  }
+
+  function addMessage(msg, id) {
+    const item = el('li', 'msg');
+    item.dataset.id = id;
+    item.dataset.conn = String(session.opens);
+    if (msg.nick === session.nick) item.classList.add('mine');
+    const nick = el('span', 'nick', msg.nick);
+    nick.style.setProperty('--hue', hue(String(msg.nick)));
+    item.append(el('time', 'time', clock(msg.ts)), nick, el('span', 'text', msg.text));
+    append(item);
+  }
+
+  function addNotice(text, id, kind) {
+    const item = el('li', `notice ${kind || ''}`.trim(), text);
+    if (id) item.dataset.id = id;
+    item.dataset.conn = String(session.opens);
+    append(item);
+  }
+
+  function renderMembers(members) {
+    const list = $('members');
+    list.replaceChildren(
+      ...members.map((name) => {
+        const item = el('li', name === session.nick ? 'me' : '', name);
+        item.style.setProperty('--hue', hue(name));
+        return item;
+      }),
+    );
+    $('member-count').textContent = String(members.length);
+  }
+
+  // ------------------------------------------------------------------ entering and leaving
+
+  function listen(url) {
+    const es = new EventSource(url);
+    session.es = es;
+    es.addEventListener('open', () => {
+      if (session.es !== es) return;
+      session.opens += 1;
+      if (session.opens === 1) setStatus('connected', 'connected');
+      else setStatus('resumed', 'resumed: missed messages delivered');
+    });
+    es.addEventListener('error', () => {
+      if (session.es !== es) return;
+      if (es.readyState === EventSource.CLOSED) {
+        setStatus('offline', 'disconnected: reload the page to retry');
+      } else {
+        setStatus('reconnecting', 'reconnecting…');
+      }
+    });
+    es.addEventListener('message', (e) => addMessage(JSON.parse(e.data), e.lastEventId));
+    es.addEventListener('join', (e) => {
+      addNotice(`${JSON.parse(e.data).nick} joined`, e.lastEventId, 'join');
+    });
+    es.addEventListener('leave', (e) => {
+      addNotice(`${JSON.parse(e.data).nick} left`, e.lastEventId, 'leave');
+    });
+    es.addEventListener('presence', (e) => renderMembers(JSON.parse(e.data).members));
+    es.addEventListener('stream-reset', (e) => {
+      addNotice('Some earlier messages are no longer available.', e.lastEventId, 'warning');
+    });
+    es.addEventListener('shutdown', () => {
+      addNotice('The server is restarting; reconnecting…', '', 'warning');
+    });
+  }
+
+  function enter(info) {
+    leave();
+    session = { room: info.room, nick: info.nick, client: info.client, es: null, opens: 0 };
+    $('lobby').hidden = true;
+    $('chat').hidden = false;
+    $('room-title').textContent = `#${info.room}`;
+    $('me').textContent = info.nick;
+    $('log').replaceChildren();
+    $('send-error').textContent = '';
+    renderMembers(info.members);
+    updateCounter();
+    window.history.replaceState(null, '', `?room=${encodeURIComponent(info.room)}`);
+    document.title = `#${info.room} · tornado_sse chat`;
+    setStatus('connecting', 'connecting…');
+    listen(info.events);
+    $('text').focus();
+  }
+
+  function leave() {
+    if (session && session.es) session.es.close();
+    session = null;
+    $('chat').hidden = true;
+    $('lobby').hidden = false;
+    setStatus('idle', 'not connected');
+  }
+
+  $('join-form').addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const nick = $('nick').value.trim();
+    const room = $('room').value.trim().toLowerCase();
+    if (!room) {
+      $('join-error').textContent = 'Choose a room.';
+      return;
+    }
+    $('join').disabled = true;
+    const result = await api(
+      'GET',
+      `/api/rooms/${encodeURIComponent(room)}?nick=${encodeURIComponent(nick)}`,
+    );
+    $('join').disabled = false;
+    if (!result.ok) {
+      $('join-error').textContent = result.error;
+      return;
+    }
+    $('join-error').textContent = '';
+    try {
+      window.localStorage.setItem(NICK_KEY, result.body.nick);
+    } catch (err) {
+      // storage may be disabled; the nickname is then asked again next time
+    }
+    enter(result.body);
+  });
+
+  $('leave').addEventListener('click', () => {
+    leave();
+    $('nick').focus();
+  });
+
+  $('drop').addEventListener('click', async () => {
+    if (!session) return;
+    const result = await api('POST', `/api/rooms/${encodeURIComponent(session.room)}/drop`, {
+      client: session.client,
+    });
+    if (!result.ok) $('send-error').textContent = result.error;
+  });
+
+  // ------------------------------------------------------------------ sending
+
+  function updateCounter() {
+    const length = [...$('text').value].length;
+    const counter = $('counter');
+    counter.textContent = `${length}/${maxMessage}`;
+    counter.classList.toggle('over', length > maxMessage);
+  }
+
+  $('text').addEventListener('input', updateCounter);
+  $('text').addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $('send-form').requestSubmit();
+    }
+  });
+
+  $('send-form').addEventListener('submit', async (event) => {
+    event.preventDefault();
+    if (!session) return;
+    const text = $('text').value;
+    if (!text.trim()) return;
+    $('send').disabled = true;
+    const result = await api('POST', `/api/rooms/${encodeURIComponent(session.room)}/messages`, {
+      nick: session.nick,
+      text,
+    });
+    $('send').disabled = false;
+    if (!result.ok) {
+      $('send-error').textContent = result.error;
+      return;
+    }
+    $('send-error').textContent = '';
+    $('text').value = '';
+    updateCounter();
+    $('text').focus();
+  });
+
+  // ------------------------------------------------------------------ start
+
+  try {
+    $('nick').value = window.localStorage.getItem(NICK_KEY) || '';
+  } catch (err) {
+    $('nick').value = '';
+  }
+  (($('nick').value ? $('room') : $('nick'))).focus();
+})();
