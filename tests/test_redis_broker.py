@@ -256,3 +256,19 @@ def test_import_tornado_sse_does_not_import_redis() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resp3_connection(redis_url: str, redis_prefix: str) -> None:
+    broker = RedisBroker(redis_url + "?protocol=3", key_prefix=redis_prefix)
+    try:
+        await broker.start()
+        first = await broker.publish("a", "1")
+        await broker.publish("b", "2")
+        sub, got = await subscribe(broker, ["a", "b"], first)
+        assert got.data == ["2"]
+        await broker.publish("a", "3")
+        await wait_until(lambda: got.data == ["2", "3"], TIMEOUT)
+        sub.close()
+    finally:
+        await broker.close()

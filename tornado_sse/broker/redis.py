@@ -74,7 +74,7 @@ from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailableError, HistoryGapError
 from ..protocol import Event, encode_event
-from .base import Broker, Frame
+from .base import Broker, Frame, Subscription
 
 __all__ = ["RedisBroker"]
 
@@ -236,7 +236,7 @@ class RedisBroker(Broker):
         self.address = _redacted(url)
         #: times Redis became unreachable for this broker
         self.outages = 0
-        #: ``stream-reset`` events delivered to local subscribers because continuity was lost
+        #: ``stream-reset`` events sent to live subscriptions because continuity was lost
         self.live_resets = 0
 
         self._url = url
@@ -290,10 +290,13 @@ class RedisBroker(Broker):
 
     async def _close(self) -> None:
         reader = self._reader
-        if reader is not None:
+        # Cancel until it ends: on Python 3.11 a cancellation that lands while redis-py is
+        # inside asyncio.wait_for (sending a command) can be swallowed.
+        while reader is not None and not reader.done():
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            await asyncio.wait([reader], timeout=0.1)
+        if reader is not None and not reader.cancelled() and reader.exception() is not None:
+            log.error("redis reader ended with an error", exc_info=reader.exception())
         self._healthy = False
         try:
             await asyncio.wait_for(self._redis.delete(self._wake_key), self.timeout)
@@ -522,10 +525,10 @@ class RedisBroker(Broker):
             len(self._positions),
         )
         self._horizon = last
-        for channel in list(self._positions):
+        for channel in self._positions:
             self._positions[channel] = last
-            self.live_resets += 1
-            self._deliver(_reset_frame(channel, last, "broker"))
+        for _, frame, targets in self._resets(dict.fromkeys(self._positions, last), "broker"):
+            self._deliver_to(targets or [], frame)
 
     async def _round(self, client: Client) -> None:
         """One ``XREAD``: deliver what it returns, in id order, exactly once."""
@@ -540,6 +543,8 @@ class RedisBroker(Broker):
         )
         if not response:
             return
+        if isinstance(response, dict):  # RESP3 (``?protocol=3`` in the URL): {stream: [entries]}
+            response = [(stream, value[0] if value else []) for stream, value in response.items()]
         cutoff: Key | None = None
         newest: Key | None = None
         batches: list[tuple[str, list[tuple[Key, bytes, dict[bytes, bytes]]]]] = []
@@ -569,7 +574,8 @@ class RedisBroker(Broker):
         if join_floor is not None and (cutoff is None or join_floor < cutoff):
             cutoff = join_floor
         horizon = self._horizon or _ZERO
-        out: list[tuple[Key, Frame]] = []
+        out: list[tuple[Key, Frame, list[Subscription] | None]] = []
+        trimmed: dict[str, Key] = {}
         for channel, parsed in batches:
             position = snapshot[channel]
             last_read: Key | None = None
@@ -580,11 +586,8 @@ class RedisBroker(Broker):
                     before = _parse(fields.get(b"p") or b"0-0") or _ZERO
                     if before > position:
                         # Entries after our position were trimmed before we read them.
-                        reset_at = max(before, horizon)
-                        self.live_resets += 1
-                        out.append((reset_at, _reset_frame(channel, reset_at, "history")))
-                        log.warning("redis reader fell behind on channel %r: stream-reset", channel)
-                out.append((key, self._frame(channel, entry_id, fields)))
+                        trimmed[channel] = max(before, horizon)
+                out.append((key, self._frame(channel, entry_id, fields), None))
                 last_read = key
             if last_read is not None:
                 self._positions[channel] = max(self._positions.get(channel, last_read), last_read)
@@ -592,9 +595,45 @@ class RedisBroker(Broker):
             reached = newest if cutoff is None or newest < cutoff else cutoff
             if reached > horizon:
                 self._horizon = reached
+        if trimmed:
+            log.warning(
+                "redis reader fell behind on %d channels: entries were trimmed before it read "
+                "them; sending stream-reset",
+                len(trimmed),
+            )
+            out.extend(self._resets(trimmed, "history"))
         if not out:
             return
         out.sort(key=lambda item: item[0])
         deliver = self._deliver
-        for _, frame in out:
-            deliver(frame)
+        for _, frame, targets in out:
+            if targets is None:
+                deliver(frame)
+            else:
+                self._deliver_to(targets, frame)
+
+    def _resets(
+        self, channels: dict[str, Key], reason: str
+    ) -> list[tuple[Key, Frame, list[Subscription] | None]]:
+        """One ``stream-reset`` per local subscription of *channels* (``channel -> reset id``),
+        at the latest reset id among its channels, so a subscriber of several is told once."""
+        at: dict[Subscription, Key] = {}
+        for channel, key in channels.items():
+            for sub in self._subscriptions.get(channel, ()):
+                if sub not in at or key > at[sub]:
+                    at[sub] = key
+        groups: dict[Key, list[Subscription]] = {}
+        for sub, key in at.items():
+            groups.setdefault(key, []).append(sub)
+        self.live_resets += len(at)
+        channel = next(iter(channels), "")
+        return [(key, _reset_frame(channel, key, reason), subs) for key, subs in groups.items()]
+
+    def _deliver_to(self, subscriptions: list[Subscription], frame: Frame) -> None:
+        """`Broker._deliver` for chosen subscriptions (a reset goes to each subscriber once)."""
+        for sub in subscriptions:
+            if sub._pending is None:
+                if not sub.closed:
+                    sub.subscriber.deliver(frame)
+            else:
+                sub._pending.append(frame)
