@@ -7,6 +7,7 @@ Endpoints (all JSON errors carry ``{"error": message}``, shown as is by the page
 ``GET /api/rooms/<room>/events``   the room's event stream (`RoomStream`, an EventStreamHandler)
 ``POST /api/rooms/<room>/messages`` send a message (``nick``, ``text``; XSRF-protected)
 ``POST /api/rooms/<room>/drop``    close the stream of ``client`` from the server side
+``POST /api/rooms/<room>/leave``   the page of ``client`` left: close its stream, absent at once
 ``GET /healthz``                   ``ok`` while the broker is healthy
 
 Production choices made visible: Tornado's ``xsrf_cookies`` on every POST; a strict Content
@@ -177,15 +178,24 @@ class DropHandler(ChatHandler):
     page reconnects by itself and resumes from its last event id. Answers 202.
     """
 
+    leave = False
+
     async def post(self, room_name: str) -> None:
         name = validate_room(room_name)
         client = validate_client(self.get_body_argument("client", None))
         wait = self.chat.address_limiter.take("drop:" + (self.request.remote_ip or ""))
         if wait > 0:
-            raise ChatError(429, "Too many drops: wait a moment.", retry_after=wait)
+            raise ChatError(429, "Too many requests: wait a moment.", retry_after=wait)
         room = await self.chat.room(name)
-        room.drop(client)
-        self.reply(202, {"dropping": client})
+        room.drop(client, leave=self.leave)
+        self.reply(202, {"client": client})
+
+
+class LeaveHandler(DropHandler):
+    """``POST /api/rooms/<room>/leave`` with ``client``: the page left (its Leave button, or the
+    tab closing); its stream is closed and its nickname is absent at once, with no grace."""
+
+    leave = True
 
 
 class RoomStream(EventStreamHandler):
@@ -198,6 +208,7 @@ class RoomStream(EventStreamHandler):
 
     nick = ""
     client = ""
+    leaving = False
     room: Room | None = None
     _attached = False
 
@@ -271,6 +282,7 @@ def make_app(
             (r"/api/rooms/([^/]+)/events", RoomStream),
             (r"/api/rooms/([^/]+)/messages", MessagesHandler),
             (r"/api/rooms/([^/]+)/drop", DropHandler),
+            (r"/api/rooms/([^/]+)/leave", LeaveHandler),
         ],
         **options,
     )

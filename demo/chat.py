@@ -213,6 +213,8 @@ class Stream(Protocol):
 
     nick: str
     client: str
+    #: set before closing a stream whose page left: its nickname does not linger
+    leaving: bool
 
     def send_event(self, data: str = "", *, event: str | None = None) -> None: ...
 
@@ -241,6 +243,7 @@ class Room:
         self.last_used = _now()
         self._live: Counter[str] = Counter()
         self._lingering: dict[str, asyncio.TimerHandle] = {}
+        self._lingering_clients: dict[str, str] = {}
         self._announced: frozenset[str] = frozenset()
         self._leases: dict[str, tuple[frozenset[str], float]] = {}
         self._recent: deque[str] = deque(maxlen=chat.config.history + 1)
@@ -273,6 +276,7 @@ class Room:
         for handle in self._lingering.values():
             handle.cancel()
         self._lingering.clear()
+        self._lingering_clients.clear()
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
@@ -322,17 +326,33 @@ class Room:
             return
         del self._live[nick]
         grace = self.chat.config.presence_grace
-        if grace > 0:
+        if grace > 0 and not stream.leaving:
             loop = asyncio.get_running_loop()
             old = self._lingering.pop(nick, None)
             if old is not None:
                 old.cancel()
             self._lingering[nick] = loop.call_later(grace, self._linger_over, nick)
+            self._lingering_clients[stream.client] = nick
+            if len(self._lingering_clients) > 4 * len(self._lingering) + 100:
+                self._lingering_clients = {
+                    c: n for c, n in self._lingering_clients.items() if n in self._lingering
+                }
         self._local_changed()
 
     def _linger_over(self, nick: str) -> None:
-        self._lingering.pop(nick, None)
+        handle = self._lingering.pop(nick, None)
+        if handle is not None:
+            handle.cancel()
         self._local_changed()
+
+    def _leave(self, client: str) -> None:
+        """The page of *client* left: close its stream here, with no grace period."""
+        for stream in [s for s in self.streams if s.client == client]:
+            stream.leaving = True
+            stream.close()
+        nick = self._lingering_clients.pop(client, None)
+        if nick is not None and nick in self._lingering:
+            self._linger_over(nick)
 
     def local_nicks(self) -> frozenset[str]:
         """Nicknames this process holds in the room (live or lingering)."""
@@ -358,9 +378,14 @@ class Room:
             "here",
         )
 
-    def drop(self, client: str) -> None:
-        """Ask every process to close the streams of *client* (the page's network drop)."""
-        self.chat.enqueue(self.presence_channel, {"client": client}, "drop")
+    def drop(self, client: str, *, leave: bool = False) -> None:
+        """Ask every process to close the streams of *client*.
+
+        A drop (the page's "simulate network drop") keeps the nickname present for the grace
+        period, as any lost connection does; a *leave* (the page's Leave button, or the tab
+        closing) ends its presence at once.
+        """
+        self.chat.enqueue(self.presence_channel, {"client": client, "leave": leave}, "drop")
 
     # ------------------------------------------------------------ broker events
 
@@ -386,8 +411,13 @@ class Room:
         proc = payload.get("proc")
         if name == "drop":
             client = payload.get("client")
-            for stream in [s for s in self.streams if s.client == client]:
-                stream.close()
+            if not isinstance(client, str):
+                return
+            if payload.get("leave") is True:
+                self._leave(client)
+            else:
+                for stream in [s for s in self.streams if s.client == client]:
+                    stream.close()
         elif name == "sync" and isinstance(proc, str) and proc != self.chat.proc:
             self.publish_here()
         elif name == "here" and isinstance(proc, str):

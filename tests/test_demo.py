@@ -285,6 +285,30 @@ async def test_presence_join_and_leave(port: int, app: tornado.web.Application) 
     alice.close()
 
 
+@pytest.mark.gen_test(timeout=10)
+@pytest.mark.parametrize("config", [replace(BASE, presence_grace=60)], indirect=True)
+@pytest.mark.parametrize("closed_first", [False, True])
+async def test_leave_is_announced_at_once_despite_the_grace_period(
+    port: int, config: ChatConfig, closed_first: bool
+) -> None:
+    client = Client(port)
+    await client.load_page()
+    _, alice = await client.enter("leaving", "alice")
+    info, bob = await client.enter("leaving", "bob")
+    await alice.read_until(lambda s: members(s) == ["alice", "bob"])
+    if closed_first:
+        # The page closed its EventSource before its leave request arrived.
+        bob.close()
+    code, _, _ = await client.post("/api/rooms/leaving/leave", client=info["client"])
+    assert code == 202
+    await alice.read_until(has_notice("leave", "bob"), timeout=5)
+    assert members(alice) == ["alice"]
+    if not closed_first:
+        await bob.read_to_end()
+        bob.close()
+    alice.close()
+
+
 @pytest.mark.gen_test(timeout=15)
 async def test_presence_history_and_drop_across_two_processes(
     port: int, app: tornado.web.Application, broker: InProcessBroker

@@ -38,8 +38,9 @@
     return date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
-  async function api(method, url, params) {
+  async function api(method, url, params, keepalive) {
     const init = { method, headers: { 'X-XSRFToken': xsrf }, credentials: 'same-origin' };
+    if (keepalive) init.keepalive = true;
     if (params) init.body = new URLSearchParams(params);
     let response;
     try {
@@ -152,7 +153,14 @@
   }
 
   function leave() {
-    if (session && session.es) session.es.close();
+    if (session && session.es) {
+      // Tell the server at once (the request outlives the page), so the others see us leave
+      // now; a connection that is merely lost keeps us present for a grace period instead.
+      api('POST', `/api/rooms/${encodeURIComponent(session.room)}/leave`, {
+        client: session.client,
+      }, true);
+      session.es.close();
+    }
     session = null;
     $('chat').hidden = true;
     $('lobby').hidden = false;
@@ -235,6 +243,10 @@
     $('text').value = '';
     updateCounter();
     $('text').focus();
+  });
+
+  window.addEventListener('pagehide', () => {
+    if (session) leave();
   });
 
   // ------------------------------------------------------------------ start

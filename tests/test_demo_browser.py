@@ -1,0 +1,306 @@
+"""The chat demo in real Chromium (Debian's, driven by playwright), against `tornado-sse demo`.
+
+The demo runs as the real command in a subprocess; each test drives its own browser on its own
+asyncio loop (playwright's async API needs one), with every wait bounded. Set
+``DEMO_SCREENSHOT=docs/demo.png`` to refresh the README's screenshot from this run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+#: milliseconds; every playwright wait is bounded by this
+WAIT = 10_000
+#: the demo's reconnection delay (ms): long enough that messages sent meanwhile are surely missed
+RETRY = 2000
+
+
+def _playwright_available() -> bool:
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def demo_url() -> Iterator[str]:
+    """``tornado-sse demo`` in a subprocess; its base URL."""
+    require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
+    require(_playwright_available(), "the playwright package is missing (pip install playwright)")
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    command = [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", str(port)]
+    command += ["--presence-grace", str(2.5 * RETRY / 1000), "--retry", str(RETRY)]
+    process = subprocess.Popen(command, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, "the demo exited at start:\n" + _read(log)
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the demo did not start:\n" + _read(log)
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        log.close()
+
+
+def _read(log: Any) -> str:
+    log.seek(0)
+    return str(log.read().decode(errors="replace"))[-3000:]
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+class Tab:
+    """One browser context (its own cookies) showing the chat page."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    @classmethod
+    async def open(cls, browser: Any, url: str, **context: Any) -> Tab:
+        ctx = await browser.new_context(viewport={"width": 1000, "height": 640}, **context)
+        ctx.set_default_timeout(WAIT)
+        page = await ctx.new_page()
+        tab = cls(page)
+        await page.goto(url + "/")
+        return tab
+
+    async def join(self, nick: str, room: str) -> None:
+        from playwright.async_api import expect
+
+        await self.page.fill("#nick", nick)
+        await self.page.fill("#room", room)
+        await self.page.click("#join")
+        await expect(self.status).to_have_attribute("data-state", "connected", timeout=WAIT)
+
+    @property
+    def status(self) -> Any:
+        return self.page.locator("#status")
+
+    async def send(self, text: str) -> str:
+        """Type *text* and press Enter; wait for the answer; return the error shown, if any."""
+        await self.page.fill("#text", text)
+        await self.page.press("#text", "Enter")
+        await self.page.wait_for_function(
+            "() => !document.getElementById('send').disabled", timeout=WAIT
+        )
+        return str(await self.page.text_content("#send-error") or "")
+
+    async def say(self, text: str) -> None:
+        """Send *text* and wait until this page shows it (it comes back through the stream)."""
+        assert await self.send(text) == ""
+        await self.wait_texts(text, 1)
+
+    async def wait_texts(self, text: str, count: int) -> None:
+        await self.page.wait_for_function(
+            """([text, count]) => [...document.querySelectorAll('#log .msg .text')]
+                   .filter((n) => n.textContent === text).length >= count""",
+            arg=[text, count],
+            timeout=WAIT,
+        )
+
+    async def texts(self) -> list[str]:
+        return list(await self.page.locator("#log .msg .text").all_text_contents())
+
+    async def members(self) -> list[str]:
+        return list(await self.page.locator("#members li").all_text_contents())
+
+    async def wait_members(self, names: list[str]) -> None:
+        await self.page.wait_for_function(
+            """(names) => JSON.stringify([...document.querySelectorAll('#members li')]
+                   .map((n) => n.textContent)) === JSON.stringify(names)""",
+            arg=names,
+            timeout=WAIT,
+        )
+
+    async def notices(self) -> list[str]:
+        return list(await self.page.locator("#log .notice").all_text_contents())
+
+
+def run(scenario: Any) -> None:
+    asyncio.run(asyncio.wait_for(scenario, 50))
+
+
+def test_two_tabs_chat_with_presence(demo_url: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with chromium() as browser:
+            alice = await Tab.open(browser, demo_url)
+            bob = await Tab.open(browser, demo_url)
+            await alice.join("alice", "tea-room")
+            await alice.wait_members(["alice"])
+            await bob.join("bob", "tea-room")
+            for tab in (alice, bob):
+                await tab.wait_members(["alice", "bob"])
+            await alice.say("Hi Bob! Is the new build out?")
+            await bob.wait_texts("Hi Bob! Is the new build out?", 1)
+            await bob.say("Yes, deployed five minutes ago.")
+            await alice.wait_texts("Yes, deployed five minutes ago.", 1)
+            await alice.say("Great: the dashboard now updates live, no polling.")
+            await bob.wait_texts("Great: the dashboard now updates live, no polling.", 1)
+            # bob's view began with the room's history: alice's arrival is in it
+            assert await bob.notices() == ["alice joined", "bob joined"]
+            assert await alice.notices() == ["alice joined", "bob joined"]
+            await bob.page.locator("#text").fill("Server-Sent Events, resumable")
+            shot = tmp_path / "demo.png"
+            await bob.page.screenshot(path=str(shot))
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            target = os.environ.get("DEMO_SCREENSHOT")
+            if target:
+                shutil.copyfile(shot, target)
+            await bob.page.click("#leave")
+            await alice.wait_members(["alice"])
+            await alice.page.wait_for_function(
+                "() => [...document.querySelectorAll('#log .notice')]"
+                ".some((n) => n.textContent === 'bob left')",
+                timeout=WAIT,
+            )
+            assert alice.errors == [] and bob.errors == []
+
+    run(scenario())
+
+
+def test_html_in_a_message_is_shown_as_text(demo_url: str) -> None:
+    payload = (
+        '<img src=x onerror="window.__pwned=1"><b>bold</b>'
+        "<script>window.__pwned=2</script>&amp; <i>done</i>"
+    )
+
+    async def scenario() -> None:
+        async with chromium() as browser:
+            alice = await Tab.open(browser, demo_url)
+            bob = await Tab.open(browser, demo_url)
+            await alice.join("alice", "html")
+            await bob.join("bob", "html")
+            await alice.say(payload)
+            await bob.wait_texts(payload, 1)
+            for tab in (alice, bob):
+                log = tab.page.locator("#log")
+                assert await log.locator("img, b, i, script").count() == 0
+                assert await tab.page.evaluate("() => window.__pwned") is None
+            error = await alice.send("x" * 501)
+            assert "at most 500 characters" in error
+            assert await alice.page.input_value("#text") == "x" * 501
+            assert await alice.page.text_content("#counter") == "501/500"
+            third = await Tab.open(browser, demo_url)
+            await third.page.fill("#nick", "<b>eve</b>")
+            await third.page.fill("#room", "html")
+            await third.page.click("#join")
+            await third.page.wait_for_function(
+                "() => document.getElementById('join-error').textContent !== ''", timeout=WAIT
+            )
+            assert "letters, digits" in str(await third.page.text_content("#join-error"))
+            assert await third.page.is_hidden("#chat")
+
+    run(scenario())
+
+
+def test_server_side_drop_resumes_with_each_missed_message_once(demo_url: str) -> None:
+    missed = [f"sent while bob was away #{i}" for i in range(3)]
+
+    async def scenario() -> None:
+        from playwright.async_api import expect
+
+        async with chromium() as browser:
+            alice = await Tab.open(browser, demo_url)
+            bob = await Tab.open(browser, demo_url)
+            await alice.join("alice", "drops")
+            await bob.join("bob", "drops")
+            await bob.wait_members(["alice", "bob"])
+            await alice.say("before the drop")
+            await bob.wait_texts("before the drop", 1)
+            await bob.page.click("#drop")
+            await expect(bob.status).to_have_attribute("data-state", "reconnecting", timeout=WAIT)
+            for text in missed:
+                await alice.say(text)
+            # still away: these were published while bob had no stream
+            assert await bob.status.get_attribute("data-state") == "reconnecting"
+            await expect(bob.status).to_have_attribute("data-state", "resumed", timeout=WAIT)
+            await bob.wait_texts(missed[-1], 1)
+            await alice.say("after the resume")
+            await bob.wait_texts("after the resume", 1)
+            texts = await bob.texts()
+            assert texts == ["before the drop", *missed, "after the resume"]
+            items = bob.page.locator("#log .msg")
+            ids = [await items.nth(i).get_attribute("data-id") for i in range(len(texts))]
+            conns = [await items.nth(i).get_attribute("data-conn") for i in range(len(texts))]
+            assert len(set(ids)) == len(ids)
+            assert conns == ["1", "2", "2", "2", "2"]
+            # the grace period hid the drop from the others
+            assert await alice.notices() == ["alice joined", "bob joined"]
+            assert await alice.members() == ["alice", "bob"]
+
+    run(scenario())
+
+
+def test_rate_limit_message_is_shown(demo_url: str) -> None:
+    async def scenario() -> None:
+        async with chromium() as browser:
+            alice = await Tab.open(browser, demo_url)
+            await alice.join("speedy", "limits")
+            error = ""
+            for i in range(12):
+                error = await alice.send(f"message {i}")
+                if error:
+                    break
+            assert error.startswith("Slow down: 5 messages at once, then 1 per second.")
+            assert "Try again in" in error
+            assert await alice.page.is_visible("#send-error")
+            # the refused message stays in the box, to be sent again
+            assert (await alice.page.input_value("#text")).startswith("message ")
+
+    run(scenario())
