@@ -607,10 +607,15 @@ class RedisBroker(Broker):
         out.sort(key=lambda item: item[0])
         deliver = self._deliver
         for _, frame, targets in out:
-            if targets is None:
-                deliver(frame)
-            else:
-                self._deliver_to(targets, frame)
+            # The positions already moved past these events: a failing subscriber must not
+            # make the reader restart and the events after it go undelivered.
+            try:
+                if targets is None:
+                    deliver(frame)
+                else:
+                    self._deliver_to(targets, frame)
+            except Exception:
+                log.exception("a subscriber failed to take event %s", frame.id)
 
     def _resets(
         self, channels: dict[str, Key], reason: str
