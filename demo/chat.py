@@ -123,7 +123,7 @@ def validate_nick(value: str | None) -> str:
     if len(nick) > 32:
         raise ChatError(400, "A nickname has at most 32 characters.")
     if _NICK.fullmatch(nick) is None:
-        raise ChatError(400, "A nickname may hold letters, digits, spaces and _ - . only.")
+        raise ChatError(400, 'A nickname may only use letters, digits, spaces, _, - and ".".')
     return nick
 
 
