@@ -29,6 +29,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import importlib
 import json
@@ -637,6 +638,8 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
 
     Shutdown: stop accepting, close every stream (clients reconnect elsewhere or later and
     resume), close the remaining connections and the broker; returns within about 5 seconds.
+    The hub owns the process's SIGTERM and SIGINT: after it returns, both are ignored (the
+    process is expected to exit).
     """
     try:
         broker = make_broker(options)
@@ -659,11 +662,23 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
     received: list[str] = []
 
     def on_signal(signum: int) -> None:
-        received.append(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if received:
+            log.info("%s received: already shutting down", name)
+        else:
+            log.info("%s received: shutting down (%d streams open)", name, len(connections))
+        received.append(name)
         stop.set()
 
+    def handler(signum: int, frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting anyway
+            loop.call_soon_threadsafe(on_signal, signum)
+
+    # Python-level handlers, not loop.add_signal_handler: removing those at the end reinstates
+    # the default SIGINT handler, and a second Ctrl-C caught in between would end the process
+    # with KeyboardInterrupt instead of exit status 0. Once shut down, we ignore both signals.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        signal.signal(signum, handler)
     address = sockets[0].getsockname()
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
     log.info(
@@ -677,19 +692,21 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
     )
     try:
         await stop.wait()
+        hub.closing = True
+        server.stop()
+        await connections.close(timeout=SHUTDOWN_STREAMS_TIMEOUT)
+        try:
+            await asyncio.wait_for(server.close_all_connections(), 1.0)
+        except asyncio.TimeoutError:
+            log.warning("some connections did not close in time")
+        try:
+            await asyncio.wait_for(broker.close(), 1.0)
+        except asyncio.TimeoutError:
+            log.warning("the broker did not close in time")
+        log.info("hub stopped")
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-    log.info("%s received: shutting down (%d streams open)", received[0], len(connections))
-    hub.closing = True
-    server.stop()
-    await connections.close(timeout=SHUTDOWN_STREAMS_TIMEOUT)
-    try:
-        await asyncio.wait_for(server.close_all_connections(), 1.0)
-    except asyncio.TimeoutError:
-        log.warning("some connections did not close in time")
-    await broker.close()
-    log.info("hub stopped")
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def serve(options: HubOptions) -> None:
