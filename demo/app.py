@@ -19,15 +19,18 @@ mistake could not run injected script; user text reaches the page as JSON and is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
+import os
 import secrets
 import signal
 import socket
 import sys
+import time
 import urllib.parse
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
@@ -67,6 +70,7 @@ _XSRF_MESSAGE = "Your session token is missing or stale: reload the page."
 
 
 def _security_headers(handler: tornado.web.RequestHandler) -> None:
+    handler.set_header("X-Demo-Process", str(os.getpid()))
     handler.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     handler.set_header("X-Content-Type-Options", "nosniff")
     handler.set_header("Referrer-Policy", "no-referrer")
@@ -120,9 +124,16 @@ class IndexHandler(ChatHandler):
 
 
 class HealthHandler(ChatHandler):
-    """``GET /healthz``: 200 ``ok`` while the broker is healthy, else 503."""
+    """``GET /healthz``: 200 ``ok`` while the broker is healthy, else 503.
+
+    With the bridge, ``X-Demo-Hub`` names the process running the hub (``X-Demo-Process``, on
+    every response, the one that answered).
+    """
 
     def get(self) -> None:
+        hub_pid = getattr(self.chat.broker, "hub_pid", None)
+        if hub_pid is not None:
+            self.set_header("X-Demo-Hub", str(hub_pid))
         healthy = self.chat.broker.healthy and not self.chat.closed
         self.set_status(200 if healthy else 503)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -293,12 +304,16 @@ def make_app(
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What ``tornado-sse demo`` was told. Seconds everywhere except ``retry`` (milliseconds)."""
+    """What ``tornado-sse demo`` was told. Seconds everywhere except ``retry`` (milliseconds).
+
+    :param bridge: the bridge's socket path (with ``processes > 1`` and no ``redis``).
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
     processes: int = 1
     redis: str | None = None
+    bridge: str | None = None
     history: int = 1000
     presence_grace: float = 3.0
     retry: int = 1000
@@ -310,19 +325,24 @@ class DemoOptions:
 
 
 def make_broker(options: DemoOptions) -> Broker:
-    """The broker of one demo process: Redis, the bridge, or in-process."""
+    """The broker of one demo process: Redis, the unix-socket bridge, or in-process.
+
+    Called in each worker after forking, as the bridge requires.
+    """
     if options.redis is not None:
         module = importlib.import_module("tornado_sse.broker.redis")
         return cast(Broker, module.RedisBroker(options.redis, history_size=options.history))
+    if options.processes > 1:
+        module = importlib.import_module("tornado_sse.broker.bridge")
+        return cast(Broker, module.BridgeBroker(options.bridge, history_size=options.history))
     return InProcessBroker(history_size=options.history)
 
 
 def _check_backends(options: DemoOptions) -> None:
     if options.redis is not None:
         _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
-    if options.processes > 1:
+    elif options.processes > 1:
         _require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
-        raise click.UsageError("--processes is not supported by the demo yet")
 
 
 def _require_module(name: str, flag: str, remedy: str) -> None:
@@ -358,12 +378,6 @@ async def run_demo(options: DemoOptions, sockets: list[socket.socket]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    address = sockets[0].getsockname()
-    host = f"[{address[0]}]" if ":" in address[0] else address[0]
-    click.echo(
-        f"Chat demo on http://{host}:{address[1]}/ - open it in two windows. Ctrl-C stops it.",
-        err=True,
-    )
     try:
         await stop.wait()
     finally:
@@ -388,6 +402,76 @@ def _bind(options: DemoOptions) -> list[socket.socket]:
         raise click.ClickException(
             f"cannot listen on {options.host}:{options.port}: {reason}"
         ) from exc
+
+
+def supervise(count: int, worker: Callable[[int], None]) -> int:
+    """Fork *count* processes running ``worker(index)`` and keep them running.
+
+    A worker that dies (a signal, a non-zero exit) is started again, after a pause if it died
+    young; SIGTERM and SIGINT are passed on to the workers, and the call returns (0) once all
+    of them have exited. Returns 1 if workers keep dying at start. Call it before any event loop
+    exists in this process.
+    """
+    children: dict[int, tuple[int, float]] = {}
+    stopping = False
+    quick_deaths = 0
+
+    def start(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
+            try:
+                worker(index)
+            except BaseException:
+                log.exception("worker %d failed", index)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = (index, time.monotonic())
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {
+        signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        for index in range(count):
+            start(index)
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            entry = children.pop(pid, None)
+            if entry is None or stopping:
+                continue
+            index, started = entry
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            log.warning("worker %d (pid %d) died (exit %d); starting it again", index, pid, code)
+            if time.monotonic() - started < 1.0:
+                quick_deaths += 1
+                if quick_deaths >= 5:
+                    log.error("workers keep dying at start; stopping")
+                    forward(signal.SIGTERM, None)
+                    continue
+                time.sleep(1.0)
+            else:
+                quick_deaths = 0
+            start(index)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 1 if quick_deaths >= 5 else 0
 
 
 @click.command("demo")
@@ -443,7 +527,26 @@ def demo_command(
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
     sockets = _bind(options)
-    asyncio.run(run_demo(options, sockets))
+    address = sockets[0].getsockname()
+    url_host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    where = f"http://{url_host}:{address[1]}/"
+    if options.processes == 1:
+        click.echo(f"Chat demo on {where} - open it in two windows. Ctrl-C stops it.", err=True)
+        asyncio.run(run_demo(options, sockets))
+        return
+    if options.redis is None:
+        bridge = importlib.import_module("tornado_sse.broker.bridge")
+        path = bridge.default_socket_path(f"tornado-sse-demo-{address[1]}")
+        options = replace(options, bridge=path)
+    click.echo(
+        f"Chat demo on {where} with {options.processes} worker processes "
+        f"({'Redis' if options.redis else 'bridge at ' + str(options.bridge)}). "
+        "Kill a worker: it is restarted, and its pages resume on the others. Ctrl-C stops it.",
+        err=True,
+    )
+    code = supervise(options.processes, lambda index: asyncio.run(run_demo(options, sockets)))
+    if code:
+        raise click.ClickException("the workers could not start (see the log above)")

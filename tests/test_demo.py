@@ -6,9 +6,17 @@ backends do across processes): presence, history and the server-side drop must w
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -23,7 +31,7 @@ from tornado.netutil import bind_sockets
 from tornado_sse.demo.app import make_app
 from tornado_sse.demo.chat import Chat, ChatConfig, RateLimiter, TokenBucket
 
-from tests.helpers import RawStream, wait_until
+from tests.helpers import RawStream, free_port, wait_until
 from tornado_sse import Event, InProcessBroker
 from tornado_sse.cli import main
 
@@ -421,6 +429,97 @@ async def test_shutdown_event_reaches_the_page(port: int, app: tornado.web.Appli
     await stream.read_to_end()
     assert stream.events[-1].event == "shutdown"
     stream.close()
+
+
+class DemoProcess:
+    """``tornado-sse demo`` run for real in a subprocess (stopped with SIGTERM)."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        command = [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", str(self.port)]
+        self.process = subprocess.Popen([*command, *args], stdout=self.log, stderr=self.log)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def healthz(self) -> dict[str, str]:
+        """Headers of a ``/healthz`` answer (which process answered, which runs the hub)."""
+        with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
+            assert response.status == 200
+            return {k.lower(): v for k, v in response.headers.items()}
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, "the demo exited:\n" + self.output()
+            try:
+                return self.healthz()
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the demo did not start:\n" + self.output()
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+            raise AssertionError("the demo did not stop on SIGTERM:\n" + self.output()) from None
+        finally:
+            self.log.close()
+
+
+def test_processes_share_rooms_and_a_killed_worker_is_replaced() -> None:
+    demo = DemoProcess("--processes", "3", "--presence-grace", "5", "--retry", "200")
+    try:
+        hub = demo.wait_ready()["x-demo-hub"]
+        asyncio.run(asyncio.wait_for(_killed_worker_scenario(demo, hub), 30))
+    finally:
+        code = demo.stop()
+    assert code == 0, demo.output()
+
+
+async def _killed_worker_scenario(demo: DemoProcess, hub: str) -> None:
+    client = Client(demo.port)
+    await client.load_page()
+    for i in range(3):
+        await client.say("workers", "bob", f"before {i}")
+    # A stream held by a worker that does not run the hub (killing the hub is the bridge's
+    # failover, tested there).
+    for _ in range(50):
+        info, alice = await client.enter("workers", "alice")
+        worker = alice.headers["x-demo-process"]
+        if worker != hub:
+            break
+        alice.close()
+    else:
+        raise AssertionError("every stream landed on the hub's process")
+    await alice.read_until(has_notice("join", "alice"))
+    assert messages(alice) == ["before 0", "before 1", "before 2"]
+    last = alice.parser.last_event_id
+    pids = {demo.healthz()["x-demo-process"] for _ in range(10)} | {worker}
+    os.kill(int(worker), signal.SIGKILL)
+    await alice.read_to_end()
+    alice.close()
+    missed = [await client.say("workers", "bob", f"missed {i}") for i in range(3)]
+    again = await RawStream.open(demo.port, info["events"], {"Last-Event-ID": last})
+    assert again.headers["x-demo-process"] != worker
+    await client.say("workers", "bob", "live")
+    await again.read_until(lambda s: "live" in messages(s))
+    assert messages(again) == ["missed 0", "missed 1", "missed 2", "live"]
+    assert [e.id for e in again.events if e.event is None][:3] == missed
+    again.close()
+
+    def replaced() -> bool:
+        return demo.healthz()["x-demo-process"] not in pids
+
+    await wait_until(replaced, timeout=10, interval=0.05)
 
 
 def test_command_line_errors() -> None:
