@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (redis fixtures imported from tests.redis_server, used as parameters)
 """The chat demo through its HTTP API, on real Tornado servers on loopback (no browser).
 
 Two demo applications sharing one broker stand for two processes (what the bridge and Redis
@@ -17,6 +18,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -32,6 +34,7 @@ from tornado_sse.demo.app import make_app
 from tornado_sse.demo.chat import Chat, ChatConfig, RateLimiter, TokenBucket
 
 from tests.helpers import RawStream, free_port, wait_until
+from tests.redis_server import redis_server, redis_url  # noqa: F401
 from tornado_sse import Event, InProcessBroker
 from tornado_sse.cli import main
 
@@ -520,6 +523,47 @@ async def _killed_worker_scenario(demo: DemoProcess, hub: str) -> None:
         return demo.healthz()["x-demo-process"] not in pids
 
     await wait_until(replaced, timeout=10, interval=0.05)
+
+
+def test_two_servers_share_rooms_through_redis(redis_url: str) -> None:
+    room = f"redis-{uuid.uuid4().hex[:8]}"
+    first = DemoProcess("--redis", redis_url, "--presence-grace", "5", "--retry", "200")
+    second = DemoProcess("--redis", redis_url, "--presence-grace", "5", "--retry", "200")
+    try:
+        first.wait_ready()
+        second.wait_ready()
+        asyncio.run(asyncio.wait_for(_redis_scenario(first, second, room), 30))
+    finally:
+        codes = [first.stop(), second.stop()]
+    assert codes == [0, 0], first.output() + second.output()
+
+
+async def _redis_scenario(first: DemoProcess, second: DemoProcess, room: str) -> None:
+    one, two = Client(first.port), Client(second.port)
+    await one.load_page()
+    await two.load_page()
+    for i in range(2):
+        await one.say(room, "alice", f"before {i}")
+    _, bob = await two.enter(room, "bob")
+    await bob.read_until(has_notice("join", "bob"))
+    assert messages(bob) == ["before 0", "before 1"]
+    info, alice = await one.enter(room, "alice")
+    for stream in (alice, bob):
+        await stream.read_until(lambda s: members(s) == ["alice", "bob"])
+    await two.say(room, "bob", "hello from the second server")
+    await alice.read_until(lambda s: "hello from the second server" in messages(s))
+    last = alice.parser.last_event_id
+    code, _, _ = await two.post(f"/api/rooms/{room}/drop", client=info["client"])
+    assert code == 202
+    await alice.read_to_end()
+    alice.close()
+    await two.say(room, "bob", "while alice was away")
+    again = await RawStream.open(second.port, info["events"], {"Last-Event-ID": last})
+    await one.say(room, "carol", "live")
+    await again.read_until(lambda s: "live" in messages(s))
+    assert messages(again) == ["while alice was away", "live"]
+    again.close()
+    bob.close()
 
 
 def test_command_line_errors() -> None:
