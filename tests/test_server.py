@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from click.testing import CliRunner
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import require
 from tests.helpers import RawStream, free_port, wait_until
 from tornado_sse.server import serve_command
 
@@ -103,8 +105,11 @@ class Hub:
                 self.proc.wait(10)
 
 
-def start_hub(log_path: Path, *flags: str, block_module: str | None = None) -> Hub:
-    """Start a hub on a free loopback port and wait (bounded) until /healthz answers 200.
+def start_hub(
+    log_path: Path, *flags: str, block_module: str | None = None, healthy: bool = True
+) -> Hub:
+    """Start a hub on a free loopback port and wait (bounded) until /healthz answers 200 (any
+    answer, if not *healthy*).
 
     *block_module* makes that module unimportable in the hub process (as if not installed).
     """
@@ -127,7 +132,7 @@ def start_hub(log_path: Path, *flags: str, block_module: str | None = None) -> H
         if proc.poll() is not None:
             raise AssertionError(f"hub exited with {proc.returncode}:\n{hub.log()}")
         try:
-            if httpx.get(hub.url + "/healthz", timeout=1).status_code == 200:
+            if httpx.get(hub.url + "/healthz", timeout=1).status_code == 200 or not healthy:
                 return hub
         except httpx.TransportError:
             pass
@@ -832,6 +837,34 @@ def test_metrics_without_prometheus_client(tmp_path: Path) -> None:
         log = hub.log()
         assert "501 GET /metrics" in log
         assert " INFO " not in log  # --log-level warning
+    finally:
+        hub.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_unreachable_backend_gives_503_and_sheds(tmp_path: Path) -> None:
+    """A real backend that is down: --redis pointing at a port where nothing listens."""
+    require(importlib.util.find_spec("redis") is not None, "redis-py is not installed")
+    hub = start_hub(
+        tmp_path / "hub.log", "--redis", f"redis://127.0.0.1:{free_port()}/0", healthy=False
+    )
+    try:
+        health = hub.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["status"] == "unavailable"
+        reply = hub.post({"channel": "down", "data": "x"})
+        assert reply.status_code == 503
+        assert "cannot deliver" in reply.json()["error"]
+        stream = await hub.stream("channel=down")
+        await stream.read_to_end(timeout=5)
+        assert stream.status == 200
+        assert "retry-after" in stream.headers
+        assert stream.raw.startswith(b"retry: ")
+        assert stream.events == []
+        assert hub.metrics()["tornado_sse_healthy"] == 0
+        hub.proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.get_running_loop().run_in_executor(None, hub.proc.wait, 5)
+        assert returncode == 0, hub.log()
     finally:
         hub.stop()
 
