@@ -448,8 +448,13 @@ class Room:
         self._fold(announce=mine)
 
     def expire(self, now: float) -> None:
-        """Forget leases past their time (a process that died without saying goodbye)."""
-        gone = [proc for proc, (_, until) in self._leases.items() if until <= now]
+        """Forget leases past their time (a process that died without saying goodbye).
+
+        This process's own lease never expires here: it knows its own state, and a stalled
+        event loop must not make it announce its own members' departure.
+        """
+        mine = self.chat.proc
+        gone = [p for p, (_, until) in self._leases.items() if until <= now and p != mine]
         if not gone:
             return
         for proc in gone:

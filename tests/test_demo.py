@@ -41,7 +41,7 @@ from tornado_sse.cli import main
 BASE = ChatConfig(
     history=5,
     presence_grace=0.3,
-    presence_interval=0.2,
+    presence_interval=5.0,
     nick_burst=100,
     nick_rate=100.0,
     address_burst=1000,
@@ -321,10 +321,11 @@ async def test_leave_is_announced_at_once_despite_the_grace_period(
 
 
 @pytest.mark.gen_test(timeout=15)
+@pytest.mark.parametrize("config", [replace(BASE, presence_interval=0.5)], indirect=True)
 async def test_presence_history_and_drop_across_two_processes(
-    port: int, app: tornado.web.Application, broker: InProcessBroker
+    port: int, app: tornado.web.Application, broker: InProcessBroker, config: ChatConfig
 ) -> None:
-    other = make_app(broker, replace(BASE, sync_timeout=1.0), sse_retry_interval=0.1)
+    other = make_app(broker, replace(config, sync_timeout=1.0), sse_retry_interval=0.1)
     server, other_port = listen_another(other)
     try:
         here, there = Client(port), Client(other_port)
@@ -367,7 +368,10 @@ async def test_presence_history_and_drop_across_two_processes(
 
 
 @pytest.mark.gen_test(timeout=10)
-async def test_dropped_stream_resumes_with_exactly_the_missed_messages(port: int) -> None:
+@pytest.mark.parametrize("config", [replace(BASE, presence_grace=30)], indirect=True)
+async def test_dropped_stream_resumes_with_exactly_the_missed_messages(
+    port: int, config: ChatConfig
+) -> None:
     client = Client(port)
     await client.load_page()
     await client.say("resume", "alice", "m0")
