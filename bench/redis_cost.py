@@ -55,7 +55,9 @@ SCENARIOS = ("memory/hub", "redis/hub", "redis/remote")
 # ---------------------------------------------------------------------- the hub under test
 
 
-def run_target(port: int, broker_name: str, redis_url: str | None, prefix: str) -> None:
+def run_target(
+    port: int, broker_name: str, redis_url: str | None, prefix: str, stream_length: int
+) -> None:
     """The hub process: streams on /events, publishing on POST /run, readings on /stats."""
     import tornado.web
 
@@ -68,7 +70,9 @@ def run_target(port: int, broker_name: str, redis_url: str | None, prefix: str) 
             from tornado_sse.broker.redis import RedisBroker
 
             assert redis_url is not None
-            broker = RedisBroker(redis_url, key_prefix=prefix, history_size=1000)
+            broker = RedisBroker(
+                redis_url, key_prefix=prefix, history_size=1000, min_stream_length=stream_length
+            )
         else:
             broker = InProcessBroker(history_size=1000)
         await broker.start()
@@ -95,7 +99,11 @@ def run_target(port: int, broker_name: str, redis_url: str | None, prefix: str) 
                 with open(f"/proc/{os.getpid()}/stat") as stat:
                     fields = stat.read().rsplit(")", 1)[1].split()
                 cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-                self.finish({"streams": len(connections), "cpu": cpu, "healthy": broker.healthy})
+                rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+                resets = getattr(broker, "live_resets", 0)
+                self.finish(
+                    {"streams": len(connections), "cpu": cpu, "rss": rss, "live_resets": resets}
+                )
 
         app = tornado.web.Application(
             [(r"/events", EventStreamHandler), (r"/run", Run), (r"/stats", Stats)],
@@ -113,12 +121,13 @@ def run_target(port: int, broker_name: str, redis_url: str | None, prefix: str) 
 class Target:
     """A hub process started by `run_target`."""
 
-    def __init__(self, broker: str, redis_url: str | None, prefix: str) -> None:
+    def __init__(self, broker: str, redis_url: str | None, prefix: str, stream_length: int) -> None:
         with socket.socket() as sock:
             sock.bind((HOST, 0))
             self.port = int(sock.getsockname()[1])
         command = [sys.executable, "-m", __spec__.name if __spec__ else "bench.redis_cost"]
         command += ["target", "--port", str(self.port), "--broker", broker, "--prefix", prefix]
+        command += ["--stream-length", str(stream_length)]
         if redis_url is not None:
             command += ["--redis-url", redis_url]
         self.proc = subprocess.Popen(
@@ -159,12 +168,14 @@ def _pin(cores: set[int]) -> Any:
     return pin
 
 
-def run_publisher(redis_url: str, prefix: str) -> None:
+def run_publisher(redis_url: str, prefix: str, stream_length: int) -> None:
     """Another host's publisher: a `RedisBroker` of its own, driven by JSON lines on stdin."""
     from tornado_sse.broker.redis import RedisBroker
 
     async def main() -> None:
-        broker = RedisBroker(redis_url, key_prefix=prefix, history_size=1000)
+        broker = RedisBroker(
+            redis_url, key_prefix=prefix, history_size=1000, min_stream_length=stream_length
+        )
         await broker.start()
         loop = asyncio.get_running_loop()
         print(json.dumps({"ok": True}), flush=True)
@@ -188,9 +199,10 @@ def run_publisher(redis_url: str, prefix: str) -> None:
 class Publisher:
     """A `run_publisher` process, pinned beside the load generator."""
 
-    def __init__(self, redis_url: str, prefix: str) -> None:
+    def __init__(self, redis_url: str, prefix: str, stream_length: int) -> None:
         command = [sys.executable, "-m", __spec__.name if __spec__ else "bench.redis_cost"]
         command += ["publisher", "--redis-url", redis_url, "--prefix", prefix]
+        command += ["--stream-length", str(stream_length)]
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -261,8 +273,8 @@ class RedisProcess:
             self.proc.wait(10)
 
 
-def redis_readings(url: str) -> tuple[dict[str, int], float]:
-    """Calls per command and Redis CPU seconds so far."""
+def redis_readings(url: str) -> tuple[dict[str, tuple[int, int]], float]:
+    """``(calls, microseconds)`` per command and Redis CPU seconds so far."""
     import redis
 
     client = redis.Redis.from_url(url)
@@ -271,8 +283,40 @@ def redis_readings(url: str) -> tuple[dict[str, int], float]:
         cpu = client.info("cpu")
     finally:
         client.close()
-    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    calls = {
+        name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+        for name, v in stats.items()
+    }
     return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def xread_cost(url: str, sizes: list[int], prefix: str) -> dict[str, float]:
+    """Redis microseconds per ``XREAD`` that finds nothing new, by number of streams named.
+
+    The reader names every followed stream in each ``XREAD``; this is what that costs Redis.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url)
+    out: dict[str, float] = {}
+    try:
+        for size in sizes:
+            keys = [f"{prefix}xread:{size}:{n}" for n in range(size)]
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.xadd(key, {"b": "x"})
+            ids = pipe.execute()
+            streams = dict(zip(keys, ids, strict=True))
+            calls = max(20, 20_000 // size)
+            before = client.info("commandstats").get("cmdstat_xread", {"usec": 0, "calls": 0})
+            for _ in range(calls):
+                client.xread(streams, count=1000)
+            after = client.info("commandstats")["cmdstat_xread"]
+            out[str(size)] = (after["usec"] - before["usec"]) / (after["calls"] - before["calls"])
+            client.delete(*keys)
+    finally:
+        client.close()
+    return out
 
 
 # ---------------------------------------------------------------------- measuring
@@ -283,15 +327,16 @@ async def measure(
 ) -> dict[str, Any]:
     broker, _, where = scenario.partition("/")
     prefix = f"bench-{os.getpid()}-{scenario}:"
-    target = Target(broker, redis_url, prefix)
+    target = Target(broker, redis_url, prefix, args.stream_length)
     workers = Workers(args.workers, _cores({1}), workdir)
     publisher = None
     if where == "remote":
         assert redis_url is not None
-        publisher = Publisher(redis_url, prefix)
+        publisher = Publisher(redis_url, prefix, args.stream_length)
     seq = 0
     try:
         await workers.start()
+        rss0 = target.call("/stats")["rss"]
         counts = split(args.subscribers, args.workers)
         path = f"/events?channel={CHANNEL}"
         replies = await workers.each(
@@ -306,6 +351,7 @@ async def measure(
             }
         )
         connected = sum(r["connected"] for r in replies)
+        rss1 = target.call("/stats")["rss"]
         if connected != args.subscribers:
             raise RuntimeError(f"{broker}: only {connected} of {args.subscribers} connected")
 
@@ -321,7 +367,8 @@ async def measure(
             else:
                 published = await asyncio.to_thread(publisher.run, spec)
             reports = await workers.each(lambda i: {"cmd": "wait", "last": seq, "timeout": 120})
-            cpu1 = target.call("/stats")["cpu"]
+            stats = target.call("/stats")
+            cpu1 = stats["cpu"]
             received = sum(r["received"] for r in reports)
             end = max(r["last_recv"] for r in reports)
             result: dict[str, Any] = {
@@ -333,6 +380,7 @@ async def measure(
                 "seconds": (end - published["t0"]) / 1e9,
                 "publish_seconds": (published["t1"] - published["t0"]) / 1e9,
                 "hub_cpu_seconds": cpu1 - cpu0,
+                "live_resets_so_far": stats["live_resets"],
             }
             if latency:
                 values: array.array[int] = array.array("q")
@@ -353,6 +401,7 @@ async def measure(
             "broker": broker,
             "publisher": "another process" if where == "remote" else "in the hub",
             "subscribers": connected,
+            "hub_rss_kib_per_stream": (rss1 - rss0) / 1024 / max(1, connected),
         }
         result["burst"] = burst
         result["burst"]["deliveries_per_second"] = burst["deliveries"] / burst["seconds"]
@@ -364,12 +413,16 @@ async def measure(
             calls1, _ = redis_readings(redis_url)
             calls0, cpu0 = before
             events = burst["events"] + latency["events"]
-            diff = {name: calls1[name] - calls0.get(name, 0) for name in calls1}
-            diff = {name: n for name, n in diff.items() if n and name != "info"}
+            diff = {
+                name: (n - calls0.get(name, (0, 0))[0], us - calls0.get(name, (0, 0))[1])
+                for name, (n, us) in calls1.items()
+            }
+            diff = {name: v for name, v in diff.items() if v[0] and name != "info"}
             result["redis"] = {
                 "events": events,
-                "commands_per_event": {k: round(v / events, 3) for k, v in sorted(diff.items())},
-                "total_per_event": round(sum(diff.values()) / events, 3),
+                "commands_per_event": {k: round(v[0] / events, 3) for k, v in sorted(diff.items())},
+                "usec_per_call": {k: round(v[1] / v[0], 2) for k, v in sorted(diff.items())},
+                "total_per_event": round(sum(v[0] for v in diff.values()) / events, 3),
                 # over the burst only: Redis's idle housekeeping would dominate a slow run
                 "cpu_us_per_event": (after_burst[1] - cpu0) / burst["events"] * 1e6,
             }
@@ -395,6 +448,8 @@ def table(results: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
+        if "latency" not in r:
+            continue
         lat = r["latency"]["latency_ms"]
         redis = r.get("redis", {})
         faults = sum(r[k]["lost"] + r[k]["duplicated"] for k in ("burst", "latency"))
@@ -424,6 +479,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                     result["repeat"] = repeat
                     results.append(result)
                     print(json.dumps(result), file=sys.stderr, flush=True)
+            if redis_url is not None and args.xread_keys:
+                cost = xread_cost(redis_url, args.xread_keys, f"bench-{os.getpid()}:")
+                results.append({"scenario": "xread-cost", "usec_per_xread_by_streams": cost})
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         finally:
             if server is not None:
                 server.stop()
@@ -438,9 +497,11 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--broker", choices=["memory", "redis"], required=True)
     target.add_argument("--redis-url")
     target.add_argument("--prefix", default="bench:")
+    target.add_argument("--stream-length", type=int, default=100)
     publisher = sub.add_parser("publisher", help="(internal) another host's publisher")
     publisher.add_argument("--redis-url", required=True)
     publisher.add_argument("--prefix", default="bench:")
+    publisher.add_argument("--stream-length", type=int, default=100)
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--burst", type=int, default=2000, help="events in the burst run")
     parser.add_argument("--rate", type=float, default=100.0, help="events/s in the latency run")
@@ -456,13 +517,26 @@ def main(argv: list[str] | None = None) -> None:
         help="broker/where the publisher runs (default: all)",
     )
     parser.add_argument("--redis-url", help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--stream-length",
+        type=int,
+        default=10_000,
+        help="RedisBroker min_stream_length: how far a hub may fall behind a burst",
+    )
+    parser.add_argument(
+        "--xread-keys",
+        type=int,
+        nargs="*",
+        default=[1, 100, 1000, 10_000],
+        help="also measure XREAD's cost by number of streams named",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.command == "target":
-        run_target(args.port, args.broker, args.redis_url, args.prefix)
+        run_target(args.port, args.broker, args.redis_url, args.prefix, args.stream_length)
         return
     if args.command == "publisher":
-        run_publisher(args.redis_url, args.prefix)
+        run_publisher(args.redis_url, args.prefix, args.stream_length)
         return
     results = asyncio.run(main_async(args))
     print(table(results))
