@@ -53,7 +53,7 @@ async def test_closed_broker_makes_health_and_publish_answer_503(
         reply = await client.post("/publish", json={"channel": "a", "data": "x"}, headers=AUTH)
         assert reply.status_code == 503
         assert "cannot deliver" in reply.json()["error"]
-        assert metrics.events_published == 1
+        assert metrics.published == 1
     # a subscriber arriving now is shed (told to retry later), not refused for good
     stream = await RawStream.open(port, "/events?channel=a")
     await stream.read_to_end(timeout=5)

@@ -44,6 +44,23 @@ class Metrics:
         #: callables returning extra gauges: ``{"subscribers": {...}, "history": {...}}`` sources
         self.channel_sources: list[Callable[[], dict[str, dict[str, int]]]] = []
         self.health_sources: list[Callable[[], bool]] = []
+        self._brokers: list[Any] = []
+
+    def add_broker(self, broker: Any) -> None:
+        """Report *broker* (a `.Broker`): its publishes, subscribers and history per channel, and
+        its health. Idempotent; the handler calls it for the broker of every stream."""
+        if any(known is broker for known in self._brokers):
+            return
+        self._brokers.append(broker)
+        self.channel_sources.append(
+            lambda: {"subscribers": broker.subscriber_counts(), "history": broker.history_sizes()}
+        )
+        self.health_sources.append(lambda: bool(broker.healthy))
+
+    @property
+    def published(self) -> int:
+        """Events published: counted here plus through every broker reported with add_broker."""
+        return self.events_published + sum(int(b.published_count) for b in self._brokers)
 
     @classmethod
     def default(cls) -> Metrics:
@@ -86,7 +103,7 @@ class Metrics:
                 )
                 for name, doc, value in (
                     ("connections", "Event streams opened", metrics.connections_total),
-                    ("events_published", "Events published", metrics.events_published),
+                    ("events_published", "Events published", metrics.published),
                     ("events_sent", "Event deliveries written to streams", metrics.events_sent),
                     (
                         "heartbeats_sent",

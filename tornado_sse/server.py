@@ -41,7 +41,6 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -417,7 +416,6 @@ class PublishHandler(_HubHandler):
             log.warning("publish failed: broker unavailable: %s", exc)
             self.reply(503, {"error": f"the hub cannot deliver now: {exc}"})
             return
-        self.hub.metrics.events_published += 1
         self.reply(202, {"id": event_id})
 
     def options(self) -> None:
@@ -490,16 +488,6 @@ class NotFoundHandler(_HubHandler):
         )
 
 
-def _channel_gauges(broker: Broker) -> Callable[[], dict[str, dict[str, int]]]:
-    def gauges() -> dict[str, dict[str, int]]:
-        found = {"subscribers": broker.subscriber_counts()}
-        if isinstance(broker, InProcessBroker):
-            found["history"] = broker.history.sizes()
-        return found
-
-    return gauges
-
-
 def make_app(
     options: HubOptions,
     broker: Broker,
@@ -514,8 +502,7 @@ def make_app(
     """
     connections = connections if connections is not None else ConnectionSet()
     metrics = metrics if metrics is not None else Metrics()
-    metrics.channel_sources.append(_channel_gauges(broker))
-    metrics.health_sources.append(lambda: broker.healthy)
+    metrics.add_broker(broker)
     hub = _Hub(options, broker, connections, metrics)
     kwargs = {"hub": hub}
     return tornado.web.Application(

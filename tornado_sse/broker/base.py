@@ -396,6 +396,10 @@ class Broker(abc.ABC):
         """Local subscriptions per channel (for metrics)."""
         return {name: len(subs) for name, subs in self._subscriptions.items()}
 
+    def history_sizes(self) -> dict[str, int]:
+        """Events retained per channel, where this process can tell cheaply (for metrics)."""
+        return {}
+
     # ------------------------------------------------------------------ for backends
 
     def _deliver(self, frame: Frame) -> None:

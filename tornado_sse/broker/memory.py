@@ -176,3 +176,6 @@ class InProcessBroker(Broker):
 
     def id_key(self, event_id: str) -> int | None:
         return self.ids.key(event_id)
+
+    def history_sizes(self) -> dict[str, int]:
+        return self.history.sizes()
