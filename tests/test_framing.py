@@ -1,0 +1,272 @@
+"""The bridge's sans-I/O framing: exact bytes, incremental decoding at every split, typed errors,
+bounds, and fuzzing (hypothesis)."""
+
+from __future__ import annotations
+
+import ast
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tornado_sse.broker import framing
+from tornado_sse.broker.framing import (
+    EVENT,
+    GAP,
+    HISTORY,
+    HISTORY_END,
+    HISTORY_PART,
+    HUB_BOUND,
+    MAX_ARRAY_LEN,
+    PEER_BOUND,
+    PUBLISH,
+    PUBLISHED,
+    SUBSCRIBE,
+    SUBSCRIBED,
+    UNSUBSCRIBE,
+    VERSION,
+    WELCOME,
+    FrameDecoder,
+    FrameError,
+    FrameTooLargeError,
+    MalformedFrameError,
+    TruncatedFrameError,
+    UnsupportedVersionError,
+    pack,
+)
+from tornado_sse.errors import BrokerError
+
+TABLE = [
+    (pack(UNSUBSCRIBE, ["a"]), b"\x93\x01\x03\x91\xa1a"),
+    (pack(SUBSCRIBE, 7, ["a", "bc"]), b"\x94\x01\x02\x07\x92\xa1a\xa2bc"),
+    (pack(PUBLISHED, 1, "x-1"), b"\x94\x01\x06\x01\xa3x-1"),
+    (pack(GAP, 2, "x-9"), b"\x94\x01\x0a\x02\xa3x-9"),
+    (
+        pack(PUBLISH, 3, "c", "hi", None, 1500, 2.0),
+        b"\x98\x01\x01\x03\xa1c\xa2hi\xc0\xcd\x05\xdc\xcb" + struct.pack(">d", 2.0),
+    ),
+    (
+        pack(EVENT, "c", "x-1", b"data: x\n\n", 1.5),
+        b"\x96\x01\x05\xa1c\xa3x-1\xc4\x09data: x\n\n\xcb" + struct.pack(">d", 1.5),
+    ),
+]
+
+
+@pytest.mark.parametrize(("packed", "expected"), TABLE)
+def test_pack_gives_exact_bytes(packed: bytes, expected: bytes) -> None:
+    assert packed == expected
+
+
+VALID_PEER_BOUND = [
+    pack(WELCOME, "k-0", "k-5", 123, 4096),
+    pack(EVENT, "news", "k-6", b"id: k-6\ndata: x\n\n", 1.25),
+    pack(PUBLISHED, 1, "k-6"),
+    pack(SUBSCRIBED, 2, "k-6"),
+    pack(HISTORY_PART, 3, [["news", "k-6", b"data: x\n\n", 1.0]]),
+    pack(HISTORY_END, 3, []),
+    pack(GAP, 4, "k-6"),
+]
+VALID_HUB_BOUND = [
+    pack(PUBLISH, 1, "news", "x", "name", 10, 1.0),
+    pack(PUBLISH, 2, "news", None, None, None, 1),
+    pack(SUBSCRIBE, 3, ["a", "b"]),
+    pack(UNSUBSCRIBE, ["a"]),
+    pack(HISTORY, 4, ["a"], "k-1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("accept", "frames"), [(PEER_BOUND, VALID_PEER_BOUND), (HUB_BOUND, VALID_HUB_BOUND)]
+)
+def test_decode_whole_byte_by_byte_and_split_everywhere(
+    accept: frozenset[int], frames: list[bytes]
+) -> None:
+    stream = b"".join(frames)
+    expected = [msgpack.unpackb(frame) for frame in frames]
+    assert FrameDecoder(accept).feed(stream) == expected
+    decoder = FrameDecoder(accept)
+    out = []
+    for index in range(len(stream)):
+        out.extend(decoder.feed(stream[index : index + 1]))
+    assert out == expected
+    decoder.close()
+    for cut in range(len(stream) + 1):
+        decoder = FrameDecoder(accept)
+        assert decoder.feed(stream[:cut]) + decoder.feed(stream[cut:]) == expected
+        assert decoder.pending == 0
+        decoder.close()
+
+
+def test_many_frames_in_one_feed_larger_than_the_limit() -> None:
+    frame = pack(SUBSCRIBE, 1, ["channel"])
+    decoder = FrameDecoder(HUB_BOUND, max_frame_size=64)
+    frames = decoder.feed(frame * 1000)
+    assert len(frames) == 1000
+
+
+BAD = {
+    "not msgpack": (b"\xc1", MalformedFrameError),
+    "not an array": (msgpack.packb(5), MalformedFrameError),
+    "a map": (b"\x81\xa1a\x01", MalformedFrameError),
+    "too short": (msgpack.packb([1]), MalformedFrameError),
+    "version not an int": (msgpack.packb(["1", SUBSCRIBE, 1, []]), MalformedFrameError),
+    "future version": (msgpack.packb([2, SUBSCRIBE, 1, []]), UnsupportedVersionError),
+    "version zero": (msgpack.packb([0, SUBSCRIBE, 1, []]), UnsupportedVersionError),
+    "unknown kind": (msgpack.packb([VERSION, 99, 1]), MalformedFrameError),
+    "kind for the other side": (pack(EVENT, "c", "x-1", b"", 0.0), MalformedFrameError),
+    "missing field": (msgpack.packb([VERSION, SUBSCRIBE, 1]), MalformedFrameError),
+    "extra field": (pack(SUBSCRIBE, 1, ["a"], "more"), MalformedFrameError),
+    "rid negative": (pack(SUBSCRIBE, -1, ["a"]), MalformedFrameError),
+    "rid a float": (pack(SUBSCRIBE, 1.0, ["a"]), MalformedFrameError),
+    "rid a bool": (pack(SUBSCRIBE, True, ["a"]), MalformedFrameError),
+    "channels not a list": (pack(SUBSCRIBE, 1, "a"), MalformedFrameError),
+    "channel bytes": (pack(SUBSCRIBE, 1, [b"a"]), MalformedFrameError),
+    "data bytes": (pack(PUBLISH, 1, "c", b"x", None, None, 1.0), MalformedFrameError),
+    "retry negative": (pack(PUBLISH, 1, "c", "x", None, -5, 1.0), MalformedFrameError),
+    "time a string": (pack(PUBLISH, 1, "c", "x", None, None, "now"), MalformedFrameError),
+    "bad utf-8": (b"\x93\x01\x03\x91\xa2\xff\xfe", MalformedFrameError),
+    "ext type": (b"\x93\x01\x03\x91\xd4\x05\x00", MalformedFrameError),
+    "timestamp": (
+        msgpack.packb([1, 3, [0]])[:-1] + b"\xd6\xff\x00\x00\x00\x01",
+        MalformedFrameError,
+    ),
+    "huge array header": (b"\xdd\xff\xff\xff\xff", MalformedFrameError),
+    "deep nesting": (b"\x91" * 5000, MalformedFrameError),
+}
+
+
+@pytest.mark.parametrize(("name"), list(BAD))
+def test_bad_input_is_a_typed_error_and_final(name: str) -> None:
+    data, error = BAD[name]
+    decoder = FrameDecoder(HUB_BOUND)
+    with pytest.raises(error):
+        decoder.feed(data)
+    with pytest.raises(MalformedFrameError, match="failed before"):
+        decoder.feed(pack(UNSUBSCRIBE, ["a"]))
+    assert issubclass(error, FrameError) and issubclass(error, BrokerError)
+
+
+def test_unsupported_version_carries_it() -> None:
+    with pytest.raises(UnsupportedVersionError) as info:
+        FrameDecoder(HUB_BOUND).feed(msgpack.packb([3, SUBSCRIBE, 1, []]))
+    assert info.value.version == 3
+    assert "version 3" in str(info.value)
+
+
+def test_oversize_frames_whole_and_growing() -> None:
+    decoder = FrameDecoder(HUB_BOUND, max_frame_size=100)
+    assert decoder.feed(pack(PUBLISH, 1, "c", "x" * 60, None, None, 0.0))
+    with pytest.raises(FrameTooLargeError):
+        decoder.feed(pack(PUBLISH, 1, "c", "x" * 200, None, None, 0.0))
+    big = pack(PUBLISH, 1, "c", "x" * 10_000, None, None, 0.0)
+    decoder = FrameDecoder(HUB_BOUND, max_frame_size=100)
+    with pytest.raises(FrameTooLargeError):
+        for index in range(0, len(big), 30):
+            decoder.feed(big[index : index + 30])
+    assert index < 200, "refused as soon as the frame passed the limit"
+
+
+def test_truncated_stream() -> None:
+    frame = pack(SUBSCRIBE, 1, ["a"])
+    decoder = FrameDecoder(HUB_BOUND)
+    assert decoder.feed(frame[:-1]) == []
+    assert decoder.pending == len(frame) - 1
+    with pytest.raises(TruncatedFrameError):
+        decoder.close()
+    FrameDecoder(HUB_BOUND).close()  # nothing pending: fine
+
+
+def test_array_bound_is_enforced() -> None:
+    ok = pack(SUBSCRIBE, 1, ["a"] * MAX_ARRAY_LEN)
+    assert FrameDecoder(HUB_BOUND, max_frame_size=1 << 20).feed(ok)
+    too_long = pack(SUBSCRIBE, 1, ["a"] * (MAX_ARRAY_LEN + 1))
+    with pytest.raises(MalformedFrameError):
+        FrameDecoder(HUB_BOUND, max_frame_size=1 << 20).feed(too_long)
+
+
+def test_framing_imports_no_io_or_tornado() -> None:
+    tree = ast.parse(Path(framing.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert imported <= {"__future__", "collections.abc", "typing", "msgpack", "..errors"}
+
+
+# ---------------------------------------------------------------------- fuzzing
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=6),
+    max_leaves=20,
+)
+frame_like = st.builds(
+    lambda version, kind, fields: msgpack.packb([version, kind, *fields], use_bin_type=True),
+    st.sampled_from([VERSION, VERSION, VERSION, 0, 2]),
+    st.integers(min_value=-1, max_value=12),
+    st.lists(msgpack_values, max_size=8),
+)
+fuzz_input = st.lists(st.binary(max_size=64) | frame_like, max_size=8).map(b"".join)
+
+
+def _decode_all(accept: frozenset[int], data: bytes, step: int) -> list[list[Any]] | None:
+    """The frames of *data* fed *step* bytes at a time, or None if the decoder refused it."""
+    decoder = FrameDecoder(accept, max_frame_size=256)
+    out = []
+    try:
+        for index in range(0, len(data), step):
+            out.extend(decoder.feed(data[index : index + step]))
+        decoder.close()
+    except FrameError:
+        return None
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(fuzz_input, st.integers(min_value=1, max_value=40))
+def test_fuzzed_bytes_give_frames_or_a_frame_error(data: bytes, step: int) -> None:
+    for accept in (HUB_BOUND, PEER_BOUND):
+        whole = _decode_all(accept, data, len(data) or 1)
+        for frame in whole or ():
+            assert frame[0] == VERSION and frame[1] in accept
+        # accepted or refused, and the frames, do not depend on how the bytes are split
+        assert _decode_all(accept, data, step) == whole
+
+
+publish_frames = st.builds(
+    lambda rid, channel, data, event, retry, at: pack(
+        PUBLISH, rid, channel, data, event, retry, at
+    ),
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.text(max_size=30),
+    st.none() | st.text(max_size=200),
+    st.none() | st.text(max_size=20),
+    st.none() | st.integers(min_value=0, max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(publish_frames, min_size=1, max_size=10), st.data())
+def test_valid_frames_round_trip_at_any_split(frames: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    decoder = FrameDecoder(HUB_BOUND)
+    out = []
+    previous = 0
+    for cut in [*cuts, len(stream)]:
+        out.extend(decoder.feed(stream[previous:cut]))
+        previous = cut
+    decoder.close()
+    assert out == [msgpack.unpackb(frame) for frame in frames]
