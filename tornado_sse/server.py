@@ -123,12 +123,19 @@ class HubOptions:
 def make_broker(options: HubOptions) -> Broker:
     """The broker the hub publishes to and streams subscribe to.
 
-    ``--redis URL``: `tornado_sse.broker.redis.RedisBroker`; otherwise an `.InProcessBroker`.
-    Called once per process, after the sockets are bound (and after forking, if any).
+    ``--redis URL``: `tornado_sse.broker.redis.RedisBroker`; else ``--processes N`` (N > 1): a
+    `tornado_sse.broker.bridge.BridgeBroker` on the group's socket; otherwise an
+    `.InProcessBroker`. Called once per process, after the sockets are bound (and after
+    forking, if any).
     """
     if options.redis is not None:
         module = importlib.import_module("tornado_sse.broker.redis")
         broker: Broker = module.RedisBroker(options.redis, history_size=options.history)
+        return broker
+    if options.processes > 1:
+        bridge = importlib.import_module("tornado_sse.broker.bridge")
+        process = importlib.import_module("tornado_sse.process")
+        broker = bridge.BridgeBroker(process.group_socket_path(), history_size=options.history)
         return broker
     return InProcessBroker(history_size=options.history)
 
@@ -139,8 +146,6 @@ def _check_backends(options: HubOptions) -> None:
         _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
     if options.processes > 1:
         _require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
-        # Until serve() forks (bridge issue), say so rather than silently serving alone.
-        raise click.UsageError("--processes is not wired into this version of tornado-sse serve")
 
 
 def _require_module(name: str, flag: str, remedy: str) -> None:
@@ -703,7 +708,11 @@ def serve(options: HubOptions) -> None:
     configure_logging(options.log_level, options.log_json)
     if len(options.token) < 16:
         log.warning("the publish token is short: use a long random secret")
-    # --processes (bridge backend) forks here: after binding, before any broker or loop exists.
+    if options.processes > 1:
+        # After binding, before any broker or loop exists; the supervisor stays in here.
+        from .process import fork_processes
+
+        fork_processes(options.processes)
     asyncio.run(run_hub(options, sockets))
 
 

@@ -1013,7 +1013,12 @@ class BridgeBroker(Broker):
             await hub.close()
             return False
         self.hub = hub
-        log.warning("bridge: this process (pid %d) now runs the hub at %s", os.getpid(), self.path)
+        log.log(
+            logging.WARNING if self.connects else logging.INFO,
+            "bridge: this process (pid %d) now runs the hub at %s",
+            os.getpid(),
+            self.path,
+        )
         return True
 
     async def _connect(self) -> _HubConnection:

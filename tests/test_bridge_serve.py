@@ -1,0 +1,208 @@
+"""``tornado-sse serve --processes 2``, black-box: a real supervisor and two workers sharing a port.
+
+Which worker holds a TCP connection is read from /proc (psutil), so the tests can tell that
+publishes and streams really landed on both workers, and make a resume land on the other one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import RawStream, wait_until
+from tests.test_server import TOKEN, Hub, start_hub
+
+TIMEOUT = 20
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[Hub]:
+    hub = start_hub(tmp_path / "hub.log", "--processes", "2", "--history", "100", "--retry", "200")
+    yield hub
+    if hub.proc.poll() is None:
+        hub.proc.kill()
+        for child in psutil.Process(hub.proc.pid).children():
+            child.kill()
+        hub.proc.wait(TIMEOUT)
+
+
+def workers(hub: Hub) -> list[int]:
+    return [child.pid for child in psutil.Process(hub.proc.pid).children()]
+
+
+def owner(hub: Hub, client_port: int) -> int | None:
+    """The worker that accepted the connection from our *client_port*, if one has."""
+    for pid in workers(hub):
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        for conn in connections:
+            if conn.raddr and conn.raddr.port == client_port and conn.laddr.port == hub.port:
+                return pid
+    return None
+
+
+async def owner_of(hub: Hub, client_port: int) -> int:
+    pid: int = await wait_until(lambda: owner(hub, client_port), TIMEOUT)
+    return pid
+
+
+async def publish_on_new_connection(hub: Hub, channel: str, data: str) -> tuple[str, int]:
+    """POST /publish on a fresh connection; the id and the worker that served it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        pid = await owner_of(hub, writer.get_extra_info("sockname")[1])
+        body = json.dumps({"channel": channel, "data": data}).encode()
+        writer.write(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 202"), answer
+    return json.loads(payload)["id"], pid
+
+
+async def open_stream(hub: Hub, query: str, headers: dict[str, str] | None = None) -> RawStream:
+    return await RawStream.open(hub.port, f"/events?{query}", headers=headers)
+
+
+async def stream_owner(hub: Hub, stream: RawStream) -> int:
+    return await owner_of(hub, stream.writer.get_extra_info("sockname")[1])
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_publish_anywhere_reaches_every_subscriber_and_resume_anywhere(
+    group: Hub,
+) -> None:
+    pids = workers(group)
+    assert len(pids) == 2
+    streams: list[RawStream] = []
+    owners: set[int] = set()
+    while len(streams) < 10 or len(owners) < 2:  # bounded: the loop fails at TIMEOUT below
+        stream = await open_stream(group, "channel=room")
+        streams.append(stream)
+        owners.add(await stream_owner(group, stream))
+        assert len(streams) < 200, "every stream landed on one worker"
+    for stream in streams:
+        await stream.read_until(lambda s: s.parser.last_event_id != "")  # primed
+    ids: list[str] = []
+    publishers: set[int] = set()
+    for n in range(60):
+        event_id, pid = await publish_on_new_connection(group, "room", f"message {n}")
+        ids.append(event_id)
+        publishers.add(pid)
+        if n >= 20 and len(publishers) == 2:
+            break
+    assert publishers == set(pids), "publishes reached only one worker"
+    for stream in streams:
+        await stream.read_until(lambda s: len(s.events) >= len(ids), TIMEOUT)
+        assert [event.id for event in stream.events] == ids
+        assert [event.data for event in stream.events] == [f"message {n}" for n in range(len(ids))]
+    # a browser that drops and reconnects lands on the other worker, and resumes exactly there
+    first = streams[0]
+    first_owner = await stream_owner(group, first)
+    for stream in streams:
+        stream.close()
+    middle = ids[len(ids) // 2]
+    missed = [*ids[len(ids) // 2 + 1 :]]
+    later, _ = await publish_on_new_connection(group, "room", "while away")
+    missed.append(later)
+    for _ in range(100):
+        again = await open_stream(group, "channel=room", {"Last-Event-ID": middle})
+        if await stream_owner(group, again) != first_owner:
+            break
+        again.close()
+    else:
+        raise AssertionError("no reconnect landed on the other worker")
+    await again.read_until(lambda s: len(s.events) >= len(missed), TIMEOUT)
+    assert [event.id for event in again.events] == missed
+    again.close()
+
+
+def hub_worker(hub: Hub) -> int | None:
+    """The worker running the bridge hub: the one with sockets named after the group's path."""
+    path = socket_path_of(hub)
+    for pid in workers(hub):
+        try:
+            if any(conn.laddr == path for conn in psutil.Process(pid).net_connections("unix")):
+                return pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_kill_9_of_the_hub_worker_the_group_goes_on(group: Hub) -> None:
+    victim: int = await wait_until(lambda: hub_worker(group), TIMEOUT)
+    for _ in range(100):
+        stream = await open_stream(group, "channel=k")
+        if await stream_owner(group, stream) != victim:
+            break
+        stream.close()
+    else:
+        raise AssertionError("no stream landed on the other worker")
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    await publish_on_new_connection(group, "k", "before")
+    await stream.read_until(lambda s: len(s.events) == 1, TIMEOUT)
+    os.kill(victim, signal.SIGKILL)
+    # the supervisor forks a replacement; a hub is back (taken over); the group serves again
+    await wait_until(lambda: len(workers(group)) == 2 and victim not in workers(group), TIMEOUT)
+
+    async def published() -> str | None:
+        try:
+            event_id, _ = await publish_on_new_connection(group, "k", "after")
+        except AssertionError:
+            return None  # 503 while the bridge reconnects
+        return event_id
+
+    after = await wait_until(published, TIMEOUT, interval=0.05)
+    await stream.read_until(lambda s: any(e.id == after for e in s.events), TIMEOUT)
+    # the surviving stream is told that events may have died with the hub: never a silent gap
+    assert (stream.events[0].event, stream.events[0].data) == (None, "before")
+    assert [e.event for e in stream.events][1:] == ["stream-reset", None]
+    assert stream.events[-1].data == "after"
+    assert hub_worker(group) not in (None, victim)
+    stream.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_stops_the_whole_group_within_five_seconds(group: Hub) -> None:
+    children = workers(group)
+    streams = [await open_stream(group, "channel=bye") for _ in range(4)]
+    for stream in streams:
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+    started = time.monotonic()
+    group.proc.send_signal(signal.SIGTERM)
+    await wait_until(lambda: group.proc.poll() is not None, TIMEOUT)
+    elapsed = time.monotonic() - started
+    assert group.proc.returncode == 0, group.log()
+    assert elapsed < 5.0
+    for pid in children:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    for stream in streams:
+        await stream.read_to_end(TIMEOUT)  # closed cleanly (last chunk), not left hanging
+        stream.close()
+    assert "stopping 2 workers" in group.log()
+    assert not any(
+        name.startswith(f"group-{group.proc.pid}.")
+        for name in os.listdir(os.path.dirname(socket_path_of(group)))
+    ), "the supervisor leaves no bridge files behind"
+
+
+def socket_path_of(hub: Hub) -> str:
+    from tornado_sse.broker.bridge import default_socket_path
+
+    return os.path.join(os.path.dirname(default_socket_path()), f"group-{hub.proc.pid}.sock")
