@@ -80,12 +80,20 @@ async def _maybe_await(value: Any) -> Any:
 class _StreamParams:
     """Settings resolved once per stream so the hot path never reads the settings dict."""
 
-    __slots__ = ("heartbeat", "max_buffer", "max_lifetime", "metrics", "stall_timeout")
+    __slots__ = (
+        "heartbeat",
+        "heartbeat_chunk",
+        "max_buffer",
+        "max_lifetime",
+        "metrics",
+        "stall_timeout",
+    )
 
     def __init__(self, handler: EventStreamHandler) -> None:
         interval = handler.heartbeat_interval
         event = handler.heartbeat_event
         self.heartbeat = _HEARTBEAT if event is None else encode_event(Event(data="", event=event))
+        self.heartbeat_chunk = b"%x\r\n%s\r\n" % (len(self.heartbeat), self.heartbeat)
         self.max_buffer = handler.max_buffer_size
         self.max_lifetime = handler.max_lifetime
         stall = handler.stall_timeout
@@ -134,6 +142,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _stall_pending = 0
     _allowance = 0
     _idle_ticks = 0
+    #: true while the IOStream may hold output of ours (the headers, a partial write): then
+    #: writes must queue behind it; cleared once its buffer is seen empty
+    _backlog = True
     _close_reason = "closed"
 
     # ------------------------------------------------------------------ settings
@@ -528,27 +539,40 @@ class EventStreamHandler(tornado.web.RequestHandler):
         stream = self._stream
         if not queue or stream is None:
             return
-        self._queue = []
         self._idle_ticks = 0
-        params = cast(_StreamParams, self._params)
+        params: _StreamParams = self._params  # type: ignore[assignment]
         metrics = params.metrics
         first = queue[0]
-        for frame in queue:
-            if frame.channel:
+        if len(queue) == 1:
+            if first.channel:
                 metrics.events_sent += 1
+            data = (first._chunk or first.chunk) if self._chunked else first.data
+        else:
+            metrics.events_sent += sum(1 for frame in queue if frame.channel)
+            data = b"".join([frame.data for frame in queue])
+            if self._chunked:
+                data = b"%x\r\n%s\r\n" % (len(data), data)
+        queue.clear()
         if not first.written and first.published_at:
             first.written = True
             metrics.observe_latency(time.time() - first.published_at)
-        if self._chunked:
-            if len(queue) == 1:
-                data = first.chunk
-            else:
-                body = b"".join([frame.data for frame in queue])
-                data = b"%x\r\n%s\r\n" % (len(body), body)
-        else:
-            data = first.data if len(queue) == 1 else b"".join([f.data for f in queue])
-        self._write(stream, data)
-        if self._stream is None:
+        # The common case, inlined: nothing of ours is waiting in the IOStream, so the bytes go
+        # straight to the socket, with no Future, copy or buffer bookkeeping (issue 8).
+        sock = self._raw_socket
+        if sock is not None and not self._backlog:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._abort("write-failed")
+                return
+            if sent == len(data):
+                if self._allowance:
+                    self._allowance = 0
+                return
+            data = data[sent:]
+        if not self._write(stream, data):
             return
         pending = len(stream._write_buffer)
         if pending > params.max_buffer:
@@ -558,35 +582,41 @@ class EventStreamHandler(tornado.web.RequestHandler):
         elif self._allowance:
             self._allowance = 0
 
-    def _write(self, stream: IOStream, data: bytes) -> None:
+    def _write(self, stream: IOStream, data: bytes) -> bool:
+        """Write *data*: to the socket if the IOStream holds nothing of ours, else through it.
+
+        Returns false if the stream was aborted.
+        """
         sock = self._raw_socket
-        if sock is not None and not stream._write_buffer and not stream.closed():
+        if self._backlog and not stream._write_buffer:
+            self._backlog = False
+        if sock is not None and not self._backlog:
             try:
                 sent = sock.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 self._abort("write-failed")
-                return
+                return False
             if sent == len(data):
-                return
+                return True
             data = data[sent:]
         try:
             stream.write(data)
         except StreamClosedError:
             self._abort("write-failed")
+            return False
+        self._backlog = bool(stream._write_buffer)
+        return True
 
     def _heartbeat(self) -> None:
         self._idle_ticks = 0
         stream = self._stream
         if stream is None or self._queue is None:
             return
-        params = cast(_StreamParams, self._params)
+        params: _StreamParams = self._params  # type: ignore[assignment]
         params.metrics.heartbeats_sent += 1
-        data = params.heartbeat
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        self._write(stream, data)
+        self._write(stream, params.heartbeat_chunk if self._chunked else params.heartbeat)
 
     def _prune_reason(self, now: float) -> str | None:
         stream = self._stream
