@@ -23,7 +23,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
 
 import tornado.web
@@ -128,24 +128,47 @@ class EventStreamHandler(tornado.web.RequestHandler):
     (`.Broker.publish_threadsafe`) from other threads.
     """
 
+    # What the fan-out touches for every event lives in slots, inside the handler object itself
+    # rather than in its large __dict__: with thousands of streams, a delivery then costs a few
+    # cache lines (issue 8). ``_pending`` holds the first frame of this loop iteration,
+    # ``_queue`` the rest of a burst (and is None once the stream is closed).
+    __slots__ = (
+        "_allowance",
+        "_backlog",
+        "_chunked",
+        "_idle_ticks",
+        "_mark_dirty",
+        "_metrics",
+        "_pending",
+        "_queue",
+        "_raw_socket",
+        "_stream",
+    )
+
     _subscription: Any = None
-    _stream: IOStream | None = None
-    _queue: list[Frame] | None = None
     _done: asyncio.Future[None] | None = None
     _closed_once = False
-    _chunked = False
-    _raw_socket: socket.socket | None = None
     _params: _StreamParams | None = None
     _connections: ConnectionSet | None = None
     _opened_at = 0.0
     _stall_since: float | None = None
     _stall_pending = 0
-    _allowance = 0
-    _idle_ticks = 0
-    #: true while the IOStream may hold output of ours (the headers, a partial write): then
-    #: writes must queue behind it; cleared once its buffer is seen empty
-    _backlog = True
     _close_reason = "closed"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._stream: IOStream | None = None
+        self._queue: list[Frame] | None = None
+        self._pending: Frame | None = None
+        self._mark_dirty: Callable[[EventStreamHandler], None] | None = None
+        self._metrics: Metrics | None = None
+        self._chunked = False
+        self._raw_socket: socket.socket | None = None
+        self._allowance = 0
+        self._idle_ticks = 0
+        #: true while the IOStream may hold output of ours (the headers, a partial write): then
+        #: writes must queue behind it; cleared once its buffer is seen empty
+        self._backlog = True
+        super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ settings
 
@@ -333,7 +356,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
             self._finalize("closed")
             return done
         if event is not None:
-            self._queue.append(Frame("", event.id or "", encode_event(event), 0.0))
+            final = Frame("", event.id or "", encode_event(event), 0.0)
+            if self._pending is None:
+                self._pending = final
+            else:
+                self._queue.append(final)
         self._flush()
         stream = self._stream
         self._finalize("closed")  # writes the last chunk of a chunked response
@@ -473,6 +500,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if isinstance(connection, HTTP1Connection) and isinstance(connection.stream, IOStream):
             stream = connection.stream
             self._stream = stream
+            if self._connections is not None and self._params is not None:
+                self._mark_dirty = self._connections.mark_dirty
+                self._metrics = self._params.metrics
             # Tornado frames HTTP/1.1 responses without Content-Length as chunks (the first one
             # below, and the last one in finish()); we frame the chunks in between ourselves.
             self._chunked = self.request.version == "HTTP/1.1"
@@ -527,32 +557,38 @@ class EventStreamHandler(tornado.web.RequestHandler):
 
     def deliver(self, frame: Frame) -> None:
         """Queue *frame* for this stream; it is written at the end of the loop iteration."""
-        queue = self._queue
-        if queue is None:
-            return
-        queue.append(frame)
-        if len(queue) == 1 and self._stream is not None:
-            self._connections.mark_dirty(self)  # type: ignore[union-attr]
+        if self._pending is None:
+            if self._queue is None:
+                return
+            self._pending = frame
+            mark = self._mark_dirty
+            if mark is not None:
+                mark(self)
+        else:
+            queue = self._queue
+            if queue is not None:
+                queue.append(frame)
 
     def _flush(self) -> None:
-        queue = self._queue
+        first = self._pending
         stream = self._stream
-        if not queue or stream is None:
+        if first is None or stream is None:
             return
+        self._pending = None
         self._idle_ticks = 0
-        params: _StreamParams = self._params  # type: ignore[assignment]
-        metrics = params.metrics
-        first = queue[0]
-        if len(queue) == 1:
+        metrics: Metrics = self._metrics  # type: ignore[assignment]
+        queue = self._queue
+        if not queue:
             if first.channel:
                 metrics.events_sent += 1
             data = (first._chunk or first.chunk) if self._chunked else first.data
         else:
-            metrics.events_sent += sum(1 for frame in queue if frame.channel)
-            data = b"".join([frame.data for frame in queue])
+            frames = [first, *queue]
+            queue.clear()
+            metrics.events_sent += sum(1 for frame in frames if frame.channel)
+            data = b"".join([frame.data for frame in frames])
             if self._chunked:
                 data = b"%x\r\n%s\r\n" % (len(data), data)
-        queue.clear()
         if not first.written and first.published_at:
             first.written = True
             metrics.observe_latency(time.time() - first.published_at)
@@ -574,6 +610,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
             data = data[sent:]
         if not self._write(stream, data):
             return
+        params: _StreamParams = self._params  # type: ignore[assignment]
         pending = len(stream._write_buffer)
         if pending > params.max_buffer:
             if pending > params.max_buffer + self._allowance:
@@ -667,6 +704,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self._closed_once = True
         self._close_reason = reason
         self._queue = None
+        self._pending = None
+        self._mark_dirty = None
         self._raw_socket = None
         stream = self._stream
         self._stream = None
