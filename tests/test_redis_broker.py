@@ -272,3 +272,21 @@ async def test_resp3_connection(redis_url: str, redis_prefix: str) -> None:
         sub.close()
     finally:
         await broker.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_hash_tagged_prefix_for_redis_cluster(make_broker: MakeRedis, redis_url: str) -> None:
+    """With a ``{tag}`` prefix every key of the broker hashes to one Cluster slot."""
+    broker = await make_broker(key_prefix="{sse-test}:")
+    sub, got = await subscribe(broker, ["tagged"])
+    await broker.publish("tagged", "x")
+    await wait_until(lambda: got.data == ["x"], TIMEOUT)
+    sub.close()
+    client = aioredis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match="{sse-test}:*")]
+        await client.delete(*keys)
+    finally:
+        await client.aclose()
+    assert {b"{sse-test}:last", b"{sse-test}:floor", b"{sse-test}:s:tagged"} <= set(keys)
+    assert all(key.startswith(b"{sse-test}:") for key in keys)
