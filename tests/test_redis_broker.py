@@ -154,8 +154,9 @@ async def test_one_reader_per_process_not_per_subscriber(
     def calls(stats: dict[str, Any], command: str) -> int:
         return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
-    # 2 000 deliveries from at most one XREAD per event (fewer when events batch up)
-    assert calls(after, "xread") - calls(before, "xread") <= 21
+    # 2 000 deliveries from about one XREAD per event (fewer when events batch up; a few more
+    # if a blocked XREAD times out on a slow machine), not one per subscriber
+    assert calls(after, "xread") - calls(before, "xread") <= 25
     for _, got in subs:
         assert got.data == [str(n) for n in range(20)]
     for sub, _ in subs:
