@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -46,20 +47,29 @@ class RedisServer:
     :param persist: keep data across :meth:`restart` (``appendonly yes``, ``appendfsync always``);
         otherwise nothing is ever written to disk and a restart comes back empty.
     :param args: extra ``redis-server`` arguments, e.g. ``["--requirepass", "secret"]``.
+    :param tls: ``(certificate, key)`` files: serve TLS only (see `make_certificate`).
     """
 
     def __init__(
-        self, directory: Path, *, persist: bool = False, args: list[str] | None = None
+        self,
+        directory: Path,
+        *,
+        persist: bool = False,
+        args: list[str] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.executable = redis_server_path()
         self.directory = directory
         self.persist = persist
         self.args = list(args or [])
+        self.tls = tls
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _command(self) -> list[str]:
@@ -68,10 +78,15 @@ class RedisServer:
             if self.persist
             else ["--appendonly", "no", "--save", ""]
         )
+        if self.tls is not None:
+            cert, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert)]
+            ports += ["--tls-key-file", str(key), "--tls-auth-clients", "no"]
+        else:
+            ports = ["--port", str(self.port)]
         return [
             self.executable,
-            "--port",
-            str(self.port),
+            *ports,
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -122,7 +137,11 @@ class RedisServer:
     def ping(self) -> bool:
         """Whether the server answers ``PING`` (an auth error counts: it is answering)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as raw:
+                sock = raw
+                if self.tls is not None:
+                    context = ssl.create_default_context(cafile=str(self.tls[0]))
+                    sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
                 reply = sock.recv(64)
         except OSError:
@@ -171,6 +190,40 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with the ``openssl`` command."""
+    openssl = shutil.which("openssl")
+    require(openssl is not None, "openssl is not installed")
+    assert openssl is not None
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
 
 
 @pytest.fixture(scope="session")

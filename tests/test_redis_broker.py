@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.broker_contract import TIMEOUT, BrokerContract, Collector, subscribe
 from tests.helpers import wait_until
 from tests.redis_server import (
     RedisServer,
+    make_certificate,
     redis_prefix,
     redis_server,
     redis_url,
@@ -221,7 +223,7 @@ async def test_reader_that_falls_behind_sends_stream_reset(
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_url_password_and_database(tmp_path: Any) -> None:
+async def test_url_password_and_database(tmp_path: Path) -> None:
     with RedisServer(tmp_path, args=["--requirepass", "s3cret pass"]) as server:
         url = f"redis://:s3cret%20pass@127.0.0.1:{server.port}/5"
         broker = RedisBroker(url, key_prefix="auth:")
@@ -244,6 +246,29 @@ async def test_url_password_and_database(tmp_path: Any) -> None:
         assert type(info.value).__name__ == "BrokerUnavailableError"
         assert "nope" not in str(info.value)
         await wrong.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_tls_url(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, tls=make_certificate(tmp_path)) as server:
+        assert server.url.startswith("rediss://")
+        broker = RedisBroker(server.url, key_prefix="tls:")
+        try:
+            await broker.start()
+            assert broker.healthy
+            sub, got = await subscribe(broker, ["secure"])
+            await broker.publish("secure", "over tls")
+            await wait_until(lambda: got.data == ["over tls"], TIMEOUT)
+            sub.close()
+        finally:
+            await broker.close()
+        # the same server through a plain-text URL: not a Redis to talk to
+        plain = RedisBroker(f"redis://127.0.0.1:{server.port}/0", timeout=0.5)
+        try:
+            await plain.start()
+            assert not plain.healthy
+        finally:
+            await plain.close()
 
 
 def test_bad_url_fails_where_the_broker_is_made() -> None:
