@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -585,3 +587,68 @@ async def test_an_event_too_large_for_the_bridge_is_refused_before_sending(
         assert broker.healthy and broker.hub is not None and broker.hub.dropped == 0
     finally:
         await broker.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_stuck_hub_is_a_clear_error_not_a_hang(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "hub.sock")
+    proc = start_hub_process(path)
+    broker = BridgeBroker(path, takeover=False, connect_timeout=TIMEOUT, request_timeout=0.5)
+    try:
+        await broker.start()
+        await broker.publish("s", "before")
+        proc.send_signal(signal.SIGSTOP)
+        with pytest.raises(BrokerUnavailableError, match="did not answer"):
+            await broker.publish("s", "stuck")
+        proc.send_signal(signal.SIGCONT)
+        assert await broker.publish("s", "after")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        await broker.close()
+        stop_process(proc)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_forked_child_inherits_neither_the_hub_nor_the_broker(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "hub.sock")
+    broker = BridgeBroker(path)
+    await broker.start()
+    assert broker.hub is not None
+    other = BridgeBroker(path, takeover=False)
+    await other.start()
+    child_waits, release_child = os.pipe()
+    child_ready, ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the broker is refused, then it lingers until told
+        code = 1
+        try:
+            try:
+                asyncio.run(broker.publish("c", "x"))
+            except RuntimeError as exc:
+                code = 0 if "after fork" in str(exc) else 3
+            os.write(ready, b"r")  # the at-fork handler has long run by now
+            os.read(child_waits, 1)
+        finally:
+            os._exit(code)
+    try:
+        await wait_until(lambda: select.select([child_ready], [], [], 0)[0], TIMEOUT)
+        await broker.close()
+        # the child is alive, yet holds neither the lock, nor the listening socket, nor the
+        # hub's end of the other broker's connection (which would hide the hub's death)
+        await wait_until(lambda: not other.healthy, TIMEOUT)
+        claim = claim_socket(path)
+        assert claim is not None
+        claim.release()
+    finally:
+        os.write(release_child, b"x")
+        codes: list[int] = []
+
+        def reap() -> list[int]:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes.append(os.waitstatus_to_exitcode(status))
+            return codes
+
+        await wait_until(reap, TIMEOUT)
+        await other.close()
+    assert codes == [0]

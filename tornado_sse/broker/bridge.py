@@ -73,7 +73,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from ..errors import (
@@ -381,6 +381,8 @@ class BridgeHub:
     :param max_peer_buffer: pending output (bytes) after which a peer that does not read is
         dropped; history answers larger than half of it are answered with a gap.
     :param max_channels_per_peer: channels one peer may follow.
+    :param max_channels: channels whose history is kept (see `.History`): past it the channel
+        published to least recently is forgotten, and resumes on it get ``stream-reset``.
     """
 
     def __init__(
@@ -391,6 +393,7 @@ class BridgeHub:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_peer_buffer: int = DEFAULT_MAX_PEER_BUFFER,
         max_channels_per_peer: int = 1_000_000,
+        max_channels: int = 10_000,
     ) -> None:
         if history_size < 0:
             raise ValueError("history_size must not be negative")
@@ -400,7 +403,7 @@ class BridgeHub:
         self.max_peer_buffer = max_peer_buffer
         self.max_channels_per_peer = max_channels_per_peer
         self.ids = IdSequence()
-        self.history: History[list[Any]] = History(history_size)
+        self.history: History[list[Any]] = History(history_size, max_channels)
         self.peers: set[_Peer] = set()
         #: peers dropped for misbehaving (for tests and metrics)
         self.dropped = 0
@@ -457,13 +460,21 @@ class BridgeHub:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def _forked(self) -> None:
-        """In a child of the hub's process: let go of the inherited socket, keep nothing."""
+        """In a child of the hub's process: let go of every inherited socket and the lock.
+
+        Otherwise the child would keep the lock (flock belongs to the open file), the listening
+        socket and the peers' connections alive after the hub's process dies, and no peer would
+        notice the death or be able to take over.
+        """
         if self._claim is not None:
             self._claim.sock.close()
             if self._claim.lock_fd >= 0:
                 os.close(self._claim.lock_fd)  # the parent's copy keeps the lock
                 self._claim.lock_fd = -1
             self._claim = None
+        for peer in self.peers:
+            if peer.transport is not None:
+                _let_go(peer.transport)
         self.closed = True
 
     # ------------------------------------------------------------------ introspection
@@ -627,12 +638,36 @@ _live_hubs: weakref.WeakSet[BridgeHub] = weakref.WeakSet()
 _live_brokers: weakref.WeakSet[BridgeBroker] = weakref.WeakSet()
 
 
+def _let_go(transport: asyncio.BaseTransport) -> None:
+    """In a forked child: point an inherited socket's descriptor at /dev/null.
+
+    The connection then lives on in the parent only, and the child's (unusable) copy of the
+    socket object may still close its descriptor later without closing anything else.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    fd = sock.fileno()
+    if fd < 0:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
 def _after_fork_in_child() -> None:
     for hub in list(_live_hubs):
         hub._forked()
     _live_hubs.clear()
     for broker in list(_live_brokers):
         broker._forked_away = True
+        conn = broker._conn
+        if conn is not None and conn.transport is not None:
+            _let_go(conn.transport)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -840,6 +875,9 @@ class BridgeBroker(Broker):
     :param max_frame_size: largest frame the hub accepts, in bytes (when this process runs it);
         a larger event is refused with `.InvalidEventError` before it is sent.
     :param max_peer_buffer: see `BridgeHub` (when this process runs it).
+    :param max_channels: see `BridgeHub` (when this process runs it).
+    :param request_timeout: seconds to wait for the hub's answer to a publish, subscription or
+        history request before raising `.BrokerUnavailableError` (a hub that is alive but stuck).
     :param reconnect_delay: first delay (seconds) before reconnecting; doubles per failed
         attempt up to *max_reconnect_delay*, each jittered by ±50%.
     """
@@ -853,6 +891,8 @@ class BridgeBroker(Broker):
         connect_timeout: float = 10.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_peer_buffer: int = DEFAULT_MAX_PEER_BUFFER,
+        max_channels: int = 10_000,
+        request_timeout: float = 10.0,
         reconnect_delay: float = 0.05,
         max_reconnect_delay: float = 2.0,
     ) -> None:
@@ -864,6 +904,8 @@ class BridgeBroker(Broker):
         self.max_peer_buffer = max_peer_buffer
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
+        self.max_channels = max_channels
+        self.request_timeout = request_timeout
         #: the hub, while this process runs it
         self.hub: BridgeHub | None = None
         #: connections made to a hub (the first one included)
@@ -1007,6 +1049,7 @@ class BridgeBroker(Broker):
             history_size=self.history_size,
             max_frame_size=self.max_frame_size,
             max_peer_buffer=self.max_peer_buffer,
+            max_channels=self.max_channels,
         )
         await hub._serve(claim)
         if self.closed:
@@ -1124,19 +1167,33 @@ class BridgeBroker(Broker):
                 )
         await conn.drain()
         future = conn.request(PUBLISH, channel, data, event.event, event.retry, time.time())
-        result: str = await future
+        result: str = await self._answer(future)
         return result
 
     async def _follow(self, channels: Sequence[str]) -> str:
         conn = self._connection()
         if channels:
-            await self._subscribe_on(conn, channels)
+            return await self._subscribe_on(conn, channels)
+        # Already followed: every event of those channels up to our position has reached us.
         return self._position
 
     async def _subscribe_on(self, conn: _HubConnection, channels: Sequence[str]) -> str:
         futures = [conn.request(SUBSCRIBE, list(chunk)) for chunk in _chunks(channels)]
-        positions = await asyncio.gather(*futures)
+        positions = await self._answer(asyncio.gather(*futures))
         return str(positions[-1])
+
+    async def _answer(self, waiting: Awaitable[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(waiting, self.request_timeout)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailableError(
+                f"the bridge hub did not answer within {self.request_timeout}s"
+            ) from None
+
+    def history_sizes(self) -> dict[str, int]:
+        """Events retained per channel, when this process runs the hub (else nothing)."""
+        hub = self.hub
+        return hub.history.sizes() if hub is not None else {}
 
     async def _unfollow(self, channels: Sequence[str]) -> None:
         conn = self._conn
@@ -1152,7 +1209,7 @@ class BridgeBroker(Broker):
         self, conn: _HubConnection, channels: Sequence[str], after: str
     ) -> list[Frame]:
         futures = [conn.request(HISTORY, list(chunk), after) for chunk in _chunks(channels)]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await self._answer(asyncio.gather(*futures, return_exceptions=True))
         found: list[Frame] = []
         gap: HistoryGapError | None = None
         for result in results:
