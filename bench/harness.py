@@ -99,6 +99,8 @@ class Peer:
     loop: str = "asyncio"
     options: Sequence[str] = ()
     why: str = ""
+    #: extra environment variables for the server process (experiments: PYTHONPATH=...)
+    env: dict[str, str] = field(default_factory=dict)
 
     def unavailable(self) -> str | None:
         """``None`` if this peer can run here, else why not."""
@@ -169,11 +171,16 @@ def free_port() -> int:
 # ---------------------------------------------------------------------- processes
 
 
-def _proc_cpu(pid: int) -> float:
-    """Seconds of CPU (user + system, all threads) used by *pid* so far."""
+def _proc_times(pid: int) -> tuple[float, float]:
+    """Seconds of user and system CPU (all threads) used by *pid* so far."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def _proc_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system, all threads) used by *pid* so far."""
+    return sum(_proc_times(pid))
 
 
 def _proc_rss(pid: int) -> int:
@@ -248,6 +255,7 @@ class Server:
                 argv += ["--option", option]
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
+            env={**os.environ, **self.peer.env} if self.peer.env else None,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -308,6 +316,9 @@ class Server:
 
     def cpu(self) -> float:
         return _proc_cpu(self.pid)
+
+    def times(self) -> tuple[float, float]:
+        return _proc_times(self.pid)
 
     def rss(self) -> int:
         return _proc_rss(self.pid)
@@ -561,14 +572,18 @@ class PeerRun:
         await self.workers.each(
             lambda i: {"cmd": "begin", "first": first, "latency": latency}, self.clients
         )
-        cpu0 = self.server.cpu()
+        user0, system0 = self.server.times()
         published = await self.publish(count, rate)
         reports = await self.workers.each(
             lambda i: {"cmd": "wait", "last": published["last"], "timeout": timeout},
             self.clients,
         )
-        cpu1 = self.server.cpu()
-        return self._summarize(published, reports, cpu1 - cpu0)
+        user1, system1 = self.server.times()
+        result = self._summarize(published, reports, user1 - user0 + system1 - system0)
+        result["server_system_share"] = (
+            (system1 - system0) / result["server_cpu_s"] if result["server_cpu_s"] else None
+        )
+        return result
 
     def _summarize(
         self, published: dict[str, Any], reports: list[dict[str, Any]], cpu: float
@@ -596,6 +611,7 @@ class PeerRun:
             "deliveries_per_s": received / wall if wall and wall > 0 else None,
             "server_cpu_s": cpu,
             "cpu_us_per_delivery": cpu / received * 1e6 if received else None,
+            "gc_collections": published.get("gc"),
         }
         if lat:
             out["latency_ms"] = percentiles(lat, (50, 99, 99.9))
@@ -616,9 +632,11 @@ class PeerRun:
         await self.server.gc()
         await asyncio.sleep(0.3)
         rss0 = self.server.rss()
+        cpu0 = self.server.cpu()
         connect = await self.connect(plan.idle_streams)
         self.progress.advance(1)
         seen = await self.server.wait_streams(connect["connected"], 10)
+        connect_cpu = self.server.cpu() - cpu0
         await asyncio.sleep(0.5)
         await self.server.gc()
         rss1 = self.server.rss()
@@ -636,6 +654,7 @@ class PeerRun:
         return {
             "streams": streams,
             "connect_seconds": connect["seconds"],
+            "connect_server_cpu_s": connect_cpu,
             "connect_errors": connect["errors"],
             "server_saw_all_after_s": seen,
             "rss_before": rss0,

@@ -36,6 +36,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import sys
 import time
 from typing import Any
@@ -179,6 +180,27 @@ class Client(asyncio.Protocol):
             transport.abort()
 
 
+#: Linux: bind() picks the local port at connect() time; without it, bind((ip, 0)) searches the
+#: ports in use and connecting thousands of sockets from one address slows to a crawl
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def open_stream(client: Client, host: str, port: int, src: str) -> None:
+    """Connect *client* from source address *src*."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if sys.platform.startswith("linux"):
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((src, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, port))
+        await loop.create_connection(lambda: client, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _request(host: str, port: int, path: str) -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -208,7 +230,7 @@ class Worker:
                 connected: asyncio.Future[Client] = loop.create_future()
                 client = Client(request, connected)
                 try:
-                    await loop.create_connection(lambda: client, host, port, local_addr=(src, 0))
+                    await open_stream(client, host, port, src)
                     await asyncio.wait_for(connected, 10)
                 except (OSError, asyncio.TimeoutError) as exc:
                     key = type(exc).__name__
@@ -326,12 +348,7 @@ class Worker:
                 client = Client(request, connected)
                 t0 = monotonic_ns()
                 try:
-                    await loop.create_connection(
-                        lambda c=client: c,  # type: ignore[misc]
-                        host,
-                        port,
-                        local_addr=(src, 0),
-                    )
+                    await open_stream(client, host, port, src)
                     await asyncio.wait_for(connected, 10)
                 except (OSError, asyncio.TimeoutError):
                     stats["failed"] += 1

@@ -15,6 +15,13 @@ benchmark's events through the peer's own publish function, in the server's even
     the number of open streams as the peer counts them.
 ``{"cmd": "gc"}``
     runs a full collection (before memory readings).
+``{"cmd": "census", "top": N}``
+    the N most numerous object types the garbage collector tracks (count and shallow bytes).
+``{"cmd": "tracemalloc", "start": true}`` / ``{"cmd": "tracemalloc", "top": N}``
+    start tracing allocations; then the N lines that allocated most since the start.
+``{"cmd": "profile", "seconds": S}``
+    profiles the server (cProfile) for S seconds and answers with the top functions, for
+    working on the fast path (``python -m tornado_sse.bench.profile``).
 
 Standard library only, like the floor peer that uses it.
 """
@@ -63,6 +70,7 @@ class Driver:
         self.streams = streams
         self.seq = 0
         self._running: asyncio.Task[None] | None = None
+        self._snapshot: Any = None
         self._stop = False
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
@@ -89,8 +97,24 @@ class Driver:
         if name == "gc":
             gc.collect()
             return {"ok": True}
+        if name == "census":
+            return {"ok": True, "types": _census(int(command.get("top", 40)))}
+        if name == "tracemalloc":
+            import tracemalloc
+
+            if command.get("start"):
+                tracemalloc.start(int(command.get("frames", 1)))
+                self._snapshot = tracemalloc.take_snapshot()
+                return {"ok": True}
+            now = tracemalloc.take_snapshot()
+            stats = now.compare_to(self._snapshot, command.get("group", "lineno"))
+            tracemalloc.stop()
+            return {"ok": True, "top": [str(stat) for stat in stats[: int(command.get("top", 30))]]}
+        if name == "profile":
+            return {"ok": True, "stats": await self._profile(float(command["seconds"]))}
         if name == "publish":
             first = self.seq + 1
+            collections = [g["collections"] for g in gc.get_stats()]
             t0 = time.monotonic_ns()
             await self._publish_loop(
                 int(command["count"]), float(command.get("rate", 0)), command.get("size")
@@ -101,6 +125,9 @@ class Driver:
                 "last": self.seq,
                 "t0": t0,
                 "t1": time.monotonic_ns(),
+                "gc": [
+                    g["collections"] - c for g, c in zip(gc.get_stats(), collections, strict=True)
+                ],
             }
         if name == "start":
             self._stop = False
@@ -116,6 +143,23 @@ class Driver:
                 self._running = None
             return {"ok": True, "last": self.seq}
         return {"ok": False, "error": f"unknown command {name!r}"}
+
+    async def _profile(self, seconds: float) -> str:
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(
+            os.environ.get("BENCH_PROFILE_SORT", "tottime")
+        ).print_stats(int(os.environ.get("BENCH_PROFILE_LINES", "25")))
+        return out.getvalue()
 
     async def _publish_loop(self, count: int | None, rate: float, size: int | None) -> None:
         size = int(size or DEFAULT_SIZE)
@@ -134,6 +178,20 @@ class Driver:
                 await asyncio.sleep(delay if delay > 0 else 0)
             else:
                 await asyncio.sleep(0)
+
+
+def _census(top: int) -> list[tuple[str, int, int]]:
+    """Objects tracked by the garbage collector, by type: (type, count, bytes), largest first."""
+    import sys
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        name = type(obj).__qualname__
+        counts[name] += 1
+        sizes[name] += sys.getsizeof(obj)
+    return [(name, n, sizes[name]) for name, n in counts.most_common(top)]
 
 
 def run(main: Callable[[argparse.Namespace], Awaitable[None]], args: argparse.Namespace) -> None:

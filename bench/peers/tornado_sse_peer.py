@@ -46,6 +46,8 @@ async def main(args: argparse.Namespace) -> None:
     control = await driver.serve(args.host, args.control_port)
     if options(args).get("gc") == "freeze":
         gc.freeze()
+    elif options(args).get("gc") == "off":
+        gc.disable()
     async with control:
         await asyncio.Event().wait()
 
