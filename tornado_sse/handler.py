@@ -23,6 +23,7 @@ import random
 import socket
 import threading
 import time
+import types
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -46,6 +47,7 @@ __all__ = ["EventStreamHandler", "default_broker"]
 log = logging.getLogger("tornado_sse")
 
 _HEARTBEAT = encode_comment("")
+_RELEASED_UI: types.MappingProxyType[str, Any] = types.MappingProxyType({})
 _default_lock = threading.Lock()
 _default: InProcessBroker | None = None
 
@@ -521,6 +523,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self._auto_finish = False
         self.write(body)
         self.flush()
+        # Once the headers are out, Tornado's per-request helpers for templates and response
+        # headers are never read again: let them go (issue 8: memory per idle stream). Dropping
+        # ``ui`` also breaks its reference cycle with the handler.
+        self.ui = _RELEASED_UI  # type: ignore[assignment]
+        self._headers.clear()
 
     def _jittered_retry(self) -> int:
         return int(self.retry_interval * 1000 * (1.0 + random.random() * self.retry_jitter))
