@@ -101,6 +101,7 @@ class _StreamParams:
         stall = handler.stall_timeout
         self.stall_timeout = stall if stall is not None else max(2 * (interval or 15.0), 30.0)
         self.metrics = handler.metrics
+        self.metrics.add_broker(handler.broker)
 
 
 class EventStreamHandler(tornado.web.RequestHandler):
