@@ -8,6 +8,8 @@ keeps, for all its streams together:
   stream is never idle longer than the interval and no stream owns a timer;
 * **pruning**: a `PeriodicCallback` closes streams whose writes failed, half-open peers whose
   pending output has not drained for the stall timeout, and streams past their maximum lifetime;
+  it looks only at the streams that *watch* themselves (output waiting in their IOStream, or a
+  maximum lifetime), so thousands of healthy idle streams cost it nothing (issue 8);
 * **write batching**: streams that received events are flushed once per event loop iteration,
   so a burst of publishes goes out in one write per stream;
 * **limits and shutdown**: counts per client address, and :meth:`ConnectionSet.close`.
@@ -81,6 +83,7 @@ class ConnectionSet:
         self._wheels: dict[float, _Wheel] = {}
         self._addresses: dict[str, int] = {}
         self._dirty: list[Connection] = []
+        self._watched: dict[Connection, None] = {}
         self._flush_scheduled = False
         self._pruner: PeriodicCallback | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,8 +143,18 @@ class ConnectionSet:
         if not self._pruner.is_running():
             self._pruner.start()
 
+    def watch(self, conn: Connection) -> None:
+        """Have the pruning passes look at *conn* (a member) until :meth:`unwatch`."""
+        if conn in self._members:
+            self._watched[conn] = None
+
+    def unwatch(self, conn: Connection) -> None:
+        """Stop looking at *conn* in pruning passes (idempotent)."""
+        self._watched.pop(conn, None)
+
     def discard(self, conn: Connection) -> None:
         """Forget *conn* (idempotent); timers stop when the set becomes empty."""
+        self._watched.pop(conn, None)
         interval = self._members.pop(conn, None)
         if interval is None:
             return
@@ -176,7 +189,7 @@ class ConnectionSet:
 
     def _prune(self) -> None:
         now = time.monotonic()
-        for conn in list(self._members):
+        for conn in list(self._watched):
             reason = conn._prune_reason(now)
             if reason is not None:
                 conn._abort(reason)

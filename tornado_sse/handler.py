@@ -434,6 +434,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self._connections = connections
         self._queue = []
         connections.add(self, self.heartbeat_interval)
+        connections.watch(self)  # until the first pruning pass sees its output drained
         last_event_id = self.get_last_event_id()
         try:
             subscription = await self.broker.subscribe(channels, self, last_event_id)
@@ -651,7 +652,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
         except StreamClosedError:
             self._abort("write-failed")
             return False
-        self._backlog = bool(stream._write_buffer)
+        if stream._write_buffer:
+            self._backlog = True
+            if self._connections is not None:
+                self._connections.watch(self)  # for the stall timeout
+        else:
+            self._backlog = False
         return True
 
     def _heartbeat(self) -> None:
@@ -675,6 +681,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
         pending = len(stream._write_buffer)
         if not pending:
             self._stall_since = None
+            if params.max_lifetime is None and self._connections is not None:
+                self._connections.unwatch(self)
         elif self._stall_since is None or pending < self._stall_pending:
             self._stall_since = now
         elif now - self._stall_since > params.stall_timeout:
