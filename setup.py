@@ -39,6 +39,7 @@ EXTRAS["test"] = sorted(
         "ruff>=0.6",
         "mypy>=1.11",
         "types-redis",
+        "msgpack-types",
         "setuptools<81",
     }
 )
