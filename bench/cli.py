@@ -13,7 +13,7 @@ import asyncio
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,26 @@ def _peer_names(value: str | None) -> list[str]:
     return names
 
 
+def _override(plan: Plan, item: str) -> None:
+    """Set one field of *plan* from ``FIELD=VALUE`` (a comma-separated list for sequences)."""
+    name, sep, text = item.partition("=")
+    current = getattr(plan, name, None) if sep else None
+    if current is None or name.startswith("_"):
+        names = ", ".join(f.name for f in fields(plan))
+        raise click.BadParameter(
+            f"expected FIELD=VALUE with FIELD one of {names}", param_hint="--set"
+        )
+    try:
+        if isinstance(current, (tuple, list)):
+            kind = type(current[0]) if current else float
+            value: Any = tuple(kind(part) for part in text.split(","))
+        else:
+            value = type(current)(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{item}: {exc}", param_hint="--set") from exc
+    setattr(plan, name, value)
+
+
 def _command_line(
     quick: bool,
     scenarios: tuple[str, ...],
@@ -42,6 +62,7 @@ def _command_line(
     out: Path,
     repeats: int | None,
     streams: int | None,
+    overrides: tuple[str, ...] = (),
 ) -> str:
     """The command that reproduces this run."""
     argv = ["tornado-sse", "bench"]
@@ -55,6 +76,8 @@ def _command_line(
         argv += ["--repeats", str(repeats)]
     if streams is not None:
         argv += ["--streams", str(streams)]
+    for item in overrides:
+        argv += ["--set", item]
     argv += ["--out", str(out)]
     return shlex.join(argv)
 
@@ -83,6 +106,14 @@ def _command_line(
 )
 @click.option("--repeats", type=int, default=None, help="Fan-out runs per size (median kept).")
 @click.option("--streams", type=int, default=None, help="Streams in the idle scenario.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override a field of the plan (repeatable), e.g. fanout_subscribers=100,1000 or "
+    "latency_duration=5; see tornado_sse.bench.harness.Plan.",
+)
 def bench_command(
     quick: bool,
     scenarios: tuple[str, ...],
@@ -90,6 +121,7 @@ def bench_command(
     out: Path,
     repeats: int | None,
     streams: int | None,
+    overrides: tuple[str, ...],
 ) -> None:
     """Benchmark tornado_sse beside other SSE servers on this machine.
 
@@ -102,6 +134,8 @@ def bench_command(
         plan.fanout_repeats = max(1, repeats)
     if streams is not None:
         plan.idle_streams = max(1, streams)
+    for item in overrides:
+        _override(plan, item)
     chosen = [PEERS[name] for name in _peer_names(peers)]
     wanted = [name for name in SCENARIOS if not scenarios or name in scenarios]
     server_core, client_core = cores()
@@ -129,7 +163,7 @@ def bench_command(
             run_peers(chosen, wanted, plan, Progress(advance=advance, describe=describe))
         )
     data = {
-        "command": _command_line(quick, scenarios, peers, out, repeats, streams),
+        "command": _command_line(quick, scenarios, peers, out, repeats, streams, overrides),
         "environment": report.environment(),
         "placement": {
             "server": sorted(server_core) if server_core else "any",

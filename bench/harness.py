@@ -56,9 +56,12 @@ class Plan:
     """Sizes and durations of one benchmark run."""
 
     idle_streams: int = 10_000
-    idle_window: float = 10.0
+    idle_window: float = 15.0
     fanout_subscribers: Sequence[int] = (100, 1_000, 5_000)
+    #: most deliveries per measured fan-out run; fewer for slow servers (see fanout_seconds)
     fanout_deliveries: int = 400_000
+    #: a measured fan-out run is sized to last about this long at the warm-up's rate
+    fanout_seconds: float = 1.5
     fanout_repeats: int = 3
     latency_subscribers: int = 1_000
     latency_rate: float = 10.0
@@ -68,7 +71,7 @@ class Plan:
     churn_rate: float = 50.0
     churn_duration: float = 15.0
     churn_life: tuple[float, float] = (0.1, 1.0)
-    heartbeat: float = 5.0
+    heartbeat: float = 15.0
     size: int = 64
     workers: int = 2
 
@@ -79,12 +82,13 @@ class Plan:
             idle_window=2.0,
             fanout_subscribers=(100, 1_000),
             fanout_deliveries=100_000,
+            fanout_seconds=0.4,
             fanout_repeats=1,
             latency_subscribers=1_000,
-            latency_duration=3.0,
+            latency_duration=2.0,
             churn_steady=200,
             churn_clients=50,
-            churn_duration=3.0,
+            churn_duration=2.0,
         )
 
 
@@ -675,8 +679,10 @@ class PeerRun:
         for subscribers in plan.fanout_subscribers:
             connect = await self.connect(subscribers - connected)
             connected = subscribers
-            count = max(20, min(4000, plan.fanout_deliveries // subscribers))
-            await self.measured(max(5, count // 10), 0, False, 30)
+            most = max(20, min(4000, plan.fanout_deliveries // subscribers))
+            warm = await self.measured(max(5, most // 10), 0, False, 30)
+            rate = warm["deliveries_per_s"] or 0.0
+            count = max(20, min(most, int(rate * plan.fanout_seconds / subscribers)))
             runs = []
             for _ in range(plan.fanout_repeats):
                 runs.append(await self.measured(count, 0, False, 60))
@@ -785,6 +791,7 @@ async def run_peers(
 ) -> dict[str, Any]:
     """Run *scenarios* against each of *peers*, one after the other; the results by peer."""
     server_core, client_core = cores()
+    affinity = os.sched_getaffinity(0) if client_core is not None else None
     if client_core is not None:
         os.sched_setaffinity(0, client_core)
     own_dir = workdir is None
@@ -806,6 +813,8 @@ async def run_peers(
                 status = f"failed: {type(exc).__name__}: {exc}"
             results[peer.name] = {"label": peer.label, "status": status, **scenario_results}
     finally:
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
     return results

@@ -44,10 +44,15 @@ async def main(args: argparse.Namespace) -> None:
 
     driver = Driver(publish, lambda: len(connections))
     control = await driver.serve(args.host, args.control_port)
-    if options(args).get("gc") == "freeze":
-        gc.freeze()
-    elif options(args).get("gc") == "off":
+    tuning = options(args).get("gc", "")
+    if tuning == "off":
         gc.disable()
+    elif tuning:
+        thresholds = [int(x) for x in tuning.replace("freeze", "").split("/") if x]
+        if thresholds:
+            gc.set_threshold(*thresholds)
+        if "freeze" in tuning:
+            gc.freeze()
     async with control:
         await asyncio.Event().wait()
 
