@@ -297,6 +297,78 @@ async def measure(scenario: str, args: argparse.Namespace, workdir: Path) -> dic
         target.stop()
 
 
+class _Counter:
+    """A subscriber that only counts (so that the broker's own cost is what is measured)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_latency_ns = 0
+
+    def deliver(self, frame: Any) -> None:
+        self.count += 1
+
+
+async def overhead(events: int, window: int) -> list[dict[str, Any]]:
+    """The bridge's own cost per event, without HTTP: CPU of this process (publisher, hub and a
+    following broker all in it) per event, pipelined, and the round trip of one publish."""
+    from tornado_sse import InProcessBroker
+    from tornado_sse.broker.base import Broker
+    from tornado_sse.broker.bridge import BridgeBroker
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bridge-overhead-") as tmp:
+        for name in ("memory", "bridge"):
+            publisher: Broker
+            follower: Broker
+            if name == "memory":
+                publisher = follower = InProcessBroker()
+            else:
+                publisher = BridgeBroker(os.path.join(tmp, "hub.sock"))
+                await publisher.start()
+                follower = BridgeBroker(os.path.join(tmp, "hub.sock"), takeover=False)
+            await follower.start()
+            counter = _Counter()
+            sub = await follower.subscribe([CHANNEL], counter)
+            sub.start()
+            loop = asyncio.get_running_loop()
+
+            async def until(count: int, counter: _Counter = counter) -> None:
+                while counter.count < count:
+                    await asyncio.sleep(0)
+
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            flying: set[asyncio.Future[str]] = set()
+            for index in range(events):
+                flying.add(asyncio.ensure_future(publisher.publish(CHANNEL, str(index))))
+                if len(flying) >= window:
+                    _, flying = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(*flying)
+            await until(events)
+            cpu1, t1 = time.process_time(), time.perf_counter()
+            rounds = []
+            for index in range(1000):
+                start = loop.time()
+                await publisher.publish(CHANNEL, str(index))
+                await until(events + index + 1)
+                rounds.append(loop.time() - start)
+            rounds.sort()
+            out.append(
+                {
+                    "scenario": f"overhead/{name}",
+                    "events_per_second": events / (t1 - t0),
+                    "cpu_us_per_event": (cpu1 - cpu0) / events * 1e6,
+                    "publish_to_deliver_us": {
+                        "p50": rounds[len(rounds) // 2] * 1e6,
+                        "p99": rounds[int(len(rounds) * 0.99)] * 1e6,
+                    },
+                }
+            )
+            sub.close()
+            await follower.close()
+            await publisher.close()
+    return out
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| scenario | streams per process | deliveries/s, one publish at a time "
@@ -305,6 +377,8 @@ def table(results: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
+        if r["scenario"].startswith("overhead/"):
+            continue
         lat = r["latency"]["latency_ms"]
         runs = ("burst", "pipelined", "latency")
         faults = sum(r[k]["lost"] + r[k]["duplicated"] + r[k]["reordered"] for k in runs)
@@ -317,11 +391,29 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['pipelined']['cpu_us_per_delivery']:.2f} | {roles} "
             f"| {lat['p50']:.2f} | {lat['p99']:.2f} | {lat['max']:.2f} | {faults} |"
         )
+    overheads = [r for r in results if r["scenario"].startswith("overhead/")]
+    if overheads:
+        lines += [
+            "",
+            "| broker, no HTTP | events/s (pipelined, 1 follower) | CPU µs/event "
+            "| publish to deliver p50 µs | p99 µs |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in overheads:
+            lines.append(
+                f"| {r['scenario'].split('/')[1]} | {r['events_per_second']:,.0f} "
+                f"| {r['cpu_us_per_event']:.1f} | {r['publish_to_deliver_us']['p50']:.0f} "
+                f"| {r['publish_to_deliver_us']['p99']:.0f} |"
+            )
     return "\n".join(lines)
 
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
+    if args.overhead:
+        for result in await overhead(args.overhead, args.window):
+            results.append(result)
+            print(json.dumps(result), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bridge-cost-") as tmp:
         for scenario in args.scenarios:
             for repeat in range(args.repeat):
@@ -352,7 +444,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-cores", default="0", help="cores of the group under test")
     parser.add_argument("--loadgen-cores", default="1", help="cores of the load generator")
     parser.add_argument(
-        "--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="default: all"
+        "--scenarios", nargs="*", choices=SCENARIOS, default=list(SCENARIOS), help="default: all"
+    )
+    parser.add_argument(
+        "--overhead",
+        type=int,
+        default=20000,
+        metavar="EVENTS",
+        help="also measure the bridge's own cost per event without HTTP (0: skip)",
     )
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)

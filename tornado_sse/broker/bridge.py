@@ -73,7 +73,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import (
@@ -130,6 +130,9 @@ EXPANSION = 8
 DEFAULT_MAX_PEER_BUFFER = 64 << 20
 
 _PEERCRED = struct.Struct("3i")
+
+#: longest unix socket path (``sun_path`` is 108 bytes on Linux, 104 on the BSDs, NUL included)
+_MAX_SOCKET_PATH = 103
 
 
 class BridgePermissionError(BrokerError, PermissionError):
@@ -685,11 +688,14 @@ _ANSWERS = {
 
 
 class _Request:
-    __slots__ = ("answers", "frames", "future")
+    __slots__ = ("answers", "frames", "future", "sent_at")
 
-    def __init__(self, future: asyncio.Future[Any], answers: frozenset[int]) -> None:
+    def __init__(
+        self, future: asyncio.Future[Any], answers: frozenset[int], sent_at: float
+    ) -> None:
         self.future = future
         self.answers = answers
+        self.sent_at = sent_at
         self.frames: list[list[Any]] = []
 
 
@@ -831,7 +837,7 @@ class _HubConnection(asyncio.Protocol):
         rid = self._next_rid
         self.send(pack(kind, rid, *fields))
         future: asyncio.Future[Any] = self.loop.create_future()
-        self.requests[rid] = _Request(future, _ANSWERS[kind])
+        self.requests[rid] = _Request(future, _ANSWERS[kind], self.loop.time())
         return future
 
     def abort(self) -> None:
@@ -898,6 +904,11 @@ class BridgeBroker(Broker):
     ) -> None:
         super().__init__(history_size=history_size)
         self.path = os.path.abspath(path if path is not None else default_socket_path())
+        if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"socket path too long for a unix socket ({_MAX_SOCKET_PATH} bytes at most):"
+                f" {self.path}"
+            )
         self.takeover = takeover
         self.connect_timeout = connect_timeout
         self.max_frame_size = max_frame_size
@@ -915,6 +926,7 @@ class BridgeBroker(Broker):
         self._conn: _HubConnection | None = None
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._position = ""
         self._resync_after: str | None = None
         self._resync_buffer: list[Frame] | None = None
@@ -965,28 +977,57 @@ class BridgeBroker(Broker):
         _live_brokers.add(self)
         self._ready = asyncio.Event()
         self._task = asyncio.ensure_future(self._run())
+        self._watchdog = asyncio.ensure_future(self._watch())
         try:
             await asyncio.wait_for(self._ready.wait(), self.connect_timeout)
         except asyncio.TimeoutError:
             self._task.cancel()
             self._task = None
+            self._watchdog.cancel()
+            self._watchdog = None
             raise BrokerUnavailableError(
                 f"no bridge hub answered at {self.path} within {self.connect_timeout}s"
             ) from None
 
     async def _close(self) -> None:
         _live_brokers.discard(self)
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._task = self._watchdog = None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
         hub, self.hub = self.hub, None
         if hub is not None:
             await hub.close()
+
+    async def _watch(self) -> None:
+        """Fail requests the hub has not answered within ``request_timeout`` (a stuck hub).
+
+        One sweep every quarter of the timeout (at most every second) rather than a timer per
+        request: the hub answers in order, so only the oldest requests need looking at.
+        """
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await asyncio.sleep(min(1.0, self.request_timeout / 4))
+            conn = self._conn
+            if conn is None or conn.closed:
+                continue
+            deadline = loop.time() - self.request_timeout
+            for request in list(conn.requests.values()):
+                if request.sent_at > deadline:
+                    break
+                future = request.future
+                if not future.done():
+                    future.set_exception(
+                        BrokerUnavailableError(
+                            f"the bridge hub did not answer within {self.request_timeout}s"
+                        )
+                    )
+                    future.exception()  # retrieved: its waiter may be gone
 
     async def _run(self) -> None:
         """Keep a connection to a hub, taking over when there is none, until closed."""
@@ -1083,6 +1124,13 @@ class BridgeBroker(Broker):
         conn.epoch_start = welcome[2]
         conn.hub_pid = welcome[4]
         conn.max_frame_size = welcome[5]
+        if conn.max_frame_size * EXPANSION > conn.decoder.max_frame_size:
+            log.warning(
+                "bridge: the hub accepts frames of %d bytes, more than this process does (%d):"
+                " give every process of the group the same max_frame_size",
+                conn.max_frame_size,
+                self.max_frame_size,
+            )
         self.connects += 1
         return conn
 
@@ -1141,7 +1189,7 @@ class BridgeBroker(Broker):
             )
             seen: set[Subscription] = set()
             for subs in list(self._subscriptions.values()):
-                for sub in subs:
+                for sub in tuple(subs):  # a subscriber may close (and unsubscribe) as we go
                     if sub not in seen and not sub.closed:
                         seen.add(sub)
                         sub._deliver(reset)
@@ -1167,7 +1215,7 @@ class BridgeBroker(Broker):
                 )
         await conn.drain()
         future = conn.request(PUBLISH, channel, data, event.event, event.retry, time.time())
-        result: str = await self._answer(future)
+        result: str = await future
         return result
 
     async def _follow(self, channels: Sequence[str]) -> str:
@@ -1179,16 +1227,8 @@ class BridgeBroker(Broker):
 
     async def _subscribe_on(self, conn: _HubConnection, channels: Sequence[str]) -> str:
         futures = [conn.request(SUBSCRIBE, list(chunk)) for chunk in _chunks(channels)]
-        positions = await self._answer(asyncio.gather(*futures))
+        positions = await asyncio.gather(*futures)
         return str(positions[-1])
-
-    async def _answer(self, waiting: Awaitable[Any]) -> Any:
-        try:
-            return await asyncio.wait_for(waiting, self.request_timeout)
-        except asyncio.TimeoutError:
-            raise BrokerUnavailableError(
-                f"the bridge hub did not answer within {self.request_timeout}s"
-            ) from None
 
     def history_sizes(self) -> dict[str, int]:
         """Events retained per channel, when this process runs the hub (else nothing)."""
@@ -1209,7 +1249,7 @@ class BridgeBroker(Broker):
         self, conn: _HubConnection, channels: Sequence[str], after: str
     ) -> list[Frame]:
         futures = [conn.request(HISTORY, list(chunk), after) for chunk in _chunks(channels)]
-        results = await self._answer(asyncio.gather(*futures, return_exceptions=True))
+        results = await asyncio.gather(*futures, return_exceptions=True)
         found: list[Frame] = []
         gap: HistoryGapError | None = None
         for result in results:
