@@ -42,14 +42,18 @@ Deliberate choices, and why:
   were trimmed (``p`` of the first new entry is past its position), or after an outage cannot
   prove that Redis still holds everything after its horizon (``floor`` moved past it: the data
   was lost; ``last`` went below it: Redis came back from an older snapshot), it delivers a
-  ``stream-reset`` event to the local subscribers of the channels concerned, with the id they
-  can resume from, and carries on from there. When Redis comes back with its data, the reader
+  ``stream-reset`` event to the local subscriptions of the channels concerned (one per
+  subscription, however many of its channels are concerned), with the id they can resume from,
+  and carries on from there. When Redis comes back with its data, the reader
   simply continues from its positions and subscribers miss nothing.
 * **Faults are reported, not raised into the application.** The reader reconnects with
   exponential backoff and jitter, logs each outage once (never the URL: it may hold a
-  password), and `healthy` is false meanwhile (the hub's ``/healthz`` answers 503). Publishing,
-  and subscribing to a channel nobody here follows yet, fail fast with
-  `.BrokerUnavailableError`, each Redis call bounded by ``timeout``.
+  password), and `healthy` is false meanwhile (the hub's ``/healthz`` answers 503). Publishing
+  and subscribing fail fast with `.BrokerUnavailableError` (the handler tells new streams to
+  retry later), each Redis call bounded by ``timeout``; open streams stay open.
+* **One hash slot.** The script and the reader's ``XREAD`` use several keys together; on a
+  Redis Cluster give the prefix a hash tag (``key_prefix="{sse}:"``). docs/scaling.md says what
+  that means for throughput and what sharding would take.
 """
 
 from __future__ import annotations
