@@ -116,6 +116,9 @@ async def test_each_hub_delivers_the_others_publishes(
         events = await stream.events_count(2)
         assert [(e.id, e.data) for e in events] == [(from_a, "from a"), (from_b, "from b")]
         stream.close()
+    metrics = httpx.get(a.url + "/metrics", timeout=5).text
+    assert "tornado_sse_redis_up 1.0" in metrics
+    assert "tornado_sse_redis_outages_total" in metrics
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)

@@ -290,6 +290,9 @@ class _Hub:
 
             registry = CollectorRegistry()
             registry.register(self.metrics.collector())
+            backend_collector = getattr(self.broker, "collector", None)
+            if backend_collector is not None:  # the backend's own metrics (Redis, for one)
+                registry.register(backend_collector())
             ProcessCollector(registry=registry)
             self._registry = registry
         return self._registry
