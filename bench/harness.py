@@ -72,6 +72,8 @@ class Plan:
     churn_duration: float = 15.0
     churn_life: tuple[float, float] = (0.1, 1.0)
     heartbeat: float = 15.0
+    #: longest wait for the server to count its streams back (released, settled after churn)
+    settle_timeout: float = 10.0
     size: int = 64
     workers: int = 2
 
@@ -79,16 +81,17 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(
             idle_streams=1_000,
-            idle_window=2.0,
+            idle_window=1.0,
+            settle_timeout=3.0,
             fanout_subscribers=(100, 1_000),
             fanout_deliveries=100_000,
-            fanout_seconds=0.4,
+            fanout_seconds=0.3,
             fanout_repeats=1,
             latency_subscribers=1_000,
-            latency_duration=2.0,
+            latency_duration=1.5,
             churn_steady=200,
             churn_clients=50,
-            churn_duration=2.0,
+            churn_duration=1.5,
         )
 
 
@@ -302,14 +305,17 @@ class Server:
             return None
         return int((await self.control({"cmd": "streams"}))["streams"])
 
-    async def wait_streams(self, count: int, timeout: float) -> float | None:
-        """Seconds until the server holds *count* streams (``None``: unknown or timed out)."""
+    async def wait_streams(
+        self, count: int, timeout: float, at_least: bool = False
+    ) -> float | None:
+        """Seconds until the server holds *count* streams, or *at_least* that many (``None``:
+        unknown or timed out)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             now = await self.streams()
             if now is None:
                 return None
-            if now == count:
+            if now == count or (at_least and now > count):
                 return time.monotonic() - t0
             await asyncio.sleep(0.02)
         return None
@@ -626,7 +632,7 @@ class PeerRun:
         await self.connect(min(100, self.plan.latency_subscribers))
         await self.measured(20, 0, False, 10)
         await self._close_all()
-        await self.server.wait_streams(0, 2)
+        await self.server.wait_streams(0, min(2.0, self.plan.settle_timeout))
 
     # ------------------------------------------------------------------ scenarios
 
@@ -639,7 +645,7 @@ class PeerRun:
         cpu0 = self.server.cpu()
         connect = await self.connect(plan.idle_streams)
         self.progress.advance(1)
-        seen = await self.server.wait_streams(connect["connected"], 10)
+        seen = await self.server.wait_streams(connect["connected"], 10, at_least=True)
         connect_cpu = self.server.cpu() - cpu0
         await asyncio.sleep(0.5)
         await self.server.gc()
@@ -649,7 +655,7 @@ class PeerRun:
         await asyncio.sleep(plan.idle_window)
         idle_cpu = (self.server.cpu() - cpu0) / (time.monotonic() - t0)
         closing = await self._close_all()
-        released = await self.server.wait_streams(0, 10)
+        released = await self.server.wait_streams(0, plan.settle_timeout)
         await self.server.gc()
         await asyncio.sleep(0.2)
         rss2 = self.server.rss()
@@ -700,7 +706,7 @@ class PeerRun:
             out[str(subscribers)] = median
             self.progress.advance(1)
         await self._close_all()
-        await self.server.wait_streams(0, 2)
+        await self.server.wait_streams(0, min(2.0, self.plan.settle_timeout))
         return out
 
     async def scenario_latency(self) -> dict[str, Any]:
@@ -712,7 +718,7 @@ class PeerRun:
         result["rate"] = plan.latency_rate
         result["connect_errors"] = connect["errors"]
         await self._close_all()
-        await self.server.wait_streams(0, 2)
+        await self.server.wait_streams(0, min(2.0, self.plan.settle_timeout))
         self.progress.advance(1)
         return result
 
@@ -750,11 +756,11 @@ class PeerRun:
         )
         cpu = self.server.cpu() - cpu0
         steady = self._summarize({"first": first, "last": last, "t0": t0, "t1": t0}, reports, cpu)
-        settled = await self.server.wait_streams(connect["connected"], 10)
+        settled = await self.server.wait_streams(connect["connected"], plan.settle_timeout)
         await self.server.gc()
         rss1 = self.server.rss()
         await self._close_all()
-        await self.server.wait_streams(0, 2)
+        await self.server.wait_streams(0, min(2.0, self.plan.settle_timeout))
         self.progress.advance(1)
         churners: dict[str, Any] = {}
         for reply in churn:

@@ -165,7 +165,8 @@ def _latency_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _idle_table(results: dict[str, Any]) -> list[str]:
+def _idle_table(results: dict[str, Any], settle: float) -> list[str]:
+    not_released = f"not within {settle:g} s / unknown"
     lines = [
         "| server | streams | connect all (s) | KB per stream | idle CPU % "
         "| all released after (s) |",
@@ -181,7 +182,7 @@ def _idle_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {peer['label']} | {_num(row['streams'])} | {_num(row['connect_seconds'], 2)} | "
             f"{_num(row['kb_per_stream'], 1)} | {_num(row['idle_cpu_percent'], 1)} | "
-            f"{_num(released, 2) if released is not None else 'not within 10 s / unknown'} |"
+            f"{_num(released, 2) if released is not None else not_released} |"
         )
     return lines
 
@@ -278,7 +279,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"{data['plan']['idle_streams']} streams; memory is the server's RSS growth; idle "
             f"CPU over {data['plan']['idle_window']:g} s with heartbeats on.",
             "",
-            *_idle_table(results),
+            *_idle_table(results, data["plan"].get("settle_timeout", 10.0)),
             "",
         ]
     if any("churn" in p for p in results.values()):
