@@ -28,7 +28,8 @@ Decisions, and why:
   answer was lost with the hub raises it too: it may or may not have been delivered). Queueing
   them would hide the outage from the publisher and make memory grow with its length.
   Subscribing fails the same way, and `.EventStreamHandler` then sheds the stream with a retry
-  delay, so browsers come back once the hub is.
+  delay, so browsers come back once the hub is. A hub that is alive but stuck is the same error
+  after ``request_timeout`` (one watchdog sweep per connection, not a timer per request).
 * **Never a silent gap.** The new hub has a new id epoch (kept strictly increasing through the
   lock file), so ids from before are not in its history. After reconnecting, a process follows
   its channels again and asks the hub for what it may have missed since its last position. From
@@ -51,7 +52,9 @@ Decisions, and why:
 
 Call order matters with ``fork()``: create and start brokers in the processes that use them,
 after forking (see docs/bridge.md); a broker refuses to be used in a child of the process that
-started it.
+started it, and such a child lets go of the hub's lock, listening socket and connections at once
+(their descriptors point at /dev/null), so that it can neither keep the lock nor hide the hub's
+death from the other processes.
 """
 
 from __future__ import annotations
