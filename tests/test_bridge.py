@@ -652,3 +652,29 @@ async def test_a_forked_child_inherits_neither_the_hub_nor_the_broker(sock_dir: 
         await wait_until(reap, TIMEOUT)
         await other.close()
     assert codes == [0]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_prometheus_collector(sock_dir: str) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    path = os.path.join(sock_dir, "hub.sock")
+    hub_side = BridgeBroker(path)
+    peer_side = BridgeBroker(path, takeover=False)
+    try:
+        await hub_side.start()
+        await peer_side.start()
+        text = {}
+        for name, broker in (("hub", hub_side), ("peer", peer_side)):
+            registry = CollectorRegistry()
+            registry.register(broker.collector())
+            text[name] = generate_latest(registry).decode()
+        assert "tornado_sse_bridge_up 1.0" in text["hub"]
+        assert "tornado_sse_bridge_hub 1.0" in text["hub"]
+        assert "tornado_sse_bridge_hub_peers 2.0" in text["hub"]
+        assert "tornado_sse_bridge_connects_total 1.0" in text["peer"]
+        assert "tornado_sse_bridge_hub 0.0" in text["peer"]
+        assert "tornado_sse_bridge_hub_peers" not in text["peer"]
+    finally:
+        await peer_side.close()
+        await hub_side.close()

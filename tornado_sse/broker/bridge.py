@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import (
@@ -1232,6 +1232,49 @@ class BridgeBroker(Broker):
         futures = [conn.request(SUBSCRIBE, list(chunk)) for chunk in _chunks(channels)]
         positions = await asyncio.gather(*futures)
         return str(positions[-1])
+
+    def collector(self) -> Any:
+        """A ``prometheus_client`` collector for this broker's bridge (``serve`` registers it)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        broker = self
+
+        class _Collector:
+            def collect(self) -> Iterator[Any]:
+                yield GaugeMetricFamily(
+                    "tornado_sse_bridge_up",
+                    "1 while connected to the bridge hub and following our channels on it",
+                    value=1 if broker.healthy else 0,
+                )
+                yield CounterMetricFamily(
+                    "tornado_sse_bridge_connects",
+                    "Connections made to a bridge hub (the first one included)",
+                    value=broker.connects,
+                )
+                yield CounterMetricFamily(
+                    "tornado_sse_bridge_resets",
+                    "Reconnections to a new hub after which local streams got stream-reset",
+                    value=broker.resets,
+                )
+                hub = broker.hub
+                yield GaugeMetricFamily(
+                    "tornado_sse_bridge_hub",
+                    "1 if this process runs the bridge hub",
+                    value=0 if hub is None else 1,
+                )
+                if hub is not None:
+                    yield GaugeMetricFamily(
+                        "tornado_sse_bridge_hub_peers",
+                        "Processes connected to the hub",
+                        value=hub.peer_count,
+                    )
+                    yield CounterMetricFamily(
+                        "tornado_sse_bridge_hub_peers_dropped",
+                        "Peers the hub dropped for misbehaving",
+                        value=hub.dropped,
+                    )
+
+        return _Collector()
 
     def history_sizes(self) -> dict[str, int]:
         """Events retained per channel, when this process runs the hub (else nothing)."""
