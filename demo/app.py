@@ -19,7 +19,6 @@ mistake could not run injected script; user text reaches the page as JSON and is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
@@ -27,10 +26,9 @@ import secrets
 import signal
 import socket
 import sys
-import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +39,8 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from tornado_sse import Broker, ConnectionSet, Event, EventStreamHandler, InProcessBroker, Metrics
+from tornado_sse.broker.bridge import BridgeBroker
+from tornado_sse.process import fork_processes, group_socket_path
 
 from .chat import (
     Chat,
@@ -304,16 +304,12 @@ def make_app(
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What ``tornado-sse demo`` was told. Seconds everywhere except ``retry`` (milliseconds).
-
-    :param bridge: the bridge's socket path (with ``processes > 1`` and no ``redis``).
-    """
+    """What ``tornado-sse demo`` was told. Seconds everywhere except ``retry`` (milliseconds)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     processes: int = 1
     redis: str | None = None
-    bridge: str | None = None
     history: int = 1000
     presence_grace: float = 3.0
     retry: int = 1000
@@ -327,22 +323,21 @@ class DemoOptions:
 def make_broker(options: DemoOptions) -> Broker:
     """The broker of one demo process: Redis, the unix-socket bridge, or in-process.
 
-    Called in each worker after forking, as the bridge requires.
+    ``--redis`` wins over ``--processes``; the bridge uses the group's socket
+    (`tornado_sse.process.group_socket_path`). Called in each worker after forking, as the
+    bridge requires.
     """
     if options.redis is not None:
         module = importlib.import_module("tornado_sse.broker.redis")
         return cast(Broker, module.RedisBroker(options.redis, history_size=options.history))
     if options.processes > 1:
-        module = importlib.import_module("tornado_sse.broker.bridge")
-        return cast(Broker, module.BridgeBroker(options.bridge, history_size=options.history))
+        return BridgeBroker(group_socket_path(), history_size=options.history)
     return InProcessBroker(history_size=options.history)
 
 
 def _check_backends(options: DemoOptions) -> None:
     if options.redis is not None:
         _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
-    elif options.processes > 1:
-        _require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
 
 
 def _require_module(name: str, flag: str, remedy: str) -> None:
@@ -402,76 +397,6 @@ def _bind(options: DemoOptions) -> list[socket.socket]:
         raise click.ClickException(
             f"cannot listen on {options.host}:{options.port}: {reason}"
         ) from exc
-
-
-def supervise(count: int, worker: Callable[[int], None]) -> int:
-    """Fork *count* processes running ``worker(index)`` and keep them running.
-
-    A worker that dies (a signal, a non-zero exit) is started again, after a pause if it died
-    young; SIGTERM and SIGINT are passed on to the workers, and the call returns (0) once all
-    of them have exited. Returns 1 if workers keep dying at start. Call it before any event loop
-    exists in this process.
-    """
-    children: dict[int, tuple[int, float]] = {}
-    stopping = False
-    quick_deaths = 0
-
-    def start(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = 0
-            try:
-                worker(index)
-            except BaseException:
-                log.exception("worker %d failed", index)
-                code = 1
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children[pid] = (index, time.monotonic())
-
-    def forward(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    previous = {
-        signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        for index in range(count):
-            start(index)
-        while children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            entry = children.pop(pid, None)
-            if entry is None or stopping:
-                continue
-            index, started = entry
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            log.warning("worker %d (pid %d) died (exit %d); starting it again", index, pid, code)
-            if time.monotonic() - started < 1.0:
-                quick_deaths += 1
-                if quick_deaths >= 5:
-                    log.error("workers keep dying at start; stopping")
-                    forward(signal.SIGTERM, None)
-                    continue
-                time.sleep(1.0)
-            else:
-                quick_deaths = 0
-            start(index)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 1 if quick_deaths >= 5 else 0
 
 
 @click.command("demo")
@@ -535,18 +460,14 @@ def demo_command(
     where = f"http://{url_host}:{address[1]}/"
     if options.processes == 1:
         click.echo(f"Chat demo on {where} - open it in two windows. Ctrl-C stops it.", err=True)
-        asyncio.run(run_demo(options, sockets))
-        return
-    if options.redis is None:
-        bridge = importlib.import_module("tornado_sse.broker.bridge")
-        path = bridge.default_socket_path(f"tornado-sse-demo-{address[1]}")
-        options = replace(options, bridge=path)
-    click.echo(
-        f"Chat demo on {where} with {options.processes} worker processes "
-        f"({'Redis' if options.redis else 'bridge at ' + str(options.bridge)}). "
-        "Kill a worker: it is restarted, and its pages resume on the others. Ctrl-C stops it.",
-        err=True,
-    )
-    code = supervise(options.processes, lambda index: asyncio.run(run_demo(options, sockets)))
-    if code:
-        raise click.ClickException("the workers could not start (see the log above)")
+    else:
+        backend = "Redis" if options.redis else f"bridge at {group_socket_path()}"
+        click.echo(
+            f"Chat demo on {where} with {options.processes} worker processes ({backend}). "
+            "Kill a worker: it is restarted, and its pages resume on the others. Ctrl-C stops it.",
+            err=True,
+        )
+        # After binding, before any loop or broker exists. Returns in each worker; this process
+        # stays inside as the group's supervisor and exits with it.
+        fork_processes(options.processes)
+    asyncio.run(run_demo(options, sockets))
