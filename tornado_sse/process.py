@@ -94,13 +94,16 @@ def fork_processes(count: int, *, shutdown_timeout: float = 4.5, max_restarts: i
     children: dict[int, int] = {}
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    born: dict[int, float] = {}
     for index in range(count):
+        born[index] = time.monotonic()
         if _spawn(index, children):
             return index
     for signum in _SIGNALS:
         signal.signal(signum, _raise_stop)
     log.info("supervising %d worker processes (pid %d)", count, os.getpid())
     restarts = 0
+    young_deaths = 0
     status = 0
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # a pending signal raises _Stop
@@ -123,6 +126,12 @@ def fork_processes(count: int, *, shutdown_timeout: float = 4.5, max_restarts: i
                 status = 1
                 break
             log.warning("worker %d (pid %d) %s; restarting it", index, pid, how)
+            if time.monotonic() - born.get(index, 0.0) < 1.0:
+                young_deaths += 1  # a crash loop: back off, up to 5 s, instead of spinning
+                time.sleep(min(0.05 * 2**young_deaths, 5.0))
+            else:
+                young_deaths = 0
+            born[index] = time.monotonic()
             signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
             if _spawn(index, children):
                 return index
