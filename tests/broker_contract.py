@@ -149,7 +149,10 @@ class BrokerContract:
         await task
         for sub, got in subs:
             await wait_until(lambda got=got: len(got.frames) >= total - 1, TIMEOUT)
-            assert got.data == [str(n) for n in range(1, total)], "lost, repeated or reordered"
+            expected = [str(n) for n in range(1, total)]
+            missing = sorted(set(expected) - set(got.data), key=int)
+            repeated = sorted({d for d in got.data if got.data.count(d) > 1})
+            assert got.data == expected, f"missing {missing}, repeated {repeated}, got {got.data}"
             sub.close()
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
