@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, fields
@@ -33,6 +34,36 @@ def _peer_names(value: str | None) -> list[str]:
             f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEERS)}"
         )
     return names
+
+
+#: the scaling-out benchmarks (other modules of tornado_sse.bench), run by ``--scaling``
+SCALING = {
+    "bridge": "tornado_sse.bench.bridge_cost",
+    "redis": "tornado_sse.bench.redis_cost",
+}
+
+
+def _run_scaling(name: str, module: str, quick: bool, out: Path) -> dict[str, Any]:
+    """Run one scaling benchmark as a subprocess; its Markdown table and JSON, or why not."""
+    argv = [
+        sys.executable,
+        "-m",
+        module,
+        "--subscribers",
+        "1000",
+        "--out",
+        str(out / f"{name}.json"),
+    ]
+    if quick:
+        argv += ["--burst", "500", "--seconds", "2"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"status": f"failed: {exc}"}
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"status": f"failed (exit {done.returncode}): {' / '.join(tail)}"}
+    return {"status": "ok", "command": shlex.join(["python", *argv[1:]]), "markdown": done.stdout}
 
 
 def _override(plan: Plan, item: str) -> None:
@@ -62,6 +93,7 @@ def _command_line(
     out: Path,
     repeats: int | None,
     streams: int | None,
+    scaling: bool = False,
     overrides: tuple[str, ...] = (),
 ) -> str:
     """The command that reproduces this run."""
@@ -76,6 +108,8 @@ def _command_line(
         argv += ["--repeats", str(repeats)]
     if streams is not None:
         argv += ["--streams", str(streams)]
+    if scaling:
+        argv.append("--scaling")
     for item in overrides:
         argv += ["--set", item]
     argv += ["--out", str(out)]
@@ -107,6 +141,11 @@ def _command_line(
 @click.option("--repeats", type=int, default=None, help="Fan-out runs per size (median kept).")
 @click.option("--streams", type=int, default=None, help="Streams in the idle scenario.")
 @click.option(
+    "--scaling",
+    is_flag=True,
+    help="Also run the bridge and Redis cost benchmarks (bench/bridge_cost.py, redis_cost.py).",
+)
+@click.option(
     "--set",
     "overrides",
     multiple=True,
@@ -121,6 +160,7 @@ def bench_command(
     out: Path,
     repeats: int | None,
     streams: int | None,
+    scaling: bool,
     overrides: tuple[str, ...],
 ) -> None:
     """Benchmark tornado_sse beside other SSE servers on this machine.
@@ -162,8 +202,16 @@ def bench_command(
         results = asyncio.run(
             run_peers(chosen, wanted, plan, Progress(advance=advance, describe=describe))
         )
+    scaling_results: dict[str, Any] = {}
+    if scaling:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, module in SCALING.items():
+            click.echo(f"running {module} ...", err=True)
+            scaling_results[name] = _run_scaling(name, module, quick, out)
     data = {
-        "command": _command_line(quick, scenarios, peers, out, repeats, streams, overrides),
+        "command": _command_line(
+            quick, scenarios, peers, out, repeats, streams, scaling, overrides
+        ),
         "environment": report.environment(),
         "placement": {
             "server": sorted(server_core) if server_core else "any",
@@ -173,6 +221,7 @@ def bench_command(
         "scenarios": wanted,
         "elapsed_s": time.monotonic() - started,
         "results": results,
+        "scaling": scaling_results,
     }
     written = report.write(data, out)
     click.echo(report.markdown(data))

@@ -295,6 +295,12 @@ def markdown(data: dict[str, Any]) -> str:
             *_churn_table(results),
             "",
         ]
+    for name, run in (data.get("scaling") or {}).items():
+        lines += [f"### Scaling out: {name}", ""]
+        if run.get("status") == "ok":
+            lines += [f"Command: `{run['command']}`", "", run["markdown"].strip(), ""]
+        else:
+            lines += [str(run.get("status")), ""]
     lines += [
         "### Integrity (all scenarios)",
         "",
