@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from tornado.ioloop import IOLoop
 
 from tests.broker_contract import BrokerContract, subscribe
-from tornado_sse.broker.base import Broker
+from tests.helpers import wait_until
+from tornado_sse.broker.base import Broker, Frame
 from tornado_sse.broker.memory import History, IdSequence, InProcessBroker
 
 
@@ -99,3 +101,29 @@ def test_history_forgets_least_recent_channels_past_the_bound() -> None:
     assert history.since(["never"], 0) is None  # unknown channels are conservative too
     assert history.since(["a", "c"], 1) == [(3, "a3"), (4, "c4")]
     assert len(history) == 2
+
+
+class LaggingBroker(InProcessBroker):
+    """Live events reach this process a moment after they are in history, as with the bridge or
+    Redis: the base class's resume must not send an event twice when its replay already had it."""
+
+    follows_remotely = True
+
+    def _deliver(self, frame: Frame) -> None:
+        asyncio.get_running_loop().call_later(0.02, super()._deliver, frame)
+
+
+@pytest.mark.gen_test
+async def test_events_in_replay_and_still_in_flight_are_sent_once() -> None:
+    broker = LaggingBroker()
+    first = await broker.publish("lag", "0")
+    _, early = await subscribe(broker, ["lag"])  # live before any of the events below
+    for n in range(1, 6):
+        await broker.publish("lag", str(n))
+    sub, got = await subscribe(broker, ["lag"], first)  # the replay has 1-5; they are in flight
+    assert [event.data for event in got.events] == ["1", "2", "3", "4", "5"]
+    await broker.publish("lag", "6")
+    await wait_until(lambda: len(early.frames) == 6)
+    await wait_until(lambda: len(got.frames) >= 6)
+    assert got.data == ["1", "2", "3", "4", "5", "6"]
+    sub.close()

@@ -131,6 +131,7 @@ class Subscription:
 
     __slots__ = (
         "_broker",
+        "_floor",
         "_last_key",
         "_pending",
         "channels",
@@ -151,18 +152,30 @@ class Subscription:
         self.closed = False
         self._pending: list[Frame] | None = []
         self._last_key: Any = None
+        self._floor: Any = None
 
     def _deliver(self, frame: Frame) -> None:
         pending = self._pending
-        if pending is None:
-            self.subscriber.deliver(frame)
-        else:
+        if pending is not None:
             pending.append(frame)
+            return
+        floor = self._floor
+        if floor is not None:
+            key = self._broker.id_key(frame.id)
+            if key is not None and key <= floor:
+                return  # already sent in the replay
+            self._floor = None
+            self._broker._changed(self.channels)  # plain delivery from now on
+        if not self.closed:
+            self.subscriber.deliver(frame)
 
     def start(self) -> None:
         """Release the live events buffered since :meth:`Broker.subscribe` and go live.
 
-        Buffered events already covered by the replay or by the position are dropped.
+        Buffered events already covered by the replay or by the position are dropped. With a
+        remote backend, an event read into the replay may still be on its way to this process
+        as a live event: such events are dropped too, until the first live event past the
+        replay arrives (live events come in id order).
         """
         pending = self._pending
         if pending is None:
@@ -171,15 +184,18 @@ class Subscription:
         self.replay = []
         if self.closed:
             return
-        self._broker._changed(self.channels)
         key = self._broker.id_key
         last = self._last_key
         for frame in pending:
             frame_key = key(frame.id)
             if last is None or (frame_key is not None and frame_key > last):
+                last = None
                 self.subscriber.deliver(frame)
                 if self.closed:
                     return
+        if last is not None and self._broker.follows_remotely:
+            self._floor = last
+        self._broker._changed(self.channels)
 
     def close(self) -> None:
         """Stop delivering to the subscriber. Idempotent."""
@@ -428,7 +444,9 @@ class Broker(abc.ABC):
             view = self._targets[channel] = (
                 live,
                 tuple(
-                    sub.subscriber.deliver if sub._pending is None else sub._pending.append
+                    sub.subscriber.deliver
+                    if sub._pending is None and sub._floor is None
+                    else sub._deliver
                     for sub in live
                 ),
             )
@@ -437,11 +455,7 @@ class Broker(abc.ABC):
             if self._version == version:
                 deliver(frame)
             elif not sub.closed:  # a subscriber changed things as we went: look at each
-                pending = sub._pending
-                if pending is None:
-                    sub.subscriber.deliver(frame)
-                else:
-                    pending.append(frame)
+                sub._deliver(frame)
 
     def _changed(self, channels: Iterable[str]) -> None:
         """Subscriptions of *channels* came, went live or went: rebuild their fan-out views."""

@@ -641,8 +641,4 @@ class RedisBroker(Broker):
     def _deliver_to(self, subscriptions: list[Subscription], frame: Frame) -> None:
         """`Broker._deliver` for chosen subscriptions (a reset goes to each subscriber once)."""
         for sub in subscriptions:
-            if sub._pending is None:
-                if not sub.closed:
-                    sub.subscriber.deliver(frame)
-            else:
-                sub._pending.append(frame)
+            sub._deliver(frame)
