@@ -347,6 +347,7 @@ def plots(data: dict[str, Any], out: Path) -> list[Path]:
         axis.set_xlabel("subscribers")
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
+    right.set_yscale("log")
     right.legend(fontsize=8)
     fig.tight_layout()
     path = out / "fanout.png"
