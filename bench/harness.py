@@ -23,6 +23,11 @@ Scenarios (each peer in turn, one server process per peer, in this order):
     steady subscribers plus clients connecting and leaving while events flow: the steady ones
     must see every event once and in order, the short-lived ones an unbroken run; the server's
     stream count must return to the steady count (nothing leaks).
+``slow``
+    one client per load generator process stops reading while large events are published as
+    fast as the server goes: the others must get every event with their usual latency; the
+    server's memory growth shows whether it bounds what it holds for the stalled ones (and
+    whether it cut them off).
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ class Plan:
     churn_rate: float = 50.0
     churn_duration: float = 15.0
     churn_life: tuple[float, float] = (0.1, 1.0)
+    slow_subscribers: int = 20
+    slow_events: int = 5_000
+    slow_size: int = 4_096
     heartbeat: float = 15.0
     #: longest wait for the server to count its streams back (released, settled after churn)
     settle_timeout: float = 10.0
@@ -92,6 +100,8 @@ class Plan:
             churn_steady=200,
             churn_clients=50,
             churn_duration=1.5,
+            slow_subscribers=10,
+            slow_events=4_000,
         )
 
 
@@ -155,7 +165,7 @@ PEERS: dict[str, Peer] = {
     )
 }
 
-SCENARIOS = ("idle", "fanout", "latency", "churn")
+SCENARIOS = ("idle", "fanout", "latency", "churn", "slow")
 
 
 def cores() -> tuple[set[int] | None, set[int] | None]:
@@ -528,7 +538,8 @@ class PeerRun:
         self.connected = 0
         return await self.workers.each(lambda i: {"cmd": "close"}, self.clients)
 
-    async def publish(self, count: int, rate: float) -> dict[str, Any]:
+    async def publish(self, count: int, rate: float, size: int | None = None) -> dict[str, Any]:
+        size = size or self.plan.size
         if self.publisher is not None:
             reply = await self.workers.call(
                 self.publisher,
@@ -539,12 +550,12 @@ class PeerRun:
                     "path": "/publish",
                     "count": count,
                     "rate": rate,
-                    "size": self.plan.size,
+                    "size": size,
                 },
             )
         else:
             reply = await self.server.control(
-                {"cmd": "publish", "count": count, "rate": rate, "size": self.plan.size}
+                {"cmd": "publish", "count": count, "rate": rate, "size": size}
             )
         self.seq = reply["last"]
         return reply
@@ -575,7 +586,7 @@ class PeerRun:
         return self.seq
 
     async def measured(
-        self, count: int, rate: float, latency: bool, timeout: float
+        self, count: int, rate: float, latency: bool, timeout: float, size: int | None = None
     ) -> dict[str, Any]:
         """Publish *count* events and check every client got each once, in order."""
         first = self.seq + 1
@@ -583,13 +594,14 @@ class PeerRun:
             lambda i: {"cmd": "begin", "first": first, "latency": latency}, self.clients
         )
         user0, system0 = self.server.times()
-        published = await self.publish(count, rate)
+        published = await self.publish(count, rate, size)
         reports = await self.workers.each(
             lambda i: {"cmd": "wait", "last": published["last"], "timeout": timeout},
             self.clients,
         )
         user1, system1 = self.server.times()
         result = self._summarize(published, reports, user1 - user0 + system1 - system0)
+        result["stalled"] = sum(r.get("stalled", 0) for r in reports)
         result["server_system_share"] = (
             (system1 - system0) / result["server_cpu_s"] if result["server_cpu_s"] else None
         )
@@ -781,10 +793,39 @@ class PeerRun:
             "streams_settled_after_s": settled,
         }
 
+    async def scenario_slow(self) -> dict[str, Any]:
+        plan = self.plan
+        await self.connect(plan.slow_subscribers)
+        await self.measured(5, 0, False, 10)
+        await self.workers.each(lambda i: {"cmd": "stall", "n": 1}, self.clients)
+        await self.server.gc()
+        rss0 = self.server.rss()
+        before = await self.server.streams()
+        result = await self.measured(plan.slow_events, 0, True, 60, plan.slow_size)
+        # a stalled client does not read, so it cannot see its stream closed: ask the server
+        after = await self.server.streams()
+        result["stalled_cut_off"] = (
+            None if before is None or after is None else max(0, before - after)
+        )
+        await self.server.gc()
+        result["rss_growth_mb"] = (self.server.rss() - rss0) / 2**20
+        result["event_size"] = plan.slow_size
+        result["stalled_backlog_mb"] = plan.slow_events * plan.slow_size / 2**20
+        await self._close_all()
+        await self.server.wait_streams(0, min(2.0, self.plan.settle_timeout))
+        self.progress.advance(1)
+        return result
+
 
 def steps(plan: Plan, scenarios: Sequence[str]) -> int:
     """Progress steps per peer."""
-    count = {"idle": 2, "fanout": len(plan.fanout_subscribers), "latency": 1, "churn": 1}
+    count = {
+        "idle": 2,
+        "fanout": len(plan.fanout_subscribers),
+        "latency": 1,
+        "churn": 1,
+        "slow": 1,
+    }
     return sum(count[name] for name in scenarios)
 
 

@@ -26,6 +26,9 @@ Commands (``cmd`` and its arguments):
     keep *clients* short-lived streams cycling for *duration* seconds; report their checks.
 ``publish_http`` host, port, path, count, rate, size
     POST *count* payloads to an HTTP publisher (Nchan), one at a time over one connection.
+``stall`` n
+    make *n* streams stop reading (slow consumers); they are left out of the checks (they
+    cannot tell whether the server cut them off: the harness asks the server).
 ``stats``, ``quit``
 """
 
@@ -213,6 +216,8 @@ class Worker:
         self.index = index
         self.latency_dir = latency_dir
         self.clients: list[Client] = []
+        #: clients that stopped reading (slow consumers), left out of the checks
+        self.stalled: list[Client] = []
         self.latencies: array.array[int] | None = None
         self.run_first = 0
 
@@ -265,6 +270,16 @@ class Worker:
             client.last_recv = 0
         return {"ok": True, "clients": len(self.clients)}
 
+    def stall(self, n: int) -> dict[str, Any]:
+        """Make *n* streams stop reading: slow consumers, left out of the delivery checks."""
+        chosen = [c for c in self.clients if c.transport is not None][:n]
+        for client in chosen:
+            assert client.transport is not None
+            client.transport.pause_reading()
+            self.clients.remove(client)
+            self.stalled.append(client)
+        return {"ok": True, "stalled": len(chosen)}
+
     async def wait(self, last: int, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         clients = self.clients
@@ -306,9 +321,14 @@ class Worker:
             "dropped": dropped,
             "last_recv": last_recv,
             "latency_file": latency_file,
+            "stalled": len(self.stalled),
         }
 
     def close(self, n: int | None) -> dict[str, Any]:
+        if n is None:
+            for client in self.stalled:
+                client.close()
+            self.stalled = []
         dropped = sum(1 for c in self.clients if c.transport is None)
         keep = [c for c in self.clients if c.transport is not None]
         count = len(keep) if n is None else min(n, len(keep))
@@ -456,6 +476,8 @@ async def serve(index: int, latency_dir: str) -> None:
                 reply = {"ok": True, "clients": len(worker.clients)}
             elif name == "begin":
                 reply = worker.begin(command["first"], bool(command.get("latency")))
+            elif name == "stall":
+                reply = worker.stall(int(command["n"]))
             elif name == "close":
                 reply = worker.close(command.get("n"))
             elif name == "start_http":

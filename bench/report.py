@@ -213,6 +213,29 @@ def _churn_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _slow_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| server | stalled clients cut off | server memory growth (MB) | others: lost / dup / "
+        "reordered | others: p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for peer in results.values():
+        row = peer.get("slow")
+        if not row or "error" in row:
+            reason = (row or {}).get("error") or peer["status"]
+            lines.append(f"| {peer['label']} | {reason} | | | |")
+            continue
+        lines.append(
+            f"| {peer['label']} | "
+            f"{'unknown' if row['stalled_cut_off'] is None else row['stalled_cut_off']} of "
+            f"{row['stalled']} | "
+            f"{_num(row['rss_growth_mb'], 1)} | "
+            f"{row['lost']} / {row['duplicated']} / {row['reordered']} | "
+            f"{_num(row.get('latency_ms', {}).get('p99'), 1)} |"
+        )
+    return lines
+
+
 def integrity(results: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Lost, duplicated, reordered and dropped events (streams) per peer, all scenarios."""
     out: dict[str, dict[str, int]] = {}
@@ -221,8 +244,9 @@ def integrity(results: dict[str, Any]) -> dict[str, dict[str, int]]:
         rows: list[dict[str, Any]] = []
         fanout = peer.get("fanout") or {}
         rows += [v for v in fanout.values() if isinstance(v, dict)]
-        if isinstance(peer.get("latency"), dict):
-            rows.append(peer["latency"])
+        for scenario in ("latency", "slow"):
+            if isinstance(peer.get(scenario), dict):
+                rows.append(peer[scenario])
         churn = peer.get("churn")
         if isinstance(churn, dict) and "steady" in churn:
             rows += [churn["steady"], churn["churners"]]
@@ -293,6 +317,19 @@ def markdown(data: dict[str, Any]) -> str:
             f"{plan['churn_rate']:g} events/s flow.",
             "",
             *_churn_table(results),
+            "",
+        ]
+    if any("slow" in p for p in results.values()):
+        plan = data["plan"]
+        lines += [
+            "### Slow consumers",
+            "",
+            f"{plan['slow_subscribers']} subscribers, of which one per load generator process "
+            f"stops reading; {plan['slow_events']} events of {plan['slow_size']} bytes "
+            "published as fast as the server goes (more than the kernel's socket buffers "
+            "hold for a stalled client).",
+            "",
+            *_slow_table(results),
             "",
         ]
     for name, run in (data.get("scaling") or {}).items():

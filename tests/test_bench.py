@@ -37,6 +37,9 @@ def _tiny_plan():  # type: ignore[no-untyped-def]
         churn_rate=50.0,
         churn_duration=0.6,
         churn_life=(0.05, 0.2),
+        slow_subscribers=4,
+        slow_events=3_000,
+        slow_size=4_096,
         heartbeat=15.0,
         workers=2,
     )
@@ -51,7 +54,7 @@ def test_every_event_reaches_every_client_once_in_order() -> None:
     results = asyncio.run(
         run_peers(
             [PEERS["floor"], PEERS["tornado_sse"]],
-            ["idle", "fanout", "latency", "churn"],
+            ["idle", "fanout", "latency", "churn", "slow"],
             _tiny_plan(),
             Progress(advance=steps.append),
         )
@@ -60,7 +63,7 @@ def test_every_event_reaches_every_client_once_in_order() -> None:
     for name in ("floor", "tornado_sse"):
         peer = results[name]
         assert peer["status"] == "ok", peer
-        for scenario in ("idle", "fanout", "latency", "churn"):
+        for scenario in ("idle", "fanout", "latency", "churn", "slow"):
             assert "error" not in peer[scenario], (name, scenario, peer[scenario])
         fanout = peer["fanout"]["20"]
         assert fanout["subscribers"] == 20
@@ -72,6 +75,11 @@ def test_every_event_reaches_every_client_once_in_order() -> None:
         assert peer["idle"]["streams"] == 50
         assert peer["churn"]["churners"]["cycles"] > 0
         assert peer["churn"]["steady"]["deliveries"] == peer["churn"]["steady"]["expected"]
+    # 12 MB for each client that stopped reading, more than the kernel's socket buffers take:
+    # tornado_sse cuts both off at its 1 MiB bound, the floor holds everything
+    assert results["tornado_sse"]["slow"]["stalled"] == 2
+    assert results["tornado_sse"]["slow"]["stalled_cut_off"] == 2
+    assert results["floor"]["slow"]["stalled_cut_off"] == 0
     assert integrity(results) == {
         name: {"lost": 0, "duplicated": 0, "reordered": 0, "dropped": 0}
         for name in ("floor", "tornado_sse")

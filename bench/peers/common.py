@@ -113,6 +113,7 @@ class Driver:
         if name == "profile":
             return {"ok": True, "stats": await self._profile(float(command["seconds"]))}
         if name == "publish":
+            self._stop = False
             first = self.seq + 1
             collections = [g["collections"] for g in gc.get_stats()]
             t0 = time.monotonic_ns()
