@@ -795,6 +795,12 @@ class PeerRun:
 
     async def scenario_slow(self) -> dict[str, Any]:
         plan = self.plan
+        # a fresh server: memory freed by the earlier scenarios would hide what this one holds
+        await self.server.stop()
+        self.server = Server(self.peer, plan, self.server_core, self.workdir)
+        await self.server.start()
+        if self.publisher is None:
+            self.seq = 0  # a new server numbers its events from 1 (Nchan's publisher goes on)
         await self.connect(plan.slow_subscribers)
         await self.measured(5, 0, False, 10)
         await self.workers.each(lambda i: {"cmd": "stall", "n": 1}, self.clients)
