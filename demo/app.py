@@ -40,6 +40,7 @@ from tornado.netutil import bind_sockets
 
 from tornado_sse import Broker, ConnectionSet, Event, EventStreamHandler, InProcessBroker, Metrics
 from tornado_sse.broker.bridge import BridgeBroker
+from tornado_sse.cli import require_module
 from tornado_sse.process import fork_processes, group_socket_path
 
 from .chat import (
@@ -337,18 +338,7 @@ def make_broker(options: DemoOptions) -> Broker:
 
 def _check_backends(options: DemoOptions) -> None:
     if options.redis is not None:
-        _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
-
-
-def _require_module(name: str, flag: str, remedy: str) -> None:
-    try:
-        importlib.import_module(name)
-    except ImportError as exc:
-        if exc.name == name:
-            raise click.UsageError(
-                f"{flag} is not supported by this version of tornado-sse ({name} is missing)"
-            ) from exc
-        raise click.UsageError(f"{flag} needs {exc.name or exc}: {remedy}") from exc
+        require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
 
 
 async def run_demo(options: DemoOptions, sockets: list[socket.socket]) -> None:

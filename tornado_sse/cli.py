@@ -52,6 +52,19 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, HELP[name]) for name in sorted(COMMANDS)])
 
 
+def require_module(name: str, flag: str, remedy: str) -> None:
+    """Fail with a usage error naming *flag* and *remedy* when module *name* cannot be imported
+    (an optional extra that is not installed)."""
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        if exc.name == name:
+            raise click.UsageError(
+                f"{flag} is not supported by this version of tornado-sse ({name} is missing)"
+            ) from exc
+        raise click.UsageError(f"{flag} needs {exc.name or exc}: {remedy}") from exc
+
+
 def _unavailable(name: str, exc: ImportError) -> click.Command:
     @click.command(name=name, context_settings={"ignore_unknown_options": True})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)

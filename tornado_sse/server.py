@@ -51,6 +51,7 @@ from tornado.netutil import bind_sockets
 
 from .broker.base import Broker, validate_channel
 from .broker.memory import InProcessBroker
+from .cli import require_module
 from .connections import ConnectionSet
 from .errors import BrokerError, InvalidChannelError, InvalidEventError
 from .handler import EventStreamHandler
@@ -143,20 +144,9 @@ def make_broker(options: HubOptions) -> Broker:
 def _check_backends(options: HubOptions) -> None:
     """Fail with a clear command-line error when a flag needs a backend this install lacks."""
     if options.redis is not None:
-        _require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
+        require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
     if options.processes > 1:
-        _require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
-
-
-def _require_module(name: str, flag: str, remedy: str) -> None:
-    try:
-        importlib.import_module(name)
-    except ImportError as exc:
-        if exc.name == name:
-            raise click.UsageError(
-                f"{flag} is not supported by this version of tornado-sse ({name} is missing)"
-            ) from exc
-        raise click.UsageError(f"{flag} needs {exc.name or exc}: {remedy}") from exc
+        require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
 
 
 # ---------------------------------------------------------------------- publish contract
