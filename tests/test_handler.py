@@ -590,3 +590,17 @@ async def test_channels_per_current_user(port: int, broker: InProcessBroker) -> 
     assert [e.data for e in anonymous.events] == ["for all"]
     alice.close()
     anonymous.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_keeps_one_copy_of_each_event(port: int, broker: InProcessBroker) -> None:
+    streams = [await RawStream.open(port, "/events?channel=copy") for _ in range(3)]
+    for stream in streams:
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+    await broker.publish("copy", "z" * 10_000)
+    for stream in streams:
+        await stream.events_count(1)
+        stream.close()
+    (frame,) = [item for _, item in broker.history._channels["copy"]]
+    assert frame._chunk is None  # the chunk-framed copy went with the writes
+    assert frame.chunk.endswith(frame.data + b"\r\n")  # and is made again if ever needed

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
+from .broker.base import release_chunks
 from .protocol import Event
 
 __all__ = ["ConnectionSet"]
@@ -186,6 +187,7 @@ class ConnectionSet:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn._flush()
+        release_chunks()
 
     def _prune(self) -> None:
         now = time.monotonic()

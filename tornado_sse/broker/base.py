@@ -102,10 +102,25 @@ class Frame:
         chunk = self._chunk
         if chunk is None:
             chunk = self._chunk = b"%x\r\n%s\r\n" % (len(self.data), self.data)
+            _chunked.append(self)
         return chunk
 
     def __repr__(self) -> str:
         return f"Frame({self.channel!r}, {self.id!r}, {self.data!r})"
+
+
+#: frames whose chunk was computed since the last `release_chunks`
+_chunked: list[Frame] = []
+
+
+def release_chunks() -> None:
+    """Drop the chunk copies made since the last call, so that history (which keeps the frames)
+    holds each event's bytes once. The connection set calls it after each round of writes; a
+    frame written again later frames itself again."""
+    frames = _chunked[:]
+    del _chunked[: len(frames)]
+    for frame in frames:
+        frame._chunk = None
 
 
 class Subscriber(Protocol):
