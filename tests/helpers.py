@@ -53,6 +53,8 @@ class RawStream:
         self.raw = b""  # decoded body bytes received so far
         self.events: list[Event] = []
         self.ended = False
+        #: the response ended with HTTP/1.1's last chunk (not only a closed connection)
+        self.last_chunk = False
         self._chunked = False
         self._remaining: int | None = None
         self._buffer = b""
@@ -126,6 +128,7 @@ class RawStream:
             self._buffer = self._buffer[end + 2 + size + 2 :]
             if size == 0:
                 self.ended = True
+                self.last_chunk = True
                 self.events.extend(self.parser.close())
                 return False
             self._body(chunk)

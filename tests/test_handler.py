@@ -59,6 +59,16 @@ class UserFeed(EventStreamHandler):
         return channel == "public" or channel == f"user.{self.current_user}"
 
 
+class Writes(EventStreamHandler):
+    """Uses Tornado's own write, flush and finish once the stream is open."""
+
+    def open(self) -> None:
+        self.write("data: written\n\n")
+        self.flush()
+        if self.get_query_argument("finish", None):
+            self.finish("data: last\n\n")
+
+
 @pytest.fixture
 def broker() -> InProcessBroker:
     return InProcessBroker(history_size=5)
@@ -85,6 +95,7 @@ def app(
             (r"/recorded", Recorder),
             (r"/async", Async),
             (r"/user", UserFeed),
+            (r"/writes", Writes),
         ],
         sse_broker=broker,
         sse_connections=connections,
@@ -604,3 +615,42 @@ async def test_history_keeps_one_copy_of_each_event(port: int, broker: InProcess
     (frame,) = [item for _, item in broker.history._channels["copy"]]
     assert frame._chunk is None  # the chunk-framed copy went with the writes
     assert frame.chunk.endswith(frame.data + b"\r\n")  # and is made again if ever needed
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_write_flush_and_finish_once_open(
+    port: int, broker: InProcessBroker, connections: ConnectionSet
+) -> None:
+    stream = await RawStream.open(port, "/writes?channel=w")
+    await stream.events_count(1)
+    await broker.publish("w", "live")
+    await stream.events_count(2)
+    assert [e.data for e in stream.events] == ["written", "live"]
+    ended = await RawStream.open(port, "/writes?channel=w&finish=1")
+    await ended.read_to_end()
+    assert ended.last_chunk
+    assert [e.data for e in ended.events] == ["written", "last"]
+    assert await asyncio.wait_for(ended.reader.read(), TIMEOUT) == b""  # and the connection closed
+    await wait_until(lambda: len(connections) == 1)
+    stream.close()
+    await wait_until(lambda: len(connections) == 0)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_open_streams_leave_tornados_http_reader(
+    port: int, http_server: Any, broker: InProcessBroker, connections: ConnectionSet
+) -> None:
+    """Nothing of Tornado's per-request machinery stays alive for an open stream (issue 8)."""
+    refused = await RawStream.open(port, "/events")  # a 400 keeps its keep-alive connection
+    assert refused.status == 400
+    await refused.read_to_end()
+    streams = [await RawStream.open(port, f"/events?channel=d{n}") for n in range(3)]
+    await wait_until(lambda: len(connections) == 3)
+    assert len(http_server._connections) == 1  # only the refused request's connection
+    refused.close()
+    await wait_until(lambda: len(http_server._connections) == 0)
+    await broker.publish("d1", "still here")
+    await streams[1].events_count(1)
+    for stream in streams:
+        stream.close()
+    await wait_until(lambda: len(connections) == 0)

@@ -157,6 +157,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _stall_since: float | None = None
     _stall_pending = 0
     _close_reason = "closed"
+    #: true once the stream took the connection over from Tornado's HTTP/1 reader
+    _detached = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._stream: IOStream | None = None
@@ -380,6 +382,29 @@ class EventStreamHandler(tornado.web.RequestHandler):
         write.add_done_callback(_written)
         return done
 
+    def flush(self, include_footers: bool = False) -> asyncio.Future[None]:
+        """Before the stream opens, Tornado's flush; after, bytes given to `write` go out in
+        order with the stream's events."""
+        if not self._detached:
+            return super().flush(include_footers)
+        data = b"".join(self._write_buffer)
+        self._write_buffer = []
+        if data:
+            self._send_bytes(data, "")
+        done: asyncio.Future[None] = asyncio.get_event_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> asyncio.Future[None]:
+        """Before the stream opens, Tornado's finish; after, the same as `close`."""
+        if not self._detached:
+            return super().finish(chunk)
+        if chunk is not None:
+            self.write(chunk)
+        if self._write_buffer and self._queue is not None:
+            self.flush()
+        return self.close()
+
     # ------------------------------------------------------------------ request flow
 
     def compute_etag(self) -> str | None:
@@ -525,6 +550,15 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self._auto_finish = False
         self.write(body)
         self.flush()
+        if self._stream is not None:
+            # Like WebSocketHandler, take the connection over from Tornado's HTTP/1 reader: its
+            # coroutines, futures and per-request objects then go, and with them most of what an
+            # idle stream would keep alive for the cyclic garbage collector to walk (issue 8).
+            # The stream ends by closing the connection; the close callback tells us it did.
+            assert isinstance(connection, HTTP1Connection)
+            connection.detach()
+            self._detached = True
+            self._stream.set_close_callback(self.on_connection_close)
         # Once the headers are out, Tornado's per-request helpers for templates and response
         # headers are never read again: let them go (issue 8: memory per idle stream). Dropping
         # ``ui`` also breaks its reference cycle with the handler.
@@ -747,9 +781,16 @@ class EventStreamHandler(tornado.web.RequestHandler):
             log.exception("error in on_close")
         if stream is not None and not self._finished:
             self._finished = True
-            connection = self.request.connection
-            if connection is not None and not stream.closed():
-                connection.finish()
+            if self._detached:
+                if self._chunked and not stream.closed():
+                    try:
+                        stream.write(b"0\r\n\r\n")  # the last chunk
+                    except StreamClosedError:
+                        pass
+            else:
+                connection = self.request.connection
+                if connection is not None and not stream.closed():
+                    connection.finish()
             self._log()
 
     def _done_future(self) -> asyncio.Future[None]:
