@@ -118,6 +118,8 @@ class Peer:
     why: str = ""
     #: extra environment variables for the server process (experiments: PYTHONPATH=...)
     env: dict[str, str] = field(default_factory=dict)
+    #: the scenarios this peer means something in (None: all); the others are left out
+    scenarios: Sequence[str] | None = None
 
     def unavailable(self) -> str | None:
         """``None`` if this peer can run here, else why not."""
@@ -149,6 +151,21 @@ PEERS: dict[str, Peer] = {
             loop="uvloop",
         ),
         Peer("tornado_plain", "plain Tornado (queue per client, write + flush)", "tornado_plain"),
+        Peer(
+            "tornado_empty",
+            "empty Tornado handler (reference: Tornado's own per-request cost)",
+            "tornado_empty",
+            why="what any RequestHandler costs to connect, before its own work",
+            scenarios=("idle",),
+        ),
+        Peer(
+            "tornado_empty_nogc",
+            "empty Tornado handler, cyclic GC off (reference)",
+            "tornado_empty",
+            options=("gc=off",),
+            why="the same without the cyclic garbage collector's share",
+            scenarios=("idle",),
+        ),
         Peer(
             "aiohttp_sse",
             "aiohttp-sse",
@@ -334,6 +351,13 @@ class Server:
         if self.peer.module is not None:
             await self.control({"cmd": "gc"})
 
+    async def gc_seconds(self) -> float | None:
+        """Seconds the server spent in its cyclic garbage collector so far (None: not Python)."""
+        if self.peer.module is None:
+            return None
+        reply = await self.control({"cmd": "gctime"})
+        return float(sum(seconds for _, seconds in reply["generations"]))
+
     def cpu(self) -> float:
         return _proc_cpu(self.pid)
 
@@ -481,6 +505,9 @@ class PeerRun:
             await self.workers.start()
             await self.server.start()
             for name in scenarios:
+                if self.peer.scenarios is not None and name not in self.peer.scenarios:
+                    self.progress.advance(steps(self.plan, [name]))
+                    continue
                 self.progress.describe(f"{self.peer.name}: {name}")
                 started = time.monotonic()
                 try:
@@ -654,11 +681,13 @@ class PeerRun:
         await self.server.gc()
         await asyncio.sleep(0.3)
         rss0 = self.server.rss()
+        gc0 = await self.server.gc_seconds()
         cpu0 = self.server.cpu()
         connect = await self.connect(plan.idle_streams)
         self.progress.advance(1)
         seen = await self.server.wait_streams(connect["connected"], 10, at_least=True)
         connect_cpu = self.server.cpu() - cpu0
+        gc1 = await self.server.gc_seconds()
         await asyncio.sleep(0.5)
         await self.server.gc()
         rss1 = self.server.rss()
@@ -677,6 +706,7 @@ class PeerRun:
             "streams": streams,
             "connect_seconds": connect["seconds"],
             "connect_server_cpu_s": connect_cpu,
+            "connect_gc_s": None if gc0 is None or gc1 is None else gc1 - gc0,
             "connect_errors": connect["errors"],
             "server_saw_all_after_s": seen,
             "rss_before": rss0,
@@ -855,6 +885,8 @@ async def run_peers(
             reason = peer.unavailable()
             if reason is not None:
                 results[peer.name] = {"label": peer.label, "status": reason}
+                if peer.scenarios is not None:
+                    results[peer.name]["scenarios"] = list(peer.scenarios)
                 progress.advance(steps(plan, scenarios))
                 continue
             runner = PeerRun(peer, plan, work, progress, server_core, client_core)
@@ -865,6 +897,8 @@ async def run_peers(
                 scenario_results = runner.results
                 status = f"failed: {type(exc).__name__}: {exc}"
             results[peer.name] = {"label": peer.label, "status": status, **scenario_results}
+            if peer.scenarios is not None:
+                results[peer.name]["scenarios"] = list(peer.scenarios)
     finally:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)

@@ -109,6 +109,11 @@ def _ratio(value: Any, floor: Any) -> str:
     return f" ({value / floor:.2f}x)"
 
 
+def _only(results: dict[str, Any], scenario: str) -> dict[str, Any]:
+    """The peers that take part in *scenario* (reference peers run only some)."""
+    return {k: v for k, v in results.items() if scenario in v.get("scenarios", (scenario,))}
+
+
 def _ok(peer: dict[str, Any]) -> bool:
     return peer.get("status") == "ok"
 
@@ -168,19 +173,22 @@ def _latency_table(results: dict[str, Any]) -> list[str]:
 def _idle_table(results: dict[str, Any], settle: float) -> list[str]:
     not_released = f"not within {settle:g} s / unknown"
     lines = [
-        "| server | streams | connect all (s) | KB per stream | idle CPU % "
-        "| all released after (s) |",
-        "|---|---|---|---|---|---|",
+        "| server | streams | connect all (s) | server CPU to connect (s) | of which GC (s) "
+        "| KB per stream | idle CPU % | all released after (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for peer in results.values():
         row = peer.get("idle")
         if not row or "error" in row:
             reason = (row or {}).get("error") or peer["status"]
-            lines.append(f"| {peer['label']} | {reason} | | | | |")
+            lines.append(f"| {peer['label']} | {reason} | | | | | | |")
             continue
         released = row.get("release_seconds")
+        gc_seconds = row.get("connect_gc_s")
         lines.append(
             f"| {peer['label']} | {_num(row['streams'])} | {_num(row['connect_seconds'], 2)} | "
+            f"{_num(row.get('connect_server_cpu_s'), 2)} | "
+            f"{'-' if gc_seconds is None else _num(gc_seconds, 2)} | "
             f"{_num(row['kb_per_stream'], 1)} | {_num(row['idle_cpu_percent'], 1)} | "
             f"{_num(released, 2) if released is not None else not_released} |"
         )
@@ -282,7 +290,7 @@ def markdown(data: dict[str, Any]) -> str:
             "Events published as fast as the server's loop goes, one per loop iteration; "
             f"median of {data['plan']['fanout_repeats']} run(s).",
             "",
-            *_fanout_table(results, sizes),
+            *_fanout_table(_only(results, "fanout"), sizes),
             "",
         ]
     if any("latency" in p for p in results.values()):
@@ -293,7 +301,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"{plan['latency_subscribers']} subscribers, {plan['latency_rate']:g} events/s for "
             f"{plan['latency_duration']:g} s; publish to receive.",
             "",
-            *_latency_table(results),
+            *_latency_table(_only(results, "latency")),
             "",
         ]
     if any("idle" in p for p in results.values()):
@@ -303,7 +311,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"{data['plan']['idle_streams']} streams; memory is the server's RSS growth; idle "
             f"CPU over {data['plan']['idle_window']:g} s with heartbeats on.",
             "",
-            *_idle_table(results, data["plan"].get("settle_timeout", 10.0)),
+            *_idle_table(_only(results, "idle"), data["plan"].get("settle_timeout", 10.0)),
             "",
         ]
     if any("churn" in p for p in results.values()):
@@ -316,7 +324,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"{plan['churn_life'][1]:g} s) for {plan['churn_duration']:g} s while "
             f"{plan['churn_rate']:g} events/s flow.",
             "",
-            *_churn_table(results),
+            *_churn_table(_only(results, "churn")),
             "",
         ]
     if any("slow" in p for p in results.values()):
@@ -329,7 +337,7 @@ def markdown(data: dict[str, Any]) -> str:
             "published as fast as the server goes (more than the kernel's socket buffers "
             "hold for a stalled client).",
             "",
-            *_slow_table(results),
+            *_slow_table(_only(results, "slow")),
             "",
         ]
     for name, run in (data.get("scaling") or {}).items():
@@ -345,6 +353,8 @@ def markdown(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, totals in integrity(results).items():
+        if "scenarios" in results[name] and "fanout" not in results[name]["scenarios"]:
+            continue  # a reference peer that delivers nothing measured
         lines.append(
             f"| {results[name]['label']} | {totals['lost']} | {totals['duplicated']} | "
             f"{totals['reordered']} | {totals['dropped']} |"

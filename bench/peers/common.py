@@ -15,6 +15,8 @@ benchmark's events through the peer's own publish function, in the server's even
     the number of open streams as the peer counts them.
 ``{"cmd": "gc"}``
     runs a full collection (before memory readings).
+``{"cmd": "gctime"}``
+    collections and seconds spent in the cyclic garbage collector so far, per generation.
 ``{"cmd": "census", "top": N}``
     the N most numerous object types the garbage collector tracks (count and shallow bytes).
 ``{"cmd": "tracemalloc", "start": true}`` / ``{"cmd": "tracemalloc", "top": N}``
@@ -72,6 +74,18 @@ class Driver:
         self._running: asyncio.Task[None] | None = None
         self._snapshot: Any = None
         self._stop = False
+        #: per generation: collections, seconds in them (gc.callbacks; two calls per collection)
+        self._gc = [[0, 0.0] for _ in range(3)]
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc_timer)
+
+    def _gc_timer(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            entry = self._gc[info["generation"]]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - self._gc_started
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._client, host, port)
@@ -97,6 +111,8 @@ class Driver:
         if name == "gc":
             gc.collect()
             return {"ok": True}
+        if name == "gctime":
+            return {"ok": True, "generations": self._gc}
         if name == "census":
             return {"ok": True, "types": _census(int(command.get("top", 40)))}
         if name == "tracemalloc":
