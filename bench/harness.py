@@ -120,6 +120,9 @@ class Peer:
     env: dict[str, str] = field(default_factory=dict)
     #: the scenarios this peer means something in (None: all); the others are left out
     scenarios: Sequence[str] | None = None
+    #: tornado_sse's broker: "memory", "bridge" (the process is its own hub, over the unix
+    #: socket) or "redis" (a redis-server of its own, on the server's core)
+    backend: str = "memory"
 
     def unavailable(self) -> str | None:
         """``None`` if this peer can run here, else why not."""
@@ -130,6 +133,8 @@ class Peer:
         for name in self.requires:
             if importlib.util.find_spec(name) is None:
                 return f"not installed ({name} missing: pip install 'tornado-sse[bench]')"
+        if self.backend == "redis" and shutil.which("redis-server") is None:
+            return "not installed (redis-server missing: apt-get install redis-server)"
         return None
 
 
@@ -149,6 +154,19 @@ PEERS: dict[str, Peer] = {
             "tornado_sse_peer",
             requires=("uvloop",),
             loop="uvloop",
+        ),
+        Peer(
+            "tornado_sse_bridge",
+            "tornado_sse over the unix-socket bridge (process is its own hub)",
+            "tornado_sse_peer",
+            backend="bridge",
+        ),
+        Peer(
+            "tornado_sse_redis",
+            "tornado_sse with Redis (server CPU includes redis-server's)",
+            "tornado_sse_peer",
+            requires=("redis",),
+            backend="redis",
         ),
         Peer("tornado_plain", "plain Tornado (queue per client, write + flush)", "tornado_plain"),
         Peer(
@@ -250,6 +268,8 @@ class Server:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.log = workdir / f"{peer.name}.log"
+        #: the redis-server of a Redis-backed peer
+        self.redis: asyncio.subprocess.Process | None = None
 
     @property
     def pid(self) -> int:
@@ -287,6 +307,12 @@ class Server:
             ]
             for option in self.peer.options:
                 argv += ["--option", option]
+            if self.peer.backend == "bridge":
+                socket_path = self.workdir / f"{self.peer.name}.sock"
+                argv += ["--option", "broker=bridge", "--option", f"socket={socket_path}"]
+            elif self.peer.backend == "redis":
+                url = await self._start_redis()
+                argv += ["--option", "broker=redis", "--option", f"redis={url}"]
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
             env={**os.environ, **self.peer.env} if self.peer.env else None,
@@ -358,11 +384,44 @@ class Server:
         reply = await self.control({"cmd": "gctime"})
         return float(sum(seconds for _, seconds in reply["generations"]))
 
+    async def _start_redis(self) -> str:
+        """A throwaway redis-server (no persistence) on the server's core; its URL."""
+        port = free_port()
+        self.redis = await asyncio.create_subprocess_exec(
+            *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
+            *("--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            *("--logfile", str(self.workdir / f"{self.peer.name}-redis.log")),
+            stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_pinned(self.core),
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(HOST, port)
+                writer.write(b"PING\r\n")
+                reply = await asyncio.wait_for(reader.readline(), 2)
+                writer.close()
+                if reply.startswith(b"+PONG"):
+                    return f"redis://{HOST}:{port}/0"
+            except (OSError, asyncio.TimeoutError):
+                pass
+            if time.monotonic() > deadline or self.redis.returncode is not None:
+                raise RuntimeError("redis-server did not start")
+            await asyncio.sleep(0.02)
+
+    def _pids(self) -> list[int]:
+        """The server's processes: the peer, and its redis-server if it has one."""
+        return [self.pid] + ([self.redis.pid] if self.redis is not None else [])
+
     def cpu(self) -> float:
-        return _proc_cpu(self.pid)
+        return sum(_proc_cpu(pid) for pid in self._pids())
 
     def times(self) -> tuple[float, float]:
-        return _proc_times(self.pid)
+        user, system = 0.0, 0.0
+        for pid in self._pids():
+            u, s = _proc_times(pid)
+            user, system = user + u, system + s
+        return user, system
 
     def rss(self) -> int:
         return _proc_rss(self.pid)
@@ -377,6 +436,13 @@ class Server:
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+        if self.redis is not None and self.redis.returncode is None:
+            self.redis.terminate()
+            try:
+                await asyncio.wait_for(self.redis.wait(), 5)
+            except asyncio.TimeoutError:
+                self.redis.kill()
+                await self.redis.wait()
 
 
 class Workers:

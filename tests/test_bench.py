@@ -118,6 +118,40 @@ def test_bench_command_writes_json_and_markdown(tmp_path: Path) -> None:
     assert nchan["status"] == "ok" or nchan["status"].startswith("not installed"), nchan
 
 
+@pytest.mark.timeout(90)
+def test_bench_runs_the_bridge_and_redis_variants_and_the_reference_peers(tmp_path: Path) -> None:
+    """tornado_sse over the bridge and with Redis (a redis-server of its own) in the same run as
+    the others, and the empty Tornado handler in the idle scenario only."""
+    from tornado_sse.bench.cli import bench_command
+
+    peers = "tornado_sse_bridge,tornado_sse_redis,tornado_empty"
+    result = CliRunner().invoke(
+        bench_command,
+        [
+            *("--quick", "--scenario", "fanout", "--scenario", "idle", "--peers", peers),
+            *("--set", "fanout_subscribers=20", "--set", "fanout_seconds=0.2"),
+            *("--set", "idle_streams=30", "--set", "idle_window=0.2"),
+            *("--out", str(tmp_path)),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    for name in ("tornado_sse_bridge", "tornado_sse_redis"):
+        assert results[name]["status"] == "ok", results[name]
+        run = results[name]["fanout"]["20"]
+        assert run["lost"] == run["duplicated"] == run["reordered"] == 0, run
+        assert run["deliveries_per_s"] > 0
+        assert results[name]["idle"]["streams"] == 30
+    empty = results["tornado_empty"]
+    assert empty["status"] == "ok" and empty["scenarios"] == ["idle"], empty
+    assert "fanout" not in empty and empty["idle"]["streams"] == 30
+    assert empty["idle"]["connect_gc_s"] is not None
+    markdown = (tmp_path / "results.md").read_text()
+    fanout_table = markdown.split("### Fan-out")[1].split("###")[0]
+    assert "tornado_sse with Redis" in fanout_table and "empty Tornado" not in fanout_table
+    assert "empty Tornado handler" in markdown.split("### Idle")[1]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

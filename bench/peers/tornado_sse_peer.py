@@ -3,6 +3,11 @@
 The route follows the channel ``bench``; the driver publishes through the broker in the
 server's own event loop. ``--option gc=freeze`` calls `gc.freeze()` once the server is up
 (see docs/benchmarks.md).
+
+``--option broker=bridge --option socket=PATH``: a `BridgeBroker` instead; alone on its socket,
+the process runs the hub and its own broker talks to it over the unix socket, so every event
+crosses the bridge to the hub and back. ``--option broker=redis --option redis=URL``: a
+`RedisBroker`; every event goes to Redis and comes back through the process's reader.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 
 from tornado_sse import ConnectionSet, EventStreamHandler, InProcessBroker
+from tornado_sse.broker.base import Broker
 
 from .common import Driver, options, parse_args, run
 
@@ -26,8 +32,21 @@ class Events(EventStreamHandler):
         return ["bench"]
 
 
+def make_broker(settings: dict[str, str]) -> Broker:
+    kind = settings.get("broker", "memory")
+    if kind == "bridge":
+        from tornado_sse.broker.bridge import BridgeBroker
+
+        return BridgeBroker(settings["socket"], history_size=1000)
+    if kind == "redis":
+        from tornado_sse.broker.redis import RedisBroker
+
+        return RedisBroker(settings["redis"], history_size=1000)
+    return InProcessBroker(history_size=1000)
+
+
 async def main(args: argparse.Namespace) -> None:
-    broker = InProcessBroker(history_size=1000)
+    broker = make_broker(options(args))
     connections = ConnectionSet()
     app = tornado.web.Application(
         [(r"/events", Events)],
