@@ -17,7 +17,14 @@ import tornado.web
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from tests.helpers import free_port, wait_until
-from tornado_sse import Event, EventStreamHandler, InProcessBroker, Metrics, StreamParseError
+from tornado_sse import (
+    Event,
+    EventStreamHandler,
+    InProcessBroker,
+    Metrics,
+    StreamIdleError,
+    StreamParseError,
+)
 from tornado_sse.client import EventSource
 from tornado_sse.errors import EventStreamError, InvalidEventError
 
@@ -446,3 +453,55 @@ async def test_stalled_consumer_is_cut_off_by_the_server_and_loses_nothing(
         received = [event.id for event in await take(source, len(published))]
         assert received == published
         assert source.connections == 2
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_idle_timeout_drops_a_silent_stream_and_resumes(
+    port: int, broker: InProcessBroker, record: Record
+) -> None:
+    # Heartbeats are off in this app: after the priming id, the stream says nothing.
+    position = await broker.publish("a", "before")
+    url = f"http://127.0.0.1:{port}/events?channel=a"
+    async with EventSource(url, idle_timeout=0.3) as source:
+        await wait_until(lambda: len(record.handlers) >= 2)
+        await asyncio.wait_for(record.closed[0], TIMEOUT)  # the client let the silent one go
+        assert record.last_event_ids[:2] == [None, position]
+        assert isinstance(source.last_error, StreamIdleError)
+        assert "no data from the server for 0.3 s" in str(source.last_error)
+        live = await broker.publish("a", "live")
+        assert [e.id for e in await take(source, 1)] == [live]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_idle_timeout_spares_a_stream_that_has_heartbeats(
+    port: int, app: tornado.web.Application, record: Record
+) -> None:
+    metrics = Metrics()
+    app.settings.update(sse_heartbeat_interval=0.05, sse_metrics=metrics)
+    async with EventSource(f"http://127.0.0.1:{port}/events?channel=a", idle_timeout=0.3) as source:
+        await wait_until(lambda: source.connected)
+        # 20 heartbeats span about a second: more than three idle timeouts
+        await wait_until(lambda: metrics.heartbeats_sent >= 20)
+        assert source.connections == 1 and len(record.handlers) == 1
+        assert source.last_error is None
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_idle_timeout_does_not_count_a_slow_consumer(
+    port: int, broker: InProcessBroker, record: Record
+) -> None:
+    url = f"http://127.0.0.1:{port}/events?channel=a"
+    async with EventSource(url, idle_timeout=0.2, max_queue=1) as source:
+        await wait_until(lambda: source.connected)
+        published = [await broker.publish("a", f"event {i}") for i in range(3)]
+        await wait_until(lambda: source.pending == 1)
+        # The client's reading now waits for us: that silence is ours, not the server's.
+        started = time.monotonic()
+        await wait_until(lambda: time.monotonic() - started > 0.8)
+        assert [e.id for e in await take(source, 3)] == published
+        assert source.connections == 1 and len(record.handlers) == 1
+
+
+def test_idle_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        EventSource("http://127.0.0.1:1/events", idle_timeout=0)

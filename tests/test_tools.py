@@ -288,6 +288,20 @@ async def test_listen_json_resumes_without_loss(
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_listen_reconnects_a_silent_stream(port: int, state: State) -> None:
+    # Heartbeats are off here: with --idle-timeout the listener takes silence for a dead peer.
+    run = asyncio.ensure_future(
+        invoke(["listen", f"http://127.0.0.1:{port}", "-c", "a", "--idle-timeout", "0.3"])
+    )
+    await wait_until(lambda: len(state.handlers) >= 2)
+    state.stop = True  # the next reconnect gets 204 and the listener ends
+    result = await asyncio.wait_for(run, TIMEOUT)
+    assert result.exit_code == 0, result.output
+    assert "no data from the server for 0.3 s" in result.stderr
+    assert state.requests[1][1] is not None  # it resumed from the priming id
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_listen_refusals(port: int) -> None:
     base = f"http://127.0.0.1:{port}"
     result = await invoke(["listen", f"{base}/events"])  # no channel: the handler's 400

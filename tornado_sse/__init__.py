@@ -21,6 +21,7 @@ from .errors import (
     InvalidChannelError,
     InvalidEventError,
     SSEError,
+    StreamIdleError,
     StreamParseError,
 )
 from .metrics import Metrics
@@ -75,6 +76,7 @@ __all__ = [
     "InvalidEventError",
     "Metrics",
     "SSEError",
+    "StreamIdleError",
     "StreamParseError",
     "Subscription",
     "__version__",

@@ -32,6 +32,11 @@ Deliberate choices:
   the client makes its own `SimpleAsyncHTTPClient` whose TCP client remembers the connection's
   stream; :meth:`EventSource.close` closes that stream. With a caller's ``http_client`` the
   connection is released when its next bytes arrive (a hub's heartbeat) instead.
+* **Silence is a dead connection, if you say so.** A half-open connection (a peer that vanished
+  without a FIN: a NAT or a laptop lid) looks exactly like a quiet stream. With
+  ``idle_timeout`` the client drops a stream that carried no byte for that long and reconnects,
+  resuming; set it to a few heartbeat intervals of the server (tornado_sse's default heartbeat
+  is 15 s, so 45-60 s). Without it, only TCP itself (after many minutes) ends such a stream.
 * No ``Accept-Encoding``: a compressed event stream is buffered by the compressor.
 """
 
@@ -44,8 +49,9 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
@@ -54,7 +60,7 @@ from tornado.iostream import IOStream
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
-from .errors import EventStreamError, InvalidEventError, StreamParseError
+from .errors import EventStreamError, InvalidEventError, StreamIdleError, StreamParseError
 from .protocol import Event, EventStreamParser
 
 __all__ = ["EventSource"]
@@ -113,11 +119,14 @@ class _Attempt:
 
     __slots__ = (
         "aborted",
+        "active_at",
         "body",
         "content_type",
+        "expired",
         "fatal",
         "headers",
         "parser",
+        "paused",
         "progressed",
         "status",
         "stream",
@@ -133,6 +142,9 @@ class _Attempt:
         self.fatal: Exception | None = None
         self.aborted = False
         self.progressed = False  # an event, an id or a heartbeat comment arrived
+        self.active_at = time.monotonic()  # when the last bytes arrived (or the attempt began)
+        self.expired: asyncio.Future[None] | None = None  # set once idle for idle_timeout
+        self.paused = False  # reading waits for the consumer: silence is ours, not the server's
 
 
 def _is_event_stream(content_type: str | None) -> bool:
@@ -156,6 +168,9 @@ class EventSource:
     :param connect_timeout: seconds to wait for a connection (``None``: no limit).
     :param request_timeout: seconds a single connection may last in all before the client
         drops it and reconnects (``None``, the default: no limit).
+    :param idle_timeout: seconds without a byte from the server after which the client takes
+        the connection for dead, drops it and reconnects (``None``, the default: wait forever).
+        Give it a few of the server's heartbeat intervals.
     :param reconnect: ``False`` to make one connection only: its end ends the iteration, and a
         failure to connect raises `.EventStreamError` with ``status`` ``None``.
     :param http_client: a `SimpleAsyncHTTPClient` to use (it is not closed). Default: a private
@@ -185,6 +200,7 @@ class EventSource:
         max_event_size: int = 1 << 20,
         connect_timeout: float | None = 10.0,
         request_timeout: float | None = None,
+        idle_timeout: float | None = None,
         reconnect: bool = True,
         http_client: SimpleAsyncHTTPClient | None = None,
         max_queue: int = 64,
@@ -195,6 +211,8 @@ class EventSource:
             raise ValueError("retry and max_retry must not be negative")
         if max_queue < 1 or max_event_size < 1:
             raise ValueError("max_queue and max_event_size must be at least 1")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive (or None for no limit)")
         if http_client is not None and not isinstance(http_client, SimpleAsyncHTTPClient):
             # curl_httpclient ignores a coroutine streaming callback: no backpressure.
             raise TypeError("http_client must be a tornado.simple_httpclient.SimpleAsyncHTTPClient")
@@ -204,6 +222,7 @@ class EventSource:
         self.max_event_size = max_event_size
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.reconnect = reconnect
         self.max_queue = max_queue
         #: number of streams opened so far (a 200 ``text/event-stream`` response each);
@@ -433,11 +452,22 @@ class EventSource:
         # If close() cancels us, the fetch must not be cancelled: Tornado would log an error
         # when it later fails. It fails promptly once close() has closed the stream.
         fetch.add_done_callback(_retrieve)
+        watchdog = self._watch(attempt) if self.idle_timeout is not None else None
         try:
-            response: HTTPResponse = await asyncio.shield(fetch)
+            if attempt.expired is None:
+                response: HTTPResponse = await asyncio.shield(fetch)
+            else:
+                # asyncio.wait never cancels what it waits for (see above)
+                await asyncio.wait((fetch, attempt.expired), return_when=asyncio.FIRST_COMPLETED)
+                if attempt.expired.done():
+                    self._abort(attempt)  # with a caller's client: at its next bytes, if any
+                    return StreamIdleError(f"no data from the server for {self.idle_timeout:g} s")
+                response = fetch.result()
         except (OSError, HTTPClientError, HTTPInputError) as exc:
             return exc
         finally:
+            if watchdog is not None:
+                watchdog()
             self._attempt = None
             self._conn_stream = None
             self.connected = False
@@ -451,6 +481,26 @@ class EventSource:
         if attempt.status is None:
             attempt.status = response.code
         return None
+
+    def _watch(self, attempt: _Attempt) -> Callable[[], None]:
+        """Resolve ``attempt.expired`` once the attempt has been silent for idle_timeout; the
+        timer is moved on when it fires, not at every chunk. Returns what cancels it."""
+        loop = asyncio.get_running_loop()
+        timeout = float(self.idle_timeout or 0.0)
+        expired = attempt.expired = loop.create_future()
+        timer: list[asyncio.TimerHandle] = []
+
+        def check() -> None:
+            if attempt.paused:
+                attempt.active_at = time.monotonic()
+            remaining = attempt.active_at + timeout - time.monotonic()
+            if remaining <= 0:
+                expired.set_result(None)
+            else:
+                timer[0] = loop.call_later(remaining, check)
+
+        timer.append(loop.call_later(timeout, check))
+        return lambda: timer[0].cancel()
 
     def _refusal(self, attempt: _Attempt) -> EventStreamError:
         body = attempt.body.decode("utf-8", "replace").strip()
@@ -502,6 +552,7 @@ class EventSource:
     async def _on_chunk(self, attempt: _Attempt, chunk: bytes) -> None:
         if attempt.aborted:
             raise _Aborted("event stream closed by the client")
+        attempt.active_at = time.monotonic()
         if not attempt.stream:
             attempt.body += chunk[: _BODY_LIMIT - len(attempt.body)]
             if len(attempt.body) >= _BODY_LIMIT:
@@ -527,7 +578,12 @@ class EventSource:
                     return
                 if self._writable is None or self._writable.done():
                     self._writable = asyncio.get_running_loop().create_future()
-                await self._writable
+                attempt.paused = True
+                try:
+                    await self._writable
+                finally:
+                    attempt.paused = False
+                    attempt.active_at = time.monotonic()
             if self._closed:
                 return
             self._items.append(event)

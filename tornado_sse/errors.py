@@ -30,6 +30,7 @@ __all__ = [
     "InvalidChannelError",
     "InvalidEventError",
     "SSEError",
+    "StreamIdleError",
     "StreamParseError",
 ]
 
@@ -78,6 +79,11 @@ class EventStreamError(SSEError):
         self.status = status
         self.content_type = content_type
         self.body = body
+
+
+class StreamIdleError(SSEError, TimeoutError):
+    """The client's ``idle_timeout`` passed without a byte from the server: the connection is
+    taken for dead (half-open) and the client reconnects. Seen in `EventSource.last_error`."""
 
 
 class EventStreamClosedError(SSEError):

@@ -28,7 +28,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError, SimpleAsyncHTTPClient
 
 from .client import EventSource
-from .errors import EventStreamError, StreamParseError
+from .errors import EventStreamError, StreamIdleError, StreamParseError
 from .protocol import Event
 
 __all__ = ["listen_command", "publish_command"]
@@ -94,6 +94,8 @@ def _network_error(url: str, exc: BaseException, timeout: float | None = None) -
         return f"cannot connect to {where}: connection refused (is the hub running?)"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve {parts.hostname!r}: {exc.strerror or exc}"
+    if isinstance(exc, StreamIdleError):
+        return f"{where} sent nothing, not even a heartbeat: {exc} (taken for a dead connection)"
     if isinstance(exc, HTTPTimeoutError) or isinstance(exc, TimeoutError):
         limit = f" within {timeout:g}s" if timeout else ""
         return f"no answer from {where}{limit} (timed out)"
@@ -141,8 +143,10 @@ def format_event(event: Event, as_json: bool) -> str:
     return "\n".join([head, *(f"\t\t{line}" for line in lines[1:])])
 
 
-async def _listen(url: str, last_event_id: str | None, as_json: bool, quiet: bool) -> None:
-    source = _Listener(url, last_event_id=last_event_id)
+async def _listen(
+    url: str, last_event_id: str | None, as_json: bool, quiet: bool, idle_timeout: float
+) -> None:
+    source = _Listener(url, last_event_id=last_event_id, idle_timeout=idle_timeout or None)
     source.quiet = quiet
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -202,8 +206,22 @@ async def _listen(url: str, last_event_id: str | None, as_json: bool, quiet: boo
 @click.option(
     "--quiet", "-q", is_flag=True, help="Do not note connects and reconnects on standard error."
 )
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Take the connection for dead and reconnect when the server sends nothing, not even "
+    "a heartbeat, for this long; 0 waits forever.",
+)
 def listen_command(
-    url: str, channels: tuple[str, ...], last_event_id: str | None, as_json: bool, quiet: bool
+    url: str,
+    channels: tuple[str, ...],
+    last_event_id: str | None,
+    as_json: bool,
+    quiet: bool,
+    idle_timeout: float,
 ) -> None:
     """Print the events of the stream at URL as they arrive.
 
@@ -215,7 +233,7 @@ def listen_command(
     if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
         raise click.BadParameter("must not contain CR, LF or NUL", param_hint="--last-event-id")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_listen(target, last_event_id, as_json, quiet))
+        asyncio.run(_listen(target, last_event_id, as_json, quiet, idle_timeout))
 
 
 # ---------------------------------------------------------------------- publish
