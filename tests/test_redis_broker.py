@@ -59,6 +59,18 @@ class TestRedisBroker(BrokerContract):
     pass
 
 
+class TestRedisBrokerByIndex(BrokerContract):
+    """The whole contract again with readers that always go through the index stream."""
+
+    @pytest.fixture
+    def make_broker(self, make_broker: MakeRedis) -> MakeRedis:
+        async def make(history_size: int = 1000, **options: Any) -> RedisBroker:
+            options.setdefault("index_threshold", 0)
+            return await make_broker(history_size, **options)
+
+        return make
+
+
 def stream_resets(got: Collector) -> list[dict[str, str]]:
     return [json.loads(e.data or "") for e in got.events if e.event == "stream-reset"]
 
@@ -165,21 +177,28 @@ async def test_one_reader_per_process_not_per_subscriber(
         sub.close()
 
 
+@pytest.mark.parametrize(
+    "index",
+    [{}, {"index_threshold": 0, "index_length": 10}],
+    ids=["direct", "by-index-trimmed-too"],
+)
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_reader_that_falls_behind_sends_stream_reset(
-    make_broker: MakeRedis, redis_url: str, redis_prefix: str
+    make_broker: MakeRedis, redis_url: str, redis_prefix: str, index: dict[str, int]
 ) -> None:
     """Entries trimmed before the reader got to them: a live stream-reset, never a gap.
 
     The subscriber holds the event loop (and so the reader) on its first event until another
     host, in a thread, has published far more than the stream keeps.
     """
-    broker = await make_broker(history_size=1, min_stream_length=1)
+    broker = await make_broker(history_size=1, min_stream_length=1, **index)
     published = threading.Event()
     failure: list[BaseException] = []
 
     async def other_host() -> None:
-        other = RedisBroker(redis_url, key_prefix=redis_prefix, history_size=1, min_stream_length=1)
+        other = RedisBroker(
+            redis_url, key_prefix=redis_prefix, history_size=1, min_stream_length=1, **index
+        )
         try:
             for n in range(1, 400):
                 await other.publish("behind", str(n))
@@ -316,3 +335,51 @@ async def test_hash_tagged_prefix_for_redis_cluster(make_broker: MakeRedis, redi
         await client.aclose()
     assert {b"{sse-test}:last", b"{sse-test}:floor", b"{sse-test}:s:tagged"} <= set(keys)
     assert all(key.startswith(b"{sse-test}:") for key in keys)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_many_channels_are_read_through_the_index(
+    make_broker: MakeRedis, redis_url: str, redis_prefix: str
+) -> None:
+    """A reader following 2,000 channels names only a few streams per XREAD (seen with Redis's
+    MONITOR), and still delivers every event once, in order."""
+    broker = await make_broker(index_threshold=32)
+    publisher = await make_broker()
+    channels = [f"user.{n}" for n in range(2000)]
+    got = Collector()
+    subs = [await broker.subscribe(channels[i : i + 100], got) for i in range(0, 2000, 100)]
+    for sub in subs:
+        sub.start()
+    first = await publisher.publish("user.7", "warm-up")
+    await wait_until(lambda: [f.id for f in got.frames] == [first], TIMEOUT)
+
+    named: list[int] = []  # streams named by each XREAD of our reader
+    watcher = aioredis.from_url(redis_url)
+    ready = asyncio.Event()
+
+    async def watch() -> None:
+        async with watcher.monitor() as monitor:
+            ready.set()
+            async for command in monitor.listen():
+                words = command["command"].split()
+                if words and words[0].upper() == "XREAD" and "STREAMS" in words:
+                    keys = len(words) - words.index("STREAMS") - 1
+                    named.append(keys // 2)
+
+    watching = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        ids = [first]
+        for n in range(40):
+            ids.append(await publisher.publish(channels[(n * 97) % 2000], f"event {n}"))
+        await wait_until(lambda: len(got.frames) == len(ids), TIMEOUT)
+        await wait_until(lambda: len(named) >= 2, TIMEOUT)
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await watcher.aclose()
+    assert [f.id for f in got.frames] == ids
+    assert got.data == ["warm-up"] + [f"event {n}" for n in range(40)]
+    assert named and max(named) <= 42, named  # the index, the wake stream, the streams named
+    for sub in subs:
+        sub.close()

@@ -20,11 +20,21 @@ from tornado_sse.errors import BrokerUnavailableError
 TIMEOUT = 20
 
 
-def brokers(server: RedisServer, count: int) -> list[RedisBroker]:
+def brokers(server: RedisServer, count: int, index_threshold: int = 32) -> list[RedisBroker]:
     return [
-        RedisBroker(server.url, key_prefix="faults:", timeout=1.0, reconnect_backoff=(0.05, 0.2))
+        RedisBroker(
+            server.url,
+            key_prefix="faults:",
+            timeout=1.0,
+            reconnect_backoff=(0.05, 0.2),
+            index_threshold=index_threshold,
+        )
         for _ in range(count)
     ]
+
+
+#: the reader names every followed stream (few channels), or goes through the index (many)
+BY_INDEX = pytest.mark.parametrize("index_threshold", [32, 0], ids=["direct", "by-index"])
 
 
 def resets(got: Collector) -> list[dict[str, str]]:
@@ -37,10 +47,11 @@ async def publish_while_down(broker: RedisBroker) -> None:
         await asyncio.wait_for(broker.publish("live", "lost"), 10)
 
 
+@BY_INDEX
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_restart_with_data_loses_nothing(tmp_path: Path) -> None:
+async def test_restart_with_data_loses_nothing(tmp_path: Path, index_threshold: int) -> None:
     with RedisServer(tmp_path, persist=True) as server:
-        publisher, host = brokers(server, 2)
+        publisher, host = brokers(server, 2, index_threshold)
         try:
             await publisher.start()
             await host.start()
@@ -76,10 +87,13 @@ async def test_restart_with_data_loses_nothing(tmp_path: Path) -> None:
             await host.close()
 
 
+@BY_INDEX
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_restart_without_data_sends_stream_reset(tmp_path: Path) -> None:
+async def test_restart_without_data_sends_stream_reset(
+    tmp_path: Path, index_threshold: int
+) -> None:
     with RedisServer(tmp_path) as server:
-        (host,) = brokers(server, 1)
+        (host,) = brokers(server, 1, index_threshold)
         try:
             await host.start()
             sub, got = await subscribe(host, ["live", "other"])

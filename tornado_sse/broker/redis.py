@@ -14,6 +14,10 @@ Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
 ``<prefix>floor``
     The first id of this incarnation of the data: written when ``last`` is found missing (a new
     Redis, or one that restarted without its data). An id below it is from lost history.
+``<prefix>index``
+    One small entry per event, whatever its channel, with the event's id: the channel (``c``)
+    and the id of the event before it (``p``). Trimmed with ``XADD MAXLEN ~`` to about
+    ``index_length`` entries. Readers that follow many channels read this first.
 ``<prefix>wake:<token>``
     A short stream per broker object, used to interrupt its own blocked reader.
 
@@ -32,6 +36,16 @@ Deliberate choices, and why:
   reader's horizon, if that is later) and wakes the reader with an ``XADD`` to its wake stream
   so the next ``XREAD`` includes the new stream. A round already in flight when a channel joins
   delivers only up to the join position, so events still come out in id order.
+* **Many channels: read the index, then only the streams it names.** An ``XREAD`` costs Redis
+  in proportion to the streams it names (about 0.5 us each), so a reader naming thousands of
+  followed channels every round (per-user channels, say) would make Redis the bottleneck.
+  Above ``index_threshold`` followed channels, the reader blocks on the index stream instead,
+  and then reads only the followed streams that the new index entries name, up to the last
+  entry it read. Its cost grows with the events published, not the channels followed. The
+  publish script writes the index entry atomically with the event. Before it trusts the index,
+  the reader catches up directly: it reads ``last``, then reads every followed stream up to it
+  without blocking. It does the same again when it finds index entries it had not read trimmed
+  (the ``p`` of the first new entry is past its index position).
 * **History is the last** ``history_size`` **entries of each stream**, even though a stream may
   physically keep more (``min_stream_length``, so that a reader that falls briefly behind a burst
   still gets every live event). A Last-Event-ID is a gap (`.HistoryGapError`, the client gets
@@ -94,7 +108,8 @@ _ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_PART = (1 << 64) - 1
 _ZERO: Key = (0, 0)
 
-# KEYS: last, floor, stream. ARGV: maxlen, body, published_at. Returns the new id.
+# KEYS: last, floor, stream, index. ARGV: maxlen, body, published_at, index maxlen, channel.
+# Returns the new id.
 _PUBLISH = """
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
@@ -121,6 +136,7 @@ if top[1] then
 end
 local id = string.format('%.0f-%.0f', ms, seq)
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], id, 'b', ARGV[2], 't', ARGV[3], 'p', prev)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], id, 'c', ARGV[5], 'p', last)
 redis.call('SET', KEYS[1], id)
 return id
 """
@@ -203,6 +219,11 @@ class RedisBroker(Broker):
     :param read_block: seconds the reader blocks per ``XREAD`` (default 5.0); a silently dead
         connection is noticed within this plus ``timeout``.
     :param read_count: entries per stream per ``XREAD`` (default 1000).
+    :param index_threshold: above this many followed channels, the reader reads the index
+        stream and then only the streams it names (default 32); at or below it, it names every
+        followed stream in one ``XREAD``.
+    :param index_length: entries the index stream keeps (default 10,000): how far the readers
+        that use it may fall behind before they catch up stream by stream.
     :param reconnect_backoff: ``(first, max)`` seconds between reconnection attempts; the delay
         doubles from *first* up to *max* (default ``(0.1, 5.0)``), with jitter.
     :param redis_options: further keyword arguments for `redis.asyncio.from_url` (options in
@@ -219,20 +240,26 @@ class RedisBroker(Broker):
         min_stream_length: int = 100,
         read_block: float = 5.0,
         read_count: int = 1000,
+        index_threshold: int = 32,
+        index_length: int = 10_000,
         reconnect_backoff: tuple[float, float] = (0.1, 5.0),
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(history_size=history_size)
         if timeout <= 0 or read_block <= 0:
             raise ValueError("timeout and read_block must be positive")
-        if read_count < 1 or min_stream_length < 1:
-            raise ValueError("read_count and min_stream_length must be at least 1")
+        if read_count < 1 or min_stream_length < 1 or index_length < 1:
+            raise ValueError("read_count, min_stream_length and index_length must be at least 1")
+        if index_threshold < 0:
+            raise ValueError("index_threshold must not be negative")
         if not 0 < reconnect_backoff[0] <= reconnect_backoff[1]:
             raise ValueError("reconnect_backoff must be (first, max) with 0 < first <= max")
         self.key_prefix = key_prefix
         self.timeout = timeout
         self.read_block = read_block
         self.read_count = read_count
+        self.index_threshold = index_threshold
+        self.index_length = index_length
         self.reconnect_backoff = reconnect_backoff
         #: entries each stream keeps (``XADD MAXLEN ~``)
         self.stream_length = max(history_size, min_stream_length)
@@ -260,6 +287,7 @@ class RedisBroker(Broker):
         self._floor_key = f"{key_prefix}floor"
         self._stream_prefix = f"{key_prefix}s:"
         self._stream_prefix_bytes = self._stream_prefix.encode()
+        self._index_key = f"{key_prefix}index"
         self._wake_key = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wake_pos = "0-0"
 
@@ -275,6 +303,9 @@ class RedisBroker(Broker):
         # position among them: that round delivers nothing past it
         self._dirty: set[str] = set()
         self._join_floor: Key | None = None
+        # reading by index: every event of a followed channel up to here has been delivered
+        # and the index is read from here (None: catch up directly first)
+        self._index_pos: Key | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -314,8 +345,13 @@ class RedisBroker(Broker):
         body = encode_event(event)
         result = await self._call(
             self._publish_script(
-                keys=[self._last_key, self._floor_key, self._stream_prefix + channel],
-                args=[self.stream_length, body, repr(time.time())],
+                keys=[
+                    self._last_key,
+                    self._floor_key,
+                    self._stream_prefix + channel,
+                    self._index_key,
+                ],
+                args=[self.stream_length, body, repr(time.time()), self.index_length, channel],
             )
         )
         return result.decode("ascii") if isinstance(result, bytes) else str(result)
@@ -514,6 +550,7 @@ class RedisBroker(Broker):
         last, floor = await self._init(client)
         horizon = self._horizon
         self._wake_pos = "0-0"
+        self._index_pos = None  # the index may have moved on: catch up directly first
         if horizon is None:
             self._horizon = last
             return
@@ -535,21 +572,109 @@ class RedisBroker(Broker):
             self._deliver_to(targets or [], frame)
 
     async def _round(self, client: Client) -> None:
-        """One ``XREAD``: deliver what it returns, in id order, exactly once."""
-        snapshot = dict(self._positions)
+        """One round of the reader: every followed stream at once, or the index first."""
+        if len(self._positions) <= self.index_threshold:
+            self._index_pos = None
+            await self._read_streams(client, block=True)
+        elif self._index_pos is None:
+            await self._catch_up(client)
+        else:
+            await self._read_index(client)
+
+    async def _catch_up(self, client: Client) -> None:
+        """Read every followed stream up to ``last`` without blocking; then trust the index."""
+        value = await client.get(self._last_key)
+        last = _parse(value) if value is not None else None
+        if last is None:
+            # No ``last`` (Redis lost its data): the direct reads notice, the index cannot.
+            await self._read_streams(client, block=True)
+            return
+        done = await self._read_streams(client, block=False, upto=last)
+        if done == last:
+            self._index_pos = last
+            if self._horizon is None or last > self._horizon:
+                self._horizon = last
+
+    async def _read_index(self, client: Client) -> None:
+        """Block on the index, then read only the followed streams its new entries name."""
+        position = self._index_pos
+        assert position is not None
         self._dirty = set()
         self._join_floor = None
-        streams: dict[str, str] = {self._wake_key: self._wake_pos}
-        for channel, key in snapshot.items():
-            streams[self._stream_prefix + channel] = _format(key)
         response = await client.xread(
-            streams, count=self.read_count, block=int(self.read_block * 1000)
+            {self._wake_key: self._wake_pos, self._index_key: _format(position)},
+            count=self.read_count,
+            block=int(self.read_block * 1000),
         )
         if not response:
             return
+        if isinstance(response, dict):  # RESP3
+            response = [(stream, value[0] if value else []) for stream, value in response.items()]
+        index_key = self._index_key.encode()
+        entries: list[tuple[Any, dict[bytes, bytes]]] = []
+        for stream, got in response:
+            if stream == index_key:
+                entries = got
+            elif got:
+                self._wake_pos = got[-1][0].decode("ascii")
+        if not entries:
+            return
+        before = _parse(entries[0][1].get(b"p") or b"")
+        if before is None or before > position:
+            log.info("redis index entries were trimmed before the reader got to them; catching up")
+            self._index_pos = None
+            return
+        newest = _parse(entries[-1][0])
+        if newest is None:
+            self._index_pos = None
+            return
+        named: set[str] = set()
+        for _, fields in entries:
+            channel = fields.get(b"c", b"").decode("utf-8", "replace")
+            if channel in self._positions:
+                named.add(channel)
+        done: Key | None = newest
+        if named:
+            done = await self._read_streams(client, block=False, upto=newest, only=named)
+        join_floor = self._join_floor
+        if done is not None and join_floor is not None and join_floor < done:
+            done = join_floor  # a channel joined meanwhile: read the index again from there
+        if done is not None and done > position:
+            self._index_pos = done
+            if self._horizon is None or done > self._horizon:
+                self._horizon = done
+
+    async def _read_streams(
+        self,
+        client: Client,
+        *,
+        block: bool,
+        upto: Key | None = None,
+        only: set[str] | None = None,
+    ) -> Key | None:
+        """One ``XREAD`` of the followed streams (or of *only* those): deliver what it returns,
+        up to *upto*, in id order, exactly once. Returns the id up to which every event of
+        those streams was delivered (*upto* unless an entry count or a join cut the round
+        short), or None when that is unknown (a blocking read)."""
+        snapshot = dict(self._positions)
+        if only is not None:
+            snapshot = {channel: snapshot[channel] for channel in only if channel in snapshot}
+        else:
+            self._dirty = set()
+            self._join_floor = None
+        streams: dict[str, str] = {self._wake_key: self._wake_pos} if block else {}
+        for channel, key in snapshot.items():
+            streams[self._stream_prefix + channel] = _format(key)
+        if not streams:
+            return upto
+        response = await client.xread(
+            streams, count=self.read_count, block=int(self.read_block * 1000) if block else None
+        )
+        if not response:
+            return upto
         if isinstance(response, dict):  # RESP3 (``?protocol=3`` in the URL): {stream: [entries]}
             response = [(stream, value[0] if value else []) for stream, value in response.items()]
-        cutoff: Key | None = None
+        cutoff: Key | None = upto
         newest: Key | None = None
         batches: list[tuple[str, list[tuple[Key, bytes, dict[bytes, bytes]]]]] = []
         prefix = self._stream_prefix_bytes
@@ -595,7 +720,7 @@ class RedisBroker(Broker):
                 last_read = key
             if last_read is not None:
                 self._positions[channel] = max(self._positions.get(channel, last_read), last_read)
-        if newest is not None:
+        if newest is not None and upto is None:
             reached = newest if cutoff is None or newest < cutoff else cutoff
             if reached > horizon:
                 self._horizon = reached
@@ -606,20 +731,20 @@ class RedisBroker(Broker):
                 len(trimmed),
             )
             out.extend(self._resets(trimmed, "history"))
-        if not out:
-            return
-        out.sort(key=lambda item: item[0])
-        deliver = self._deliver
-        for _, frame, targets in out:
-            # The positions already moved past these events: a failing subscriber must not
-            # make the reader restart and the events after it go undelivered.
-            try:
-                if targets is None:
-                    deliver(frame)
-                else:
-                    self._deliver_to(targets, frame)
-            except Exception:
-                log.exception("a subscriber failed to take event %s", frame.id)
+        if out:
+            out.sort(key=lambda item: item[0])
+            deliver = self._deliver
+            for _, frame, targets in out:
+                # The positions already moved past these events: a failing subscriber must not
+                # make the reader restart and the events after it go undelivered.
+                try:
+                    if targets is None:
+                        deliver(frame)
+                    else:
+                        self._deliver_to(targets, frame)
+                except Exception:
+                    log.exception("a subscriber failed to take event %s", frame.id)
+        return cutoff if upto is not None else None
 
     def _resets(
         self, channels: dict[str, Key], reason: str
