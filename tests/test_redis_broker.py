@@ -303,9 +303,12 @@ def test_import_tornado_sse_does_not_import_redis() -> None:
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("index_threshold", [32, 0], ids=["direct", "by-index"])
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_resp3_connection(redis_url: str, redis_prefix: str) -> None:
-    broker = RedisBroker(redis_url + "?protocol=3", key_prefix=redis_prefix)
+async def test_resp3_connection(redis_url: str, redis_prefix: str, index_threshold: int) -> None:
+    broker = RedisBroker(
+        redis_url + "?protocol=3", key_prefix=redis_prefix, index_threshold=index_threshold
+    )
     try:
         await broker.start()
         first = await broker.publish("a", "1")
