@@ -429,20 +429,14 @@ class Server:
     async def stop(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except asyncio.TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self.redis is not None and self.redis.returncode is None:
-            self.redis.terminate()
-            try:
-                await asyncio.wait_for(self.redis.wait(), 5)
-            except asyncio.TimeoutError:
-                self.redis.kill()
-                await self.redis.wait()
+        for proc in (self.proc, self.redis):
+            if proc is not None and proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 5)
+                except asyncio.TimeoutError:
+                    proc.kill()
+                    await proc.wait()
 
 
 class Workers:
