@@ -522,6 +522,7 @@ class EventSource:
     def _on_header(self, attempt: _Attempt, line: str) -> None:
         if attempt.aborted:
             return
+        attempt.active_at = time.monotonic()
         if attempt.status is None:
             attempt.status = parse_response_start_line(line.strip()).code
             return
