@@ -156,6 +156,43 @@ class BrokerContract:
             sub.close()
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_subscribe_storm_while_publishing(self, make_broker: MakeBroker) -> None:
+        """Many subscriptions at once (most to channels nobody follows yet) while events flow:
+        each gets exactly the events of its channels after its position, in order."""
+        broker = await make_broker()
+        channels = [f"storm.{n}" for n in range(40)]
+        published: list[tuple[str, str]] = []  # (channel, id)
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            n = 0
+            while not stop.is_set():
+                channel = channels[n % len(channels)]
+                published.append((channel, await broker.publish(channel, str(n))))
+                n += 1
+                if n % 3 == 0:
+                    await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(publisher())
+        await wait_until(lambda: len(published) >= 5, TIMEOUT)
+        subs = await asyncio.gather(
+            *(subscribe(broker, [channels[n % 40], channels[(n * 7 + 3) % 40]]) for n in range(200))
+        )
+        stop.set()
+        await task
+        for channel in channels:
+            published.append((channel, await broker.publish(channel, "final")))
+        key = broker.id_key
+        for sub, got in subs:
+            mine = set(sub.channels)
+            start = key(sub.position)
+            assert start is not None
+            expected = [i for c, i in published if c in mine and (key(i) or start) > start]
+            await wait_until(lambda got=got, n=len(expected): len(got.frames) >= n, TIMEOUT)
+            assert [frame.id for frame in got.frames] == expected
+            sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_too_old_id_is_a_reset_never_a_gap(self, make_broker: MakeBroker) -> None:
         broker = await make_broker(history_size=2)
         ids = [await broker.publish("small", str(n)) for n in range(5)]

@@ -386,3 +386,31 @@ async def test_many_channels_are_read_through_the_index(
     assert named and max(named) <= 42, named  # the index, the wake stream, the streams named
     for sub in subs:
         sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_storm_of_new_channels_costs_a_few_round_trips(
+    make_broker: MakeRedis, redis_url: str
+) -> None:
+    """1,000 subscriptions at once, each to a channel nobody follows yet (a reconnect storm with
+    per-user channels): the follows are grouped, not queued one Redis round trip each."""
+    broker = await make_broker()
+    client = aioredis.from_url(redis_url)
+    try:
+        before = await client.info("commandstats")
+        subs = await asyncio.gather(*(subscribe(broker, [f"user.{n}"]) for n in range(1000)))
+        after = await client.info("commandstats")
+    finally:
+        await client.aclose()
+
+    def calls(stats: dict[str, Any], command: str) -> int:
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    assert calls(after, "get") - calls(before, "get") <= 10
+    publisher = await make_broker()
+    event_id = await publisher.publish("user.999", "hello")
+    await wait_until(lambda: subs[999][1].data == ["hello"], TIMEOUT)
+    assert subs[999][1].frames[0].id == event_id
+    assert all(not got.frames for _, got in subs[:999])
+    for sub, _ in subs:
+        sub.close()

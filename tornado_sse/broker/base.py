@@ -222,6 +222,17 @@ class Subscription:
         return f"<Subscription {self.channels!r} at {self.position!r}>"
 
 
+class _FollowGroup:
+    """Subscriptions waiting together for the next `Broker._follow` call."""
+
+    __slots__ = ("channels", "done", "task")
+
+    def __init__(self) -> None:
+        self.channels: list[str] = []
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+
+
 class Broker(abc.ABC):
     """Base class of brokers: validation, threading, local fan-out and resume.
 
@@ -253,6 +264,7 @@ class Broker(abc.ABC):
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._follow_lock: asyncio.Lock | None = None
+        self._follow_group: _FollowGroup | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -387,10 +399,7 @@ class Broker(abc.ABC):
             subs.add(sub)
         self._changed(names)
         try:
-            if self._follow_lock is None:
-                self._follow_lock = asyncio.Lock()
-            async with self._follow_lock:
-                position = await self._follow(new)
+            position = await self._follow_grouped(new)
             sub.position = position
             sub._last_key = self.id_key(position)
             if last_event_id is not None:
@@ -428,6 +437,38 @@ class Broker(abc.ABC):
                 gone.append(name)
         if gone and self.follows_remotely and not self.closed and self._loop is not None:
             self._loop.create_task(self._unfollow_soon(gone))
+
+    async def _follow_grouped(self, channels: list[str]) -> str:
+        """`_follow`, one at a time (and never beside an `_unfollow`); callers that arrive while
+        one is in flight are grouped into the next call, so a storm of new subscriptions costs a
+        few round trips to the backend, not one each in a queue."""
+        if self._follow_lock is None:
+            self._follow_lock = asyncio.Lock()
+        if not self._follow_lock.locked() and self._follow_group is None:
+            async with self._follow_lock:
+                return await self._follow(channels)
+        group = self._follow_group
+        if group is None:
+            group = self._follow_group = _FollowGroup()
+            group.task = asyncio.get_running_loop().create_task(self._run_follow_group(group))
+        group.channels.extend(channels)
+        return await asyncio.shield(group.done)
+
+    async def _run_follow_group(self, group: _FollowGroup) -> None:
+        assert self._follow_lock is not None
+        async with self._follow_lock:
+            if self._follow_group is group:
+                self._follow_group = None  # later callers form the next group
+            try:
+                position = await self._follow(list(dict.fromkeys(group.channels)))
+            except asyncio.CancelledError:
+                group.done.cancel()
+                raise
+            except BaseException as exc:
+                group.done.set_exception(exc)
+                group.done.exception()  # retrieved here too, in case every caller left
+            else:
+                group.done.set_result(position)
 
     async def _unfollow_soon(self, channels: list[str]) -> None:
         if self._follow_lock is None:

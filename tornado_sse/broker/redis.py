@@ -370,7 +370,11 @@ class RedisBroker(Broker):
             self._dirty.add(channel)
         if self._join_floor is None or position < self._join_floor:
             self._join_floor = position
-        await self._wake()
+        if self._index_pos is None:
+            # The reader names the streams it follows: wake it so that its next XREAD names
+            # this one too. Reading through the index, it hears of the new channel's events
+            # from the index anyway.
+            await self._wake()
         return _format(position)
 
     async def _unfollow(self, channels: Sequence[str]) -> None:
