@@ -414,3 +414,52 @@ async def test_a_storm_of_new_channels_costs_a_few_round_trips(
     assert all(not got.frames for _, got in subs[:999])
     for sub, _ in subs:
         sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_reader_switches_between_direct_and_index_reads_without_loss(
+    make_broker: MakeRedis,
+) -> None:
+    """Channels followed grow past index_threshold and shrink below it again while events flow
+    from another host: every subscription gets exactly its channels' events after its position."""
+    broker = await make_broker(index_threshold=4)
+    publisher = await make_broker()
+    channels = [f"switch.{n}" for n in range(12)]
+    published: list[tuple[str, str]] = []
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            channel = channels[n % len(channels)]
+            published.append((channel, await publisher.publish(channel, str(n))))
+            n += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(publish())
+    subs = []
+    for channel in channels:  # 1 -> 12 channels followed: direct reads, then the index
+        subs.append(await subscribe(broker, [channel]))
+        await wait_until(lambda: len(published) >= 3 * len(subs), TIMEOUT)
+    await wait_until(lambda: broker._index_pos is not None, TIMEOUT)  # reading the index
+    for sub, _ in subs[2:]:  # back down to 2: direct reads again
+        sub.close()
+        await wait_until(lambda: len(published) >= 3 * len(subs) + 30, TIMEOUT)
+    await wait_until(lambda: broker._index_pos is None, TIMEOUT)  # naming the streams again
+    mark = len(published)
+    await wait_until(lambda: len(published) >= mark + 30, TIMEOUT)
+    stop.set()
+    await task
+    finals = {channel: await publisher.publish(channel, "final") for channel in channels[:2]}
+    key = broker.id_key
+    for (sub, got), channel in zip(subs[:2], channels, strict=False):
+        start = key(sub.position)
+        assert start is not None
+        expected = [i for c, i in published if c == channel and (key(i) or start) > start]
+        expected.append(finals[channel])
+        await wait_until(lambda got=got, n=len(expected): len(got.frames) >= n, TIMEOUT)
+        assert [frame.id for frame in got.frames] == expected
+        sub.close()
+    for _, got in subs[2:]:
+        ids = [frame.id for frame in got.frames]
+        assert len(ids) == len(set(ids)) and ids == sorted(ids, key=lambda i: key(i) or (0, 0))
