@@ -170,7 +170,9 @@ class EventSource:
         drops it and reconnects (``None``, the default: no limit).
     :param idle_timeout: seconds without a byte from the server after which the client takes
         the connection for dead, drops it and reconnects (``None``, the default: wait forever).
-        Give it a few of the server's heartbeat intervals.
+        Give it a few of the server's heartbeat intervals. With a caller's ``http_client`` the
+        dead connection cannot be closed from here: it keeps one of that client's
+        ``max_clients`` slots until TCP gives it up, so prefer the private client for this.
     :param reconnect: ``False`` to make one connection only: its end ends the iteration, and a
         failure to connect raises `.EventStreamError` with ``status`` ``None``.
     :param http_client: a `SimpleAsyncHTTPClient` to use (it is not closed). Default: a private
