@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 
 from .broker.base import Broker, Frame, validate_channel
@@ -559,6 +560,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
             connection.detach()
             self._detached = True
             self._stream.set_close_callback(self.on_connection_close)
+            if self._stream.closed():
+                # It closed while the headers went out: Tornado's callback for that went to the
+                # connection we just let go, and ours will not be called for a closed stream.
+                IOLoop.current().add_callback(self.on_connection_close)
         # Once the headers are out, Tornado's per-request helpers for templates and response
         # headers are never read again: let them go (issue 8: memory per idle stream). Dropping
         # ``ui`` also breaks its reference cycle with the handler.
