@@ -655,8 +655,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 if self._allowance:
                     self._allowance = 0
                 return
-            data = data[sent:]
-        if not self._write(stream, data):
+            # the socket is full: the rest waits in the IOStream (no second send to find out)
+            if not self._queue_rest(stream, data[sent:]):
+                return
+        elif not self._write(stream, data):
             return
         params: _StreamParams = self._params  # type: ignore[assignment]
         pending = len(stream._write_buffer)
@@ -686,6 +688,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
             if sent == len(data):
                 return True
             data = data[sent:]
+        return self._queue_rest(stream, data)
+
+    def _queue_rest(self, stream: IOStream, data: bytes) -> bool:
+        """Hand *data* to the IOStream (it writes when the socket drains); false if aborted."""
         try:
             stream.write(data)
         except StreamClosedError:
