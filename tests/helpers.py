@@ -8,7 +8,9 @@ the bytes the server wrote.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,6 +18,17 @@ from typing import Any
 from tornado_sse.protocol import Event, EventStreamParser
 
 DEFAULT_TIMEOUT = 10.0
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM *proc* (a graceful shutdown) and wait; SIGKILL it if it lingers. Idempotent."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import RawStream, free_port, wait_until
+from tests.helpers import RawStream, free_port, stop_process, wait_until
 from tests.redis_server import RedisServer
 
 TOKEN = "redis-test-token-0123456789"
@@ -75,13 +74,7 @@ class Hub:
         return await RawStream.open(self.port, f"/events?{query}", **kwargs)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

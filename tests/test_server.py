@@ -27,7 +27,7 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require
-from tests.helpers import RawStream, free_port, wait_until
+from tests.helpers import RawStream, free_port, stop_process, wait_until
 from tornado_sse.server import serve_command
 
 TOKEN = "test-token-0123456789abcdef"
@@ -96,13 +96,7 @@ class Hub:
         return await RawStream.open(self.port, f"/events?{query}", **kwargs)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def start_hub(
