@@ -44,7 +44,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .events import make_payload
+from .events import publish_paced
 from .harness import Workers, percentiles, split
 
 HOST = "127.0.0.1"
@@ -83,29 +83,15 @@ def run_target(port: int, broker_name: str, processes: int) -> None:
         class Run(tornado.web.RequestHandler):
             async def post(self) -> None:
                 spec = json.loads(self.request.body)
-                size = int(spec["size"])
-                rate = float(spec["rate"])
-                window = int(spec.get("window", 1))
-                loop = asyncio.get_running_loop()
                 t0 = time.monotonic_ns()
-                start = loop.time()
-                flying: set[asyncio.Future[str]] = set()
-                for index in range(int(spec["count"])):
-                    payload = make_payload(int(spec["first"]) + index, size)
-                    if window <= 1:
-                        await broker.publish(CHANNEL, payload)
-                    else:  # tasks start in creation order: ids follow the sequence numbers
-                        flying.add(asyncio.ensure_future(broker.publish(CHANNEL, payload)))
-                        if len(flying) >= window:
-                            _, flying = await asyncio.wait(
-                                flying, return_when=asyncio.FIRST_COMPLETED
-                            )
-                    if rate > 0:
-                        delay = start + (index + 1) / rate - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                if flying:
-                    await asyncio.gather(*flying)
+                await publish_paced(
+                    lambda payload: broker.publish(CHANNEL, payload),
+                    int(spec["first"]),
+                    int(spec["count"]),
+                    int(spec["size"]),
+                    float(spec["rate"]),
+                    int(spec.get("window", 1)),
+                )
                 self.finish({"t0": t0, "t1": time.monotonic_ns(), "pid": os.getpid()})
 
         app = tornado.web.Application(

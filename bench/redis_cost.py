@@ -45,7 +45,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .events import make_payload
+from .events import publish_paced
 from .harness import Workers, percentiles, split
 
 HOST = "127.0.0.1"
@@ -56,6 +56,17 @@ SCENARIOS = ("memory/hub", "redis/hub", "redis/remote")
 
 
 # ---------------------------------------------------------------------- the hub under test
+
+
+async def publish_spec(broker: Any, spec: dict[str, Any]) -> None:
+    """Publish what a ``/run`` request or a stdin line asks for on the benchmark's channel."""
+    await publish_paced(
+        lambda payload: broker.publish(CHANNEL, payload),
+        int(spec["first"]),
+        int(spec["count"]),
+        int(spec["size"]),
+        float(spec["rate"]),
+    )
 
 
 def run_target(
@@ -84,17 +95,8 @@ def run_target(
         class Run(tornado.web.RequestHandler):
             async def post(self) -> None:
                 spec = json.loads(self.request.body)
-                size = int(spec["size"])
-                rate = float(spec["rate"])
-                loop = asyncio.get_running_loop()
                 t0 = time.monotonic_ns()
-                start = loop.time()
-                for index in range(int(spec["count"])):
-                    await broker.publish(CHANNEL, make_payload(int(spec["first"]) + index, size))
-                    if rate > 0:
-                        delay = start + (index + 1) / rate - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
+                await publish_spec(broker, spec)
                 self.finish({"t0": t0, "t1": time.monotonic_ns()})
 
         class Stats(tornado.web.RequestHandler):
@@ -180,19 +182,11 @@ def run_publisher(redis_url: str, prefix: str, stream_length: int) -> None:
             redis_url, key_prefix=prefix, history_size=1000, min_stream_length=stream_length
         )
         await broker.start()
-        loop = asyncio.get_running_loop()
         print(json.dumps({"ok": True}), flush=True)
         while line := await asyncio.to_thread(sys.stdin.readline):
             spec = json.loads(line)
-            size, rate = int(spec["size"]), float(spec["rate"])
             t0 = time.monotonic_ns()
-            start = loop.time()
-            for index in range(int(spec["count"])):
-                await broker.publish(CHANNEL, make_payload(int(spec["first"]) + index, size))
-                if rate > 0:
-                    delay = start + (index + 1) / rate - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+            await publish_spec(broker, spec)
             print(json.dumps({"t0": t0, "t1": time.monotonic_ns()}), flush=True)
         await broker.close()
 
