@@ -35,7 +35,6 @@ import array
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import publish_paced
-from .harness import Workers, percentiles, split
+from .harness import Workers, percentiles, split, stop_process
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -179,13 +178,7 @@ class Target:
         return counts
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 # ---------------------------------------------------------------------- measuring

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import publish_paced
-from .harness import Workers, percentiles, split
+from .harness import Workers, percentiles, split, stop_process
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -152,13 +152,7 @@ class Target:
             return result
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def _pin(cores: set[int]) -> Any:
