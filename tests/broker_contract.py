@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,16 @@ class Collector:
     @property
     def data(self) -> list[str | None]:
         return [event.data for event in self.events]
+
+
+def close_brokers(io_loop: Any, brokers: list[Broker]) -> None:
+    """The teardown of a ``make_broker`` fixture: close every broker it made."""
+
+    async def close_all() -> None:
+        for broker in brokers:
+            await broker.close()
+
+    io_loop.run_sync(close_all)
 
 
 async def subscribe(

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from tornado.ioloop import IOLoop
 
-from tests.broker_contract import BrokerContract, Collector, subscribe
+from tests.broker_contract import BrokerContract, Collector, close_brokers, subscribe
 from tests.helpers import wait_until
 from tests.test_bridge_worker import Worker
 from tornado_sse.broker.base import Broker
@@ -88,11 +88,7 @@ def make_broker(io_loop: IOLoop, sock_dir: str) -> Iterator[Callable[..., Awaita
 
     yield make
 
-    async def close_all() -> None:
-        for broker in made:
-            await broker.close()
-
-    io_loop.run_sync(close_all)
+    close_brokers(io_loop, made)
     for _, proc in hubs.values():
         stop_process(proc)
 

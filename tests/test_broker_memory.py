@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 from tornado.ioloop import IOLoop
 
-from tests.broker_contract import BrokerContract, subscribe
+from tests.broker_contract import BrokerContract, close_brokers, subscribe
 from tests.helpers import wait_until
 from tornado_sse.broker.base import Broker, Frame
 from tornado_sse.broker.memory import History, IdSequence, InProcessBroker
@@ -31,11 +31,7 @@ def make_broker(io_loop: IOLoop) -> Iterator[Callable[..., Awaitable[Broker]]]:
 
     yield make
 
-    async def close_all() -> None:
-        for broker in made:
-            await broker.close()
-
-    io_loop.run_sync(close_all)
+    close_brokers(io_loop, made)
 
 
 class TestInProcessBroker(BrokerContract):

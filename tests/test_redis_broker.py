@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from tornado.ioloop import IOLoop
 
-from tests.broker_contract import TIMEOUT, BrokerContract, Collector, subscribe
+from tests.broker_contract import TIMEOUT, BrokerContract, Collector, close_brokers, subscribe
 from tests.helpers import wait_until
 from tests.redis_server import (
     RedisServer,
@@ -48,11 +48,7 @@ def make_broker(io_loop: IOLoop, redis_url: str, redis_prefix: str) -> Iterator[
 
     yield make
 
-    async def close_all() -> None:
-        for broker in made:
-            await broker.close()
-
-    io_loop.run_sync(close_all)
+    close_brokers(io_loop, made)
 
 
 class TestRedisBroker(BrokerContract):
