@@ -179,6 +179,14 @@ def _format(key: Key) -> str:
     return f"{key[0]}-{key[1]}"
 
 
+def _by_stream(response: Any) -> list[tuple[bytes, list[Any]]]:
+    """An ``XREAD`` reply as ``[(stream, entries)]``, whether it came as RESP2 or as RESP3
+    (``?protocol=3`` in the URL: ``{stream: [entries]}``)."""
+    if isinstance(response, dict):
+        return [(stream, value[0] if value else []) for stream, value in response.items()]
+    return list(response)
+
+
 def _redacted(url: str) -> str:
     """``scheme://host:port/db`` without credentials or query, for logs."""
     try:
@@ -612,8 +620,7 @@ class RedisBroker(Broker):
         )
         if not response:
             return
-        if isinstance(response, dict):  # RESP3
-            response = [(stream, value[0] if value else []) for stream, value in response.items()]
+        response = _by_stream(response)
         index_key = self._index_key.encode()
         entries: list[tuple[Any, dict[bytes, bytes]]] = []
         for stream, got in response:
@@ -676,8 +683,7 @@ class RedisBroker(Broker):
         )
         if not response:
             return upto
-        if isinstance(response, dict):  # RESP3 (``?protocol=3`` in the URL): {stream: [entries]}
-            response = [(stream, value[0] if value else []) for stream, value in response.items()]
+        response = _by_stream(response)
         cutoff: Key | None = upto
         newest: Key | None = None
         batches: list[tuple[str, list[tuple[Key, bytes, dict[bytes, bytes]]]]] = []
