@@ -149,6 +149,11 @@ async def test_bad_requests(port: int) -> None:
         ("/events", 400, b"channel"),
         ("/events?channel=", 400, b"invalid channel"),
         ("/events?channel=has%20space", 400, b"invalid channel"),
+        # taken as sent, never stripped into another channel (issue 12)
+        ("/events?channel=%20lead", 400, b"invalid channel"),
+        ("/events?channel=lead%20", 400, b"invalid channel"),
+        ("/events?channel=%09lead", 400, b"invalid channel"),
+        ("/events?channel=ok&channel=lead%0A", 400, b"invalid channel"),
         ("/events?channel=" + "x" * 201, 400, b"invalid channel"),
         ("/recorded?channel=secret", 403, b"secret"),
         ("/async?room=r", 403, b"async-r"),
@@ -305,6 +310,18 @@ async def test_resume_while_publishing(port: int, broker: InProcessBroker) -> No
         await stream.events_count(total - 1)
         assert [e.data for e in stream.events] == [str(n) for n in range(1, total)]
         stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_last_event_id_query_argument_is_taken_as_sent(
+    port: int, broker: InProcessBroker
+) -> None:
+    ids = await publish_all(broker, "sent", ["0", "1", "2"])
+    # " <id>" is not an id of ours: a reset, not a resume from a silently stripped id
+    stream = await RawStream.open(port, f"/events?channel=sent&last_event_id=%20{ids[0]}")
+    await stream.events_count(1)
+    assert stream.events[0].event == "stream-reset"
+    stream.close()
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)

@@ -193,6 +193,8 @@ async def test_stream_headers_first_bytes_and_delivery(hub: Hub) -> None:
         ("other=x", "at least one channel"),
         ("channel=", "invalid channel"),
         ("channel=a%20b", "invalid channel"),
+        ("channel=%20lead", "invalid channel"),
+        ("channel=lead%20", "invalid channel"),
         ("channel=a%0Ab", "invalid channel"),
         ("channel=%C3%BC", "invalid channel"),
         ("channel=ok&channel=not%09ok", "invalid channel"),

@@ -277,10 +277,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
     def get_channels(self) -> Iterable[str] | Awaitable[Iterable[str]]:
         """Channels this stream follows. May be a coroutine.
 
-        Default: the ``channel`` query arguments (``?channel=a&channel=b``). An empty result or an
-        invalid name is answered with 400.
+        Default: the ``channel`` query arguments (``?channel=a&channel=b``), taken exactly as sent
+        (`query_values`: no space stripped, nothing rewritten). An empty result or an invalid
+        name is answered with 400.
         """
-        return self.get_query_arguments("channel")
+        return self.query_values("channel")
 
     def check_channel(self, channel: str) -> bool | Awaitable[bool]:
         """Whether this request may follow *channel*; ``False`` answers 403. May be a coroutine.
@@ -304,7 +305,20 @@ class EventStreamHandler(tornado.web.RequestHandler):
         header = self.request.headers.get("Last-Event-ID")
         if header is not None:
             return header
-        return self.get_query_argument("last_event_id", None)
+        values = self.query_values("last_event_id")
+        return values[-1] if values else None
+
+    def query_values(self, name: str) -> list[str]:
+        """The values of query argument *name*, exactly as sent (percent-decoded, UTF-8).
+
+        Unlike Tornado's `get_query_arguments`, nothing is stripped and no control character is
+        replaced: a channel or id is taken as sent, or refused, never silently changed (issue 12:
+        ``?channel=%20lead`` must not stream ``lead``). Invalid UTF-8 answers 400.
+        """
+        return [
+            self.decode_argument(value, name=name)
+            for value in self.request.query_arguments.get(name, [])
+        ]
 
     def open(self) -> Awaitable[None] | None:
         """Called once the stream is open and any replay written, before live events.
