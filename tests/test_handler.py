@@ -6,6 +6,8 @@ import asyncio
 import concurrent.futures
 import gc
 import json
+import socket
+import struct
 import weakref
 from typing import Any
 
@@ -59,6 +61,28 @@ class UserFeed(EventStreamHandler):
         return channel == "public" or channel == f"user.{self.current_user}"
 
 
+class Gated(EventStreamHandler):
+    """check_channel waits for the application's ``gate``; records hooks and lost clients."""
+
+    def _calls(self) -> list[Any]:
+        return self.application.settings["calls"]  # type: ignore[no-any-return]
+
+    async def check_channel(self, channel: str) -> bool:  # type: ignore[override]
+        self._calls().append("check_channel")
+        await self.application.settings["gate"].wait()
+        return True
+
+    def open(self) -> None:
+        self._calls().append("open")
+
+    def on_close(self) -> None:
+        self._calls().append("on_close")
+
+    def on_connection_close(self) -> None:
+        self._calls().append("left")
+        super().on_connection_close()
+
+
 class Writes(EventStreamHandler):
     """Uses Tornado's own write, flush and finish once the stream is open."""
 
@@ -96,12 +120,14 @@ def app(
             (r"/async", Async),
             (r"/user", UserFeed),
             (r"/writes", Writes),
+            (r"/gated", Gated),
         ],
         sse_broker=broker,
         sse_connections=connections,
         sse_metrics=Metrics(),
         compress_response=True,
         calls=[],
+        gate=asyncio.Event(),
         **settings,
     )
 
@@ -671,3 +697,34 @@ async def test_open_streams_leave_tornados_http_reader(
     for stream in streams:
         stream.close()
     await wait_until(lambda: len(connections) == 0)
+
+
+@pytest.mark.parametrize("settings", [{"sse_max_connections": 3}], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_client_leaving_during_an_async_hook_frees_its_slot(
+    settings: dict[str, Any], port: int, app: tornado.web.Application, connections: ConnectionSet
+) -> None:
+    calls = app.settings["calls"]
+    for n in range(3):
+        sock = socket.socket()
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        request = f"GET /gated?channel=g{n} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        await wait_until(lambda n=n: calls.count("check_channel") == n + 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # reset while check_channel is pending
+        await wait_until(lambda n=n: calls.count("left") == n + 1)
+    app.settings["gate"].set()
+    # the three abandoned requests hold no slot, then or later: a fresh client gets a stream
+    fresh = await RawStream.open(port, "/gated?channel=fresh")
+    await fresh.read_until(lambda s: s.parser.last_event_id != "")
+    assert "retry-after" not in fresh.headers
+    assert len(connections) == 1
+    # open() never ran for them, so neither did on_close(); the fresh stream's pair runs once
+    assert calls.count("open") == 1
+    assert calls.count("on_close") == 0
+    fresh.close()
+    await wait_until(lambda: len(connections) == 0)
+    await wait_until(lambda: calls.count("on_close") == 1)

@@ -152,6 +152,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _subscription: Any = None
     _done: asyncio.Future[None] | None = None
     _closed_once = False
+    #: true once open() was called: on_close() runs if and only if it is
+    _opened = False
     _params: _StreamParams | None = None
     _connections: ConnectionSet | None = None
     _opened_at = 0.0
@@ -328,7 +330,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
         return None
 
     def on_close(self) -> None:
-        """Called exactly once when the stream ends, whoever ends it and however."""
+        """Called exactly once when a stream that was opened ends, whoever ends it and however.
+
+        It pairs with :meth:`open`: a request refused, shed, or left by its client before
+        :meth:`open` was called (during an async `get_channels` or `check_channel`, the
+        subscription or the replay) calls neither.
+        """
 
     # ------------------------------------------------------------------ actions
 
@@ -446,13 +453,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if origin is not None:
             self._set_cors_headers(origin)
         connections = self.connections
-        limit = self.max_connections
-        per_address = self.max_connections_per_address
-        if (
-            connections.closing
-            or (limit is not None and len(connections) >= limit)
-            or (per_address is not None and connections.count(self.address) >= per_address)
-        ):
+        if self._over_limits(connections):
             self._shed()
             return
         try:
@@ -468,7 +469,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
             if not await _maybe_await(self.check_channel(channel)):
                 self._refuse(403, f"not allowed to follow channel {channel!r}")
                 return
-        if self.request.connection is None or self._finished:
+        if self._closed_once or self.request.connection is None or self._finished:
+            return  # the client left while a hook was pending (issue 12): nothing to undo
+        if self._over_limits(connections):
+            self._shed()  # other streams took the last slots while the hooks ran
             return
         params = self._params = _StreamParams(self)
         self._connections = connections
@@ -522,6 +526,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
             self.address,
             last_event_id is not None,
         )
+        self._opened = True
         opened = self.open()
         if opened is not None:
             await opened
@@ -583,6 +588,16 @@ class EventStreamHandler(tornado.web.RequestHandler):
         # ``ui`` also breaks its reference cycle with the handler.
         self.ui = _RELEASED_UI  # type: ignore[assignment]
         self._headers.clear()
+
+    def _over_limits(self, connections: ConnectionSet) -> bool:
+        """Whether a new stream must be shed: shutdown, or a connection limit reached."""
+        limit = self.max_connections
+        per_address = self.max_connections_per_address
+        return (
+            connections.closing
+            or (limit is not None and len(connections) >= limit)
+            or (per_address is not None and connections.count(self.address) >= per_address)
+        )
 
     def _jittered_retry(self) -> int:
         return int(self.retry_interval * 1000 * (1.0 + random.random() * self.retry_jitter))
@@ -800,10 +815,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 reason,
                 time.monotonic() - self._opened_at,
             )
-        try:
-            self.on_close()
-        except Exception:
-            log.exception("error in on_close")
+        if self._opened:
+            try:
+                self.on_close()
+            except Exception:
+                log.exception("error in on_close")
         if stream is not None and not self._finished:
             self._finished = True
             if self._detached:
