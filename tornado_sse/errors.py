@@ -5,6 +5,8 @@
     SSEError
      +- InvalidEventError (also ValueError)     an event we were asked to send is illegal
      +- InvalidChannelError (also ValueError)   a channel name is not allowed
+     +- InvalidURLError (also ValueError)       a stream URL the client cannot use
+     +- PublishError (also ValueError)          a publish body (JSON over HTTP) we refuse
      +- StreamParseError                        the peer sent an event stream we refuse to buffer
      +- EventStreamError                        a URL did not answer with an event stream (.status)
      +- EventStreamClosedError                  sending to a stream whose client went away
@@ -13,9 +15,9 @@
          +- BrokerUnavailableError              the backend (hub, Redis) cannot be reached now
          +- HistoryGapError                     a Last-Event-ID fell out of history (.current_id)
 
-"You asked for something illegal" (``InvalidEventError``, ``InvalidChannelError``) is kept apart
-from "the peer sent something bad" (``StreamParseError``), as h11 separates local and remote
-protocol errors.
+"You asked for something illegal" (``InvalidEventError``, ``InvalidChannelError``,
+``InvalidURLError``, ``PublishError``) is kept apart from "the peer sent something bad"
+(``StreamParseError``), as h11 separates local and remote protocol errors.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ __all__ = [
     "HistoryGapError",
     "InvalidChannelError",
     "InvalidEventError",
+    "InvalidURLError",
+    "PublishError",
     "SSEError",
     "StreamIdleError",
     "StreamParseError",
@@ -48,6 +52,24 @@ class InvalidEventError(SSEError, ValueError):
 
 class InvalidChannelError(SSEError, ValueError):
     """A channel name is empty, too long, or holds characters channel names may not hold."""
+
+
+class InvalidURLError(SSEError, ValueError):
+    """A URL `.client.EventSource` cannot connect to: not ``http://`` or ``https://``, no host,
+    an invalid host or port, whitespace or control characters.
+
+    Raised at once, as a browser's ``EventSource`` constructor throws, rather than retried for
+    ever. ``url`` is the URL refused.
+    """
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class PublishError(SSEError, ValueError):
+    """A publish body we refuse (the hub's ``POST /publish``, Jupyter's ``POST sse/publish``):
+    answered with ``400`` and this message."""
 
 
 class StreamParseError(SSEError):

@@ -49,14 +49,14 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from .broker.base import Broker, validate_channel
+from .broker.base import Broker
 from .broker.memory import InProcessBroker
 from .cli import require_module
 from .connections import ConnectionSet
-from .errors import BrokerError, InvalidChannelError, InvalidEventError
+from .errors import BrokerError
 from .handler import EventStreamHandler
 from .metrics import Metrics
-from .protocol import Event
+from .publish import PublishError, PublishRequest, parse_publish
 
 __all__ = [
     "HubEventsHandler",
@@ -85,7 +85,6 @@ DRAIN_ALLOWANCE = 4 << 20
 SHUTDOWN_STREAMS_TIMEOUT = 2.5
 
 _TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
-_PUBLISH_FIELDS = ("channel", "data", "event", "retry")
 _SECRET_QUERY_KEYS = frozenset(
     {"token", "access_token", "auth", "authorization", "key", "api_key", "apikey", "secret"}
 )
@@ -147,99 +146,6 @@ def _check_backends(options: HubOptions) -> None:
         require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
     if options.processes > 1:
         require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
-
-
-# ---------------------------------------------------------------------- publish contract
-
-
-class PublishError(ValueError):
-    """A ``/publish`` body we refuse (answered with 400 and this message)."""
-
-
-@dataclass(frozen=True)
-class PublishRequest:
-    """A validated ``/publish`` body."""
-
-    channel: str
-    data: str
-    event: str | None = None
-    retry: int | None = None
-
-
-def _reject_constant(name: str) -> Any:
-    raise PublishError(f"body is not valid JSON: {name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise PublishError(f"body is not valid JSON: {text} is out of range")
-    return value
-
-
-def parse_publish(body: bytes) -> PublishRequest:
-    """Validate a ``/publish`` body: ``{"channel", "data", "event"?, "retry"?}``.
-
-    String ``data`` is kept verbatim; any other JSON value (``null`` included) is sent as its
-    compact JSON encoding. Raises `PublishError` with a message for the client.
-    """
-    try:
-        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except UnicodeDecodeError as exc:
-        raise PublishError("body is not valid JSON: it is not UTF-8 text") from exc
-    except RecursionError as exc:
-        raise PublishError("body is not valid JSON: nested too deeply") from exc
-    except ValueError as exc:
-        if isinstance(exc, PublishError):
-            raise
-        raise PublishError(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise PublishError('body must be a JSON object like {"channel": "news", "data": "hi"}')
-    unknown = sorted(set(payload) - set(_PUBLISH_FIELDS))
-    if unknown:
-        raise PublishError(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(_PUBLISH_FIELDS)}"
-        )
-    if "channel" not in payload:
-        raise PublishError('missing "channel"')
-    try:
-        channel = validate_channel(payload["channel"])
-    except InvalidChannelError as exc:
-        raise PublishError(str(exc)) from exc
-    if "data" not in payload:
-        raise PublishError('missing "data" (any JSON value; null is sent as null)')
-    value = payload["data"]
-    if isinstance(value, str):
-        data = value
-    else:
-        try:
-            data = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-        except RecursionError as exc:
-            raise PublishError("data is nested too deeply") from exc
-    _require_unicode(data, "data")
-    event = payload.get("event")
-    if event is not None:
-        if not isinstance(event, str) or not event:
-            raise PublishError('"event" must be a non-empty string')
-        if "\r" in event or "\n" in event:
-            raise PublishError('"event" must not contain CR or LF')
-        _require_unicode(event, "event")
-    retry = payload.get("retry")
-    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
-        raise PublishError('"retry" must be a non-negative integer (milliseconds)')
-    try:
-        Event(data=data, event=event, retry=retry)
-    except InvalidEventError as exc:
-        raise PublishError(str(exc)) from exc
-    return PublishRequest(channel=channel, data=data, event=event, retry=retry)
-
-
-def _require_unicode(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PublishError(f'"{field}" is not valid Unicode (it holds a lone surrogate)') from exc
 
 
 # ---------------------------------------------------------------------- handlers

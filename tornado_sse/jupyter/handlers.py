@@ -27,15 +27,19 @@ from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
-from ..broker.base import Broker, validate_channel
-from ..errors import BrokerError, InvalidChannelError, InvalidEventError
+from ..broker.base import Broker
+from ..errors import BrokerError, InvalidEventError, PublishError
 from ..handler import EventStreamHandler, default_broker
+from ..publish import parse_publish
 from . import EVENTS_CHANNEL_PREFIX
 
 __all__ = ["AUTH_RESOURCE", "EventsHandler", "JupyterEventStreamHandler", "PublishHandler"]
 
 #: the authorizer resource of the extension's endpoints (``read`` to follow, ``write`` to publish)
 AUTH_RESOURCE = "sse"
+
+#: the message of a refusal for want of a user
+AUTHENTICATION_REQUIRED = "authentication required: log in to Jupyter or pass the server's token"
 
 
 async def _is_authorized(handler: JupyterHandler, action: str, resource: str) -> bool:
@@ -97,9 +101,7 @@ class JupyterEventStreamHandler(JupyterHandler, EventStreamHandler):
 
     def get_login_url(self) -> str:
         # @web.authenticated would redirect GET to the login page; a stream has no use for it
-        raise web.HTTPError(
-            403, "authentication required: log in to Jupyter or pass the server's token"
-        )
+        raise web.HTTPError(403, AUTHENTICATION_REQUIRED)
 
     @web.authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
@@ -142,13 +144,16 @@ class EventsHandler(JupyterEventStreamHandler):
 class PublishHandler(APIHandler):
     """``POST {base_url}sse/publish``: publish one event to the server's broker.
 
-    The body is JSON: ``{"channel": "progress", "data": ..., "event": null, "retry": null}``.
-    ``data`` is sent as is if it is a string, else as its JSON encoding. The answer is
-    ``{"id": "<event id>", "channel": ...}``. The user needs ``write`` on ``sse``; a
-    cookie-authenticated request also needs Jupyter's XSRF token (``_xsrf`` cookie echoed in an
-    ``X-XSRFToken`` header), a token-authenticated one does not. Errors are Jupyter's JSON
-    errors: 400 for bad input, 403 for a forbidden or reserved channel (``jupyter-events/...``),
-    413 for data larger than ``max_data_size``, 503 while the broker cannot take events.
+    The body is the hub's (`tornado_sse.publish.parse_publish`, shared with ``tornado-sse
+    serve``): a JSON object ``{"channel": "progress", "data": ..., "event": null, "retry":
+    null}``, ``channel`` and ``data`` required, no other field. ``data`` is sent as is if it is a
+    string, else as its compact JSON encoding. The answer is ``{"id": "<event id>", "channel":
+    ...}``. The user needs ``write`` on ``sse``; a cookie-authenticated request also needs
+    Jupyter's XSRF token (``_xsrf`` cookie echoed in an ``X-XSRFToken`` header), a
+    token-authenticated one does not. Errors are Jupyter's JSON errors: 400 for bad input, 403
+    for an unauthenticated or unauthorized user, a missing XSRF token, or a reserved channel
+    (``jupyter-events/...``), 413 for data larger than ``max_data_size``, 503 while the broker
+    cannot take events.
     """
 
     auth_resource = AUTH_RESOURCE
@@ -162,34 +167,35 @@ class PublishHandler(APIHandler):
         broker = self.settings.get("sse_broker")
         return broker if broker is not None else default_broker()
 
+    def check_xsrf_cookie(self) -> None:
+        """Jupyter's XSRF check, after authentication: an anonymous request is told that it
+        needs to authenticate, not that its XSRF token is missing."""
+        if hasattr(self, "_jupyter_current_user") and not self.current_user:
+            raise web.HTTPError(403, AUTHENTICATION_REQUIRED)
+        super().check_xsrf_cookie()
+
+    def get_login_url(self) -> str:
+        # APIHandler would raise a bare 403 here (for @web.authenticated); say why
+        raise web.HTTPError(403, AUTHENTICATION_REQUIRED)
+
     @web.authenticated
     async def post(self) -> None:
         if not await _is_authorized(self, "write", self.auth_resource):
             raise web.HTTPError(403, f"not authorized to write {self.auth_resource!r}")
-        body = self.get_json_body()
-        if not isinstance(body, dict):
-            raise web.HTTPError(
-                400, 'the body must be a JSON object: {"channel": ..., "data": ...}'
-            )
-        channel = body.get("channel")
         try:
-            validate_channel(channel)
-        except InvalidChannelError as exc:
+            request = parse_publish(self.request.body)
+        except PublishError as exc:
             raise web.HTTPError(400, str(exc)) from None
-        assert isinstance(channel, str)
-        if channel.startswith(EVENTS_CHANNEL_PREFIX):
+        if request.channel.startswith(EVENTS_CHANNEL_PREFIX):
             raise web.HTTPError(403, f"channels {EVENTS_CHANNEL_PREFIX}* carry the server's events")
-        data = body.get("data", "")
-        if not isinstance(data, str):
-            data = json.dumps(data)
-        if len(data.encode("utf-8")) > self.max_data_size:
+        if len(request.data.encode("utf-8")) > self.max_data_size:
             raise web.HTTPError(413, f"data is larger than {self.max_data_size} bytes")
         try:
             event_id = await self.broker.publish(
-                channel, data, event=body.get("event"), retry=body.get("retry")
+                request.channel, request.data, event=request.event, retry=request.retry
             )
         except InvalidEventError as exc:
             raise web.HTTPError(400, str(exc)) from None
         except BrokerError as exc:
             raise web.HTTPError(503, f"the broker cannot take events now: {exc}") from None
-        self.finish(json.dumps({"id": event_id, "channel": channel}))
+        self.finish(json.dumps({"id": event_id, "channel": request.channel}))
