@@ -74,14 +74,20 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def make_broker(io_loop: IOLoop, sock_dir: str) -> Iterator[Callable[..., Awaitable[Broker]]]:
     """Brokers in this process, connected (without takeover) to a hub in a subprocess."""
-    hubs: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
+    hubs: dict[tuple[int, int], tuple[str, subprocess.Popen[bytes]]] = {}
     made: list[Broker] = []
 
-    async def make(history_size: int = 1000) -> Broker:
-        if history_size not in hubs:
-            path = os.path.join(sock_dir, f"hub{history_size}.sock")
-            hubs[history_size] = (path, start_hub_process(path, f"--history-size={history_size}"))
-        broker = BridgeBroker(hubs[history_size][0], takeover=False, connect_timeout=TIMEOUT)
+    async def make(history_size: int = 1000, max_channels: int = 10_000) -> Broker:
+        settings = (history_size, max_channels)
+        if settings not in hubs:
+            path = os.path.join(sock_dir, f"hub{history_size}-{max_channels}.sock")
+            hubs[settings] = (
+                path,
+                start_hub_process(
+                    path, f"--history-size={history_size}", f"--max-channels={max_channels}"
+                ),
+            )
+        broker = BridgeBroker(hubs[settings][0], takeover=False, connect_timeout=TIMEOUT)
         made.append(broker)
         await broker.start()
         return broker

@@ -38,6 +38,7 @@ def make_broker(io_loop: IOLoop, redis_url: str, redis_prefix: str) -> Iterator[
     made: list[Broker] = []
 
     async def make(history_size: int = 1000, **options: Any) -> RedisBroker:
+        options.pop("max_channels", None)  # Redis keeps every channel's stream: nothing to bound
         options.setdefault("key_prefix", redis_prefix)
         options.setdefault("reconnect_backoff", (0.05, 0.2))
         broker = RedisBroker(redis_url, history_size=history_size, **options)

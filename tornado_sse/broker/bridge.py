@@ -1316,19 +1316,24 @@ class BridgeBroker(Broker):
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    """Run a standalone hub: ``python -m tornado_sse.broker.bridge PATH [--history-size N]``."""
+    """Run a standalone hub: ``python -m tornado_sse.broker.bridge PATH [--history-size N]
+    [--max-frame-size BYTES] [--max-channels N]``."""
     parser = argparse.ArgumentParser(
         prog="python -m tornado_sse.broker.bridge", description=main.__doc__
     )
     parser.add_argument("path", nargs="?", default=default_socket_path())
     parser.add_argument("--history-size", type=int, default=1000)
     parser.add_argument("--max-frame-size", type=int, default=DEFAULT_MAX_FRAME_SIZE)
+    parser.add_argument("--max-channels", type=int, default=10_000)
     args = parser.parse_args(None if argv is None else list(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     async def run() -> None:
         hub = BridgeHub(
-            args.path, history_size=args.history_size, max_frame_size=args.max_frame_size
+            args.path,
+            history_size=args.history_size,
+            max_frame_size=args.max_frame_size,
+            max_channels=args.max_channels,
         )
         await hub.start()
         stop = asyncio.Event()
