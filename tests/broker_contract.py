@@ -1,8 +1,10 @@
 """The broker contract, one suite for every backend.
 
 Subclass `BrokerContract` in a test module and provide a fixture ``make_broker`` returning an
-async factory ``make(history_size=1000) -> Broker``: each call gives a new, started broker on the
-same backend (two brokers act as two processes or two hosts). The fixture tears them down.
+async factory ``make(history_size=1000, max_channels=10_000) -> Broker``: each call gives a new,
+started broker on the same backend (two brokers act as two processes or two hosts), with the
+given history per channel and number of channels whose history is kept (a backend that keeps
+every channel, as Redis does, ignores ``max_channels``). The fixture tears them down.
 pytest-tornado has no async fixtures: write ``make_broker`` as a plain fixture taking ``io_loop``
 and close the brokers with ``io_loop.run_sync`` after ``yield`` (see tests/test_broker_memory.py).
 """
@@ -219,6 +221,50 @@ class BrokerContract:
         sub2, got2 = await subscribe(broker, ["small"], ids[3])
         assert not sub2.reset
         assert got2.data[:1] == ["4"]
+        sub2.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_a_channel_forgotten_and_published_again_is_never_a_silent_gap(
+        self, make_broker: MakeBroker
+    ) -> None:
+        """Issue 12, item 2: past ``max_channels`` the channel published to least recently is
+        forgotten; published to again, its new history must not pass for all of it."""
+        broker = await make_broker(max_channels=4)
+        first = await broker.publish("forgotten", "1")
+        missed = [await broker.publish("forgotten", str(n)) for n in (2, 3)]
+        for n in range(5):
+            await broker.publish(f"crowd.{n}", "x")
+        missed.append(await broker.publish("forgotten", "4"))
+        sub, got = await subscribe(broker, ["forgotten"], first)
+        if sub.reset:  # its history was forgotten (the in-process broker, the bridge)
+            assert got.frames == []
+            assert broker.id_key(sub.position) >= broker.id_key(missed[-1])
+        else:  # a backend that keeps every channel (Redis) still has all of it
+            replayed = [frame.id for frame in got.frames]
+            assert replayed == missed, f"silent gap: replayed {replayed}, missed {missed}"
+        sub.close()
+        # within what the new history holds: no reset
+        sub2, got2 = await subscribe(broker, ["forgotten"], missed[-2])
+        assert not sub2.reset
+        assert [frame.id for frame in got2.frames] == missed[-1:]
+        sub2.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_a_new_channel_resumes_exactly_after_others_were_forgotten(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker(max_channels=4)
+        for n in range(12):
+            await broker.publish(f"crowd.{n}", "x")
+        sub, _ = await subscribe(broker, ["fresh"])
+        position = sub.position
+        sub.close()
+        ids = [await broker.publish("fresh", str(n)) for n in range(2)]
+        for n in range(2):
+            await broker.publish(f"more.{n}", "x")
+        sub2, got = await subscribe(broker, ["fresh", "crowd.11"], position)
+        assert not sub2.reset
+        assert [frame.id for frame in got.frames] == ids
         sub2.close()
 
     @pytest.mark.gen_test(timeout=TIMEOUT)

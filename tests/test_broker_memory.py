@@ -16,15 +16,16 @@ from tornado_sse.broker.memory import History, IdSequence, InProcessBroker
 
 @pytest.fixture
 def make_broker(io_loop: IOLoop) -> Iterator[Callable[..., Awaitable[Broker]]]:
-    made: list[Broker] = []
+    made: list[InProcessBroker] = []
 
-    async def make(history_size: int = 1000) -> Broker:
-        if made:  # one process: a second broker object is the same broker
-            return made[0] if made[0].history_size == history_size else await new(history_size)
-        return await new(history_size)
+    async def make(history_size: int = 1000, max_channels: int = 10_000) -> Broker:
+        for broker in made:  # one process: a second broker object is the same broker
+            if broker.history_size == history_size and broker.history.max_channels == max_channels:
+                return broker
+        return await new(history_size, max_channels)
 
-    async def new(history_size: int) -> Broker:
-        broker = InProcessBroker(history_size=history_size)
+    async def new(history_size: int, max_channels: int) -> InProcessBroker:
+        broker = InProcessBroker(history_size=history_size, max_channels=max_channels)
         await broker.start()
         made.append(broker)
         return broker
@@ -94,9 +95,66 @@ def test_history_forgets_least_recent_channels_past_the_bound() -> None:
     assert sorted(history) == ["a", "c"]
     assert history.since(["b"], 1) is None  # b's event 2 is gone: a gap, not silence
     assert history.since(["b"], 2) == []
-    assert history.since(["never"], 0) is None  # unknown channels are conservative too
+    assert history.since(["never"], 0) == []  # never forgotten (b is the only one): nothing lost
     assert history.since(["a", "c"], 1) == [(3, "a3"), (4, "c4")]
     assert len(history) == 2
+
+
+def test_a_forgotten_channel_published_again_keeps_its_gap() -> None:
+    """Issue 12, item 2: the new history of a forgotten channel starts after its last event."""
+    history: History[str] = History(10, max_channels=2)
+    for seq in (1, 2, 3):
+        history.append("a", seq, f"a{seq}")
+    history.append("b", 4, "b4")
+    history.append("c", 5, "c5")  # forgets a (last item 3)
+    history.append("a", 6, "a6")  # forgets b (last item 4); a's new history holds all after 3
+    assert history.since(["a"], 1) is None
+    assert history.since(["a"], 2) is None
+    assert history.since(["a"], 3) == [(6, "a6")]
+    assert history.since(["a", "c"], 0) is None
+    assert history.since(["c", "a"], 4) == [(5, "c5"), (6, "a6")]
+    assert history.since(["b"], 3) is None
+    assert history.since(["b"], 4) == []
+
+
+def test_records_of_forgotten_channels_are_bounded_and_stay_conservative() -> None:
+    history: History[str] = History(10, max_channels=2)
+    history.append("a", 1, "a1")
+    for seq in range(2, 102):
+        history.append(f"other.{seq}", seq, "x")
+    assert len(history) == 2
+    assert len(history._forgotten) <= 2  # memory stays bounded however many channels came
+    floor = history._floor
+    assert 1 <= floor < 100  # the records folded into one number: the highest gone, a's too
+    history.append("a", 102, "a102")
+    assert history.since(["a"], 0) is None
+    assert history.since(["a"], floor - 1) is None
+    assert history.since(["a"], floor) == [(102, "a102")]
+    floor = history._floor
+    history.append("new", 103, "n103")  # never forgotten, but no record says so
+    assert history.since(["new"], floor - 1) is None
+    assert history.since(["new"], floor) == [(103, "n103")]
+
+
+@pytest.mark.gen_test
+async def test_issue_12_repro_a_channel_forgotten_at_the_default_bound() -> None:
+    """Publish A x3, then 10,000 other channels, then A again: a resume from A's first id is a
+    stream-reset, not the new event alone; from its third id, exactly the new event."""
+    broker = InProcessBroker(history_size=1000)
+    try:
+        ids = [await broker.publish("A", str(n)) for n in range(3)]
+        for n in range(10_000):
+            await broker.publish(f"other.{n}", "x")
+        last = await broker.publish("A", "again")
+        sub, got = await subscribe(broker, ["A"], ids[0])
+        assert sub.reset and got.frames == []
+        assert sub.position == last
+        sub.close()
+        sub, got = await subscribe(broker, ["A"], ids[2])
+        assert not sub.reset and got.data == ["again"]
+        sub.close()
+    finally:
+        await broker.close()
 
 
 class LaggingBroker(InProcessBroker):

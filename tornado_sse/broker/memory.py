@@ -64,59 +64,88 @@ class IdSequence:
         return seq
 
 
+class _Kept(Generic[T]):
+    """One channel's retained items, and ``since``: the seq after which it holds every item of
+    the channel (a resume from before it is a gap)."""
+
+    __slots__ = ("items", "since")
+
+    def __init__(self, since: int) -> None:
+        self.items: deque[tuple[int, T]] = deque()
+        self.since = since
+
+
 class History(Generic[T]):
     """Per-channel bounded history of ``(seq, item)`` with gap detection.
 
-    Each channel keeps its last *size* items; the seq of the last item a channel dropped is
-    remembered so that a resume point older than what is kept is detected as a gap. At most
-    *max_channels* channels are kept: past that, the channel published to least recently is
-    forgotten whole, and a resume point older than the newest item of any forgotten channel is a
-    gap for every channel not kept (conservative: a needless ``stream-reset`` rather than a
-    silent loss), so memory stays bounded however many channels come and go.
+    Each channel keeps its last *size* items and ``since``, the seq after which it holds every
+    item of the channel: a resume point before ``since`` is a gap. Trimming an item moves
+    ``since`` up to it. At most *max_channels* channels are kept: past that, the channel
+    published to least recently is forgotten whole.
+
+    A forgotten channel may be published to again, and its new history must then not pass for
+    all of it (issue 12). So the seq of a forgotten channel's last item is remembered, for the
+    last *max_channels* channels forgotten; a channel's history starts with that seq as its
+    ``since``, and a channel not kept is a gap before it too. Past that many, the oldest record
+    is folded into one number for the whole history, ``floor``, the highest last seq of any
+    channel whose record is gone: a channel with no record was either never forgotten or
+    forgotten with its last item at or before ``floor``, so its resumes from before ``floor`` are
+    gaps (conservative: a needless ``stream-reset`` rather than a silent loss). Memory stays
+    bounded (twice *max_channels* channel names) however many channels come and go, and a
+    channel that was never forgotten resumes exactly unless more than *max_channels* others
+    were forgotten since the resume point.
     """
 
     def __init__(self, size: int, max_channels: int = 10_000) -> None:
+        if max_channels < 1:
+            raise ValueError("max_channels must be at least 1")
         self.size = size
         self.max_channels = max_channels
-        self._channels: dict[str, deque[tuple[int, T]]] = {}
-        self._dropped: dict[str, int] = {}
-        self._forgotten = -1
+        self._channels: dict[str, _Kept[T]] = {}  # published to least recently first
+        self._forgotten: dict[str, int] = {}  # forgotten least recently first: last seq
+        self._floor = 0
 
     def append(self, channel: str, seq: int, item: T) -> None:
         if self.size == 0:
-            self._forgotten = seq
+            self._floor = seq  # nothing is kept: every resume from before now is a gap
             return
-        items = self._channels.pop(channel, None)
-        if items is None:
-            items = deque()
+        kept = self._channels.pop(channel, None)
+        if kept is None:
+            kept = _Kept(self._forgotten.pop(channel, self._floor))
             if len(self._channels) >= self.max_channels:
                 self._forget_oldest_channel()
-        self._channels[channel] = items  # most recently published last
+        self._channels[channel] = kept  # most recently published last
+        items = kept.items
         if len(items) >= self.size:
-            self._dropped[channel] = items.popleft()[0]
+            kept.since = items.popleft()[0]
         items.append((seq, item))
 
     def _forget_oldest_channel(self) -> None:
         oldest = next(iter(self._channels))
-        items = self._channels.pop(oldest)
-        self._dropped.pop(oldest, None)
-        if items:
-            self._forgotten = max(self._forgotten, items[-1][0])
+        kept = self._channels.pop(oldest)
+        forgotten = self._forgotten
+        forgotten[oldest] = kept.items[-1][0]
+        if len(forgotten) > self.max_channels:
+            gone = next(iter(forgotten))
+            self._floor = max(self._floor, forgotten.pop(gone))
+
+    def _since(self, channel: str) -> int:
+        kept = self._channels.get(channel)
+        if kept is not None:
+            return kept.since
+        return self._forgotten.get(channel, self._floor)
 
     def since(self, channels: Sequence[str], after: int) -> list[tuple[int, T]] | None:
         """Items of *channels* with seq > *after*, in seq order; ``None`` if some are gone."""
         found: list[tuple[int, T]] = []
         for channel in channels:
-            items = self._channels.get(channel)
-            if items is None:
-                if after < self._forgotten:
-                    return None
-                continue
-            dropped = self._dropped.get(channel)
-            if dropped is not None and dropped > after:
+            if after < self._since(channel):
                 return None
+            kept = self._channels.get(channel)
+            if kept is None:
+                continue
             tail: list[tuple[int, T]] = []
-            for entry in reversed(items):
+            for entry in reversed(kept.items):
                 if entry[0] <= after:
                     break
                 tail.append(entry)
@@ -128,7 +157,7 @@ class History(Generic[T]):
 
     def sizes(self) -> dict[str, int]:
         """Retained items per channel (for metrics)."""
-        return {channel: len(items) for channel, items in self._channels.items()}
+        return {channel: len(kept.items) for channel, kept in self._channels.items()}
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -142,7 +171,8 @@ class InProcessBroker(Broker):
 
     :param history_size: events retained per channel for resume (default 1000).
     :param max_channels: channels whose history is retained (default 10,000); past it the channel
-        published to least recently is forgotten (its subscribers' resumes get ``stream-reset``).
+        published to least recently is forgotten: resumes from before its last event get
+        ``stream-reset``, also after it is published to again (see `History`).
     """
 
     follows_remotely = False
@@ -169,9 +199,11 @@ class InProcessBroker(Broker):
 
     async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
         after_seq = self.ids.key(after)
-        found = None if after_seq is None else self.history.since(channels, after_seq)
+        if after_seq is None:
+            raise HistoryGapError(self.ids.current, "Last-Event-ID is not an id of this broker")
+        found = self.history.since(channels, after_seq)
         if found is None:
-            raise HistoryGapError(self.ids.current)
+            raise HistoryGapError(self.ids.current, "Last-Event-ID is older than the history kept")
         return [frame for _, frame in found]
 
     def id_key(self, event_id: str) -> int | None:
