@@ -25,8 +25,8 @@ from tornado_sse import (
     StreamIdleError,
     StreamParseError,
 )
-from tornado_sse.client import EventSource
-from tornado_sse.errors import EventStreamError, InvalidEventError
+from tornado_sse.client import EventSource, validate_url
+from tornado_sse.errors import EventStreamError, InvalidEventError, InvalidURLError
 
 TIMEOUT = 15
 
@@ -44,6 +44,8 @@ class Record:
         self.gate: asyncio.Event | None = None
         #: (status, content type, body) answered in turn by /script
         self.script: list[tuple[int, str, bytes]] = []
+        #: the query string of every request to /script, as sent
+        self.queries: list[str] = []
 
 
 class Stream(EventStreamHandler):
@@ -78,6 +80,7 @@ class Script(tornado.web.RequestHandler):
     def get(self) -> None:
         record: Record = self.application.settings["record"]
         record.last_event_ids.append(self.request.headers.get("Last-Event-ID"))
+        record.queries.append(self.request.query)
         status, content_type, body = record.script.pop(0)
         self.set_status(status)
         if content_type:
@@ -385,6 +388,65 @@ async def test_without_reconnect(port: int, record: Record) -> None:
         await drain(refused)
     assert info.value.status is None
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://this is invalid/",
+        " http://127.0.0.1:1/",
+        "http://127.0.0.1:1/a\tb",
+        "http://127.0.0.1:1/\n",
+        "http://127.0.0.1:1/\x7f",
+        "ftp://127.0.0.1/",
+        "127.0.0.1:8000/events",
+        "/events",
+        "",
+        "http://",
+        "http:///events",
+        "http://:80/",
+        "http://127.0.0.1:99999/",
+        "http://127.0.0.1:x/",
+        "http://127.0.0.1:0/",
+        "http://[zz]/",
+        "http://a%20b/",
+        "http://a<b/",
+        "http://a^b/",
+        "http://a|b/",
+        "http://a\\b/",
+        "http://\u00e9" + "x" * 70 + ".com/",
+    ],
+)
+def test_an_invalid_url_fails_at_once(url: str) -> None:
+    # As the web platform's EventSource constructor throws; the client used to retry for ever.
+    with pytest.raises(InvalidURLError) as info:
+        EventSource(url)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value).startswith("invalid URL: ")
+    assert info.value.url == url
+    with pytest.raises(InvalidURLError):
+        EventSource(url.encode())  # type: ignore[arg-type]
+
+
+def test_urls_are_sent_as_a_browser_sends_them() -> None:
+    assert validate_url("http://127.0.0.1:8000/events?channel=a") == (
+        "http://127.0.0.1:8000/events?channel=a"
+    )
+    assert validate_url("HTTPS://user:pw@[::1]:8443/x") == "HTTPS://user:pw@[::1]:8443/x"
+    assert validate_url("http://\u00e9x.example:81/\u00e9v?q=\u00fc#f") == (
+        "http://xn--x-9fa.example:81/%C3%A9v?q=%C3%BC#f"
+    )
+    assert EventSource("http://h/\u00e9").url == "http://h/%C3%A9"
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_non_ascii_path_reaches_the_server_encoded(port: int, record: Record) -> None:
+    record.script.append((200, "text/event-stream", b"data: here\n\n"))
+    async with EventSource(
+        f"http://localhost:{port}/script?x=\u00e9\u20ac", reconnect=False
+    ) as source:
+        assert [e.data for e in await drain(source)] == ["here"]
+    assert record.queries == ["x=%C3%A9%E2%82%AC"]
 
 
 def test_rejects_bad_arguments() -> None:

@@ -321,6 +321,19 @@ async def test_listen_refusals(port: int) -> None:
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_invalid_urls_are_usage_errors() -> None:
+    # "http://this is invalid/" used to pass the scheme-and-host check: publish failed on DNS
+    # (exit 1) and listen retried it for ever.
+    for url in ("http://this is invalid/", "http://a:99999", "http://a%b/", "http://[zz]/"):
+        result = await invoke(["publish", url, "-c", "a", "-d", "x", "--token", TOKEN])
+        assert_clean_failure(result, code=2)
+        assert "Invalid value for URL: invalid URL" in result.output, url
+        result = await invoke(["listen", url, "-c", "a"])
+        assert_clean_failure(result, code=2)
+        assert "Invalid value for URL: invalid URL" in result.output, url
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_listen_process_exits_cleanly_on_ctrl_c(
     port: int, broker: InProcessBroker, state: State
 ) -> None:

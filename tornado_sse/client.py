@@ -37,6 +37,12 @@ Deliberate choices:
   ``idle_timeout`` the client drops a stream that carried no byte for that long and reconnects,
   resuming; set it to a few heartbeat intervals of the server (tornado_sse's default heartbeat
   is 15 s, so 45-60 s). Without it, only TCP itself (after many minutes) ends such a stream.
+* **An invalid URL fails at once.** `validate_url` runs in the constructor and refuses what a
+  browser's ``EventSource`` constructor (or its fetch) would refuse: a scheme other than
+  ``http``/``https``, no host, an invalid host or port, whitespace or control characters. Tornado
+  would instead try to resolve ``"this is invalid"`` and the client would retry it for ever.
+  As in the WHATWG URL parser, a non-ASCII host is sent in its IDNA form and non-ASCII
+  characters of the path and query as UTF-8 percent-escapes.
 * No ``Accept-Encoding``: a compressed event stream is buffered by the compressor.
 """
 
@@ -50,6 +56,7 @@ import random
 import socket
 import ssl
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -60,10 +67,16 @@ from tornado.iostream import IOStream
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
-from .errors import EventStreamError, InvalidEventError, StreamIdleError, StreamParseError
+from .errors import (
+    EventStreamError,
+    InvalidEventError,
+    InvalidURLError,
+    StreamIdleError,
+    StreamParseError,
+)
 from .protocol import Event, EventStreamParser
 
-__all__ = ["EventSource"]
+__all__ = ["EventSource", "validate_url"]
 
 log = logging.getLogger("tornado_sse.client")
 
@@ -73,6 +86,67 @@ JITTER = 0.25
 _BODY_LIMIT = 4096
 #: the longest stream the client's own HTTP client accepts before it reconnects
 _MAX_BODY = 1 << 62
+#: characters a host may not hold (the WHATWG URL standard's forbidden domain code points)
+_FORBIDDEN_HOST = frozenset("\0\t\n\r #%/:<>?@[\\]^|")
+#: printable ASCII: kept as is when non-ASCII characters of a path or query are escaped
+_PRINTABLE = "".join(chr(code) for code in range(0x21, 0x7F))
+
+
+def validate_url(url: object) -> str:
+    """Return *url*, an ``http://`` or ``https://`` URL a client can connect to, or raise
+    `.InvalidURLError`.
+
+    Refused: a value that is not a string, whitespace or control characters anywhere, another
+    scheme, no host, a host holding characters no host may hold (or a non-ASCII host without an
+    IDNA form), a port that is not a number from 1 to 65535. The URL returned has its host in
+    IDNA form and the non-ASCII characters of its path and query percent-encoded (UTF-8), as a
+    browser sends them; an ASCII URL is returned unchanged. The error's message does not repeat
+    the URL, which may carry credentials; it is in the error's ``url``.
+    """
+    if not isinstance(url, str):
+        raise InvalidURLError(f"a URL must be a string, not {type(url).__name__}", repr(url))
+    bad = next((c for c in url if c <= " " or c == "\x7f" or c.isspace()), None)
+    if bad is not None:
+        raise InvalidURLError(
+            f"invalid URL: it holds whitespace or a control character ({bad!r})", url
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a bad port, or a bracketed host that is not an IP address
+        raise InvalidURLError(f"invalid URL: {exc}", url) from exc
+    if parts.scheme not in ("http", "https"):
+        raise InvalidURLError(
+            "invalid URL: not an http:// or https:// URL (e.g. http://127.0.0.1:8000)",
+            url,
+        )
+    host = parts.hostname
+    if not host:
+        raise InvalidURLError("invalid URL: it has no host", url)
+    if port == 0:
+        raise InvalidURLError("invalid URL: port 0", url)
+    netloc = parts.netloc
+    if not parts.netloc.rpartition("@")[2].startswith("["):  # IPv6: urlsplit checked it
+        if any(c in _FORBIDDEN_HOST for c in host):
+            raise InvalidURLError(f"invalid URL: invalid host {host!r}", url)
+        if not host.isascii():
+            try:
+                ascii_host = host.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise InvalidURLError(f"invalid URL: invalid host {host!r}", url) from exc
+            userinfo, at, _ = parts.netloc.rpartition("@")
+            netloc = f"{userinfo}{at}{ascii_host}" + (f":{port}" if port is not None else "")
+    if url.isascii():
+        return url
+    return urllib.parse.urlunsplit(
+        (
+            parts.scheme,
+            netloc,
+            urllib.parse.quote(parts.path, safe=_PRINTABLE),
+            urllib.parse.quote(parts.query, safe=_PRINTABLE),
+            urllib.parse.quote(parts.fragment, safe=_PRINTABLE),
+        )
+    )
 
 
 class _Aborted(HTTPInputError):
@@ -156,7 +230,8 @@ def _is_event_stream(content_type: str | None) -> bool:
 class EventSource:
     """An async iterator of the `.Event` objects of a ``text/event-stream`` URL, reconnecting.
 
-    :param url: the ``http://`` or ``https://`` URL of the stream.
+    :param url: the ``http://`` or ``https://`` URL of the stream; an invalid one raises
+        `.InvalidURLError` at once (see `validate_url`).
     :param last_event_id: resume after this id on the first connection (sent as
         ``Last-Event-ID``); ``None`` or ``""`` for none.
     :param headers: extra request headers (cookies, authorization ...).
@@ -207,6 +282,7 @@ class EventSource:
         http_client: SimpleAsyncHTTPClient | None = None,
         max_queue: int = 64,
     ) -> None:
+        url = validate_url(url)
         if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
             raise InvalidEventError("last_event_id must not contain CR, LF or NUL")
         if retry < 0 or max_retry < 0:

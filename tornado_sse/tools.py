@@ -27,8 +27,8 @@ import click
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError, SimpleAsyncHTTPClient
 
-from .client import EventSource
-from .errors import EventStreamError, StreamIdleError, StreamParseError
+from .client import EventSource, validate_url
+from .errors import EventStreamError, InvalidURLError, StreamIdleError, StreamParseError
 from .protocol import Event
 
 __all__ = ["listen_command", "publish_command"]
@@ -38,13 +38,11 @@ TOKEN_ENV = "TORNADO_SSE_TOKEN"  # noqa: S105
 
 
 def _split_http_url(url: str) -> urllib.parse.SplitResult:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise click.BadParameter(
-            f"{url!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:8000)",
-            param_hint="URL",
-        )
-    return parts
+    """*url* split, once `.validate_url` accepts it; else a usage error (exit status 2)."""
+    try:
+        return urllib.parse.urlsplit(validate_url(url))
+    except InvalidURLError as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from None
 
 
 def stream_url(url: str, channels: tuple[str, ...] = ()) -> str:
