@@ -40,7 +40,7 @@ from tornado.netutil import bind_sockets
 
 from tornado_sse import Broker, ConnectionSet, Event, EventStreamHandler, InProcessBroker, Metrics
 from tornado_sse.broker.bridge import BridgeBroker
-from tornado_sse.cli import require_module
+from tornado_sse.cli import HostName, RedisUrl, require_module
 from tornado_sse.process import fork_processes, group_socket_path
 
 from .chat import (
@@ -390,7 +390,9 @@ def _bind(options: DemoOptions) -> list[socket.socket]:
 
 
 @click.command("demo")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host", type=HostName(), default="127.0.0.1", show_default=True, help="Address to listen on."
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
@@ -409,7 +411,7 @@ def _bind(options: DemoOptions) -> list[socket.socket]:
 @click.option(
     "--redis",
     "redis_url",
-    metavar="URL",
+    type=RedisUrl(),
     default=None,
     help="Redis URL (redis://127.0.0.1:6379/0): several demo servers share the rooms.",
 )
@@ -428,8 +430,6 @@ def demo_command(
     Open the printed address in two browser windows, pick nicknames, and chat. "Simulate network
     drop" closes your stream from the server side: the page reconnects and shows what it missed.
     """
-    if redis_url is not None and not redis_url.strip():
-        raise click.BadParameter("must not be empty", param_hint="'--redis'")
     options = DemoOptions(
         host=host,
         port=port,

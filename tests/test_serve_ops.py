@@ -1,15 +1,19 @@
-"""Operating ``tornado-sse serve``: its log keeps credentials out. A real hub process
-(tests.test_server.start_hub).
+"""Operating ``tornado-sse serve``: its command line refuses bad values, and its log keeps
+credentials out. A real hub process (tests.test_server.start_hub) and the real CLI.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import wait_until
-from tests.test_server import Hub, start_hub
+from tests.test_server import TOKEN, Hub, start_hub
 from tornado_sse.server import is_secret_name
 
 
@@ -76,3 +80,82 @@ def test_secret_names(name: str) -> None:
 )
 def test_ordinary_names(name: str) -> None:
     assert not is_secret_name(name)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def run_serve(*flags: str) -> subprocess.CompletedProcess[str]:
+    """``tornado-sse serve FLAGS`` as a real process (it must exit at once: a usage error)."""
+    env = {**os.environ, "TORNADO_SSE_TOKEN": TOKEN}
+    return subprocess.run(
+        [sys.executable, "-m", "tornado_sse.cli", "serve", "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag"),
+    [
+        (["--redis", "not a url"], "--redis"),
+        (["--redis", "http://127.0.0.1:6379/0"], "--redis"),
+        (["--redis", "redis://127.0.0.1:notaport/0"], "--redis"),
+        (["--redis", "redis://127.0.0.1:6379/zero"], "--redis"),
+        (["--redis", "redis://127.0.0.1:6379/0?socket_timeout=abc"], "--redis"),
+        (["--redis", "unix://"], "--redis"),
+        (["--redis", " "], "--redis"),
+        (["--host", "not a host"], "--host"),
+        (["--host", "http://127.0.0.1"], "--host"),
+        (["--host", ""], "--host"),
+    ],
+)
+def test_bad_addresses_are_usage_errors_naming_the_flag(flags: list[str], flag: str) -> None:
+    result = run_serve(*flags)
+    assert result.returncode == 2, result.stderr
+    assert flag in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot start the broker" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "rediss://user:pw@redis.internal:6380/2?socket_timeout=5",
+        "redis://localhost",
+        "unix:///run/redis/redis.sock?db=1",
+        "redis://[::1]:6379",
+    ],
+)
+def test_good_redis_urls_pass(url: str) -> None:
+    from tornado_sse.cli import RedisUrl
+
+    assert RedisUrl().convert(url, None, None) == url
+
+
+def test_unbindable_host_is_exit_1(tmp_path: Path) -> None:
+    # Well-formed but not an address of this machine: a run-time failure, status 1 (docs/serve.md).
+    result = run_serve("--host", "192.0.2.1")
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen on 192.0.2.1" in result.stderr
+
+
+def test_demo_redis_url_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", "0", "--redis", "not a url"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--redis" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_password_in_a_refused_redis_url_is_not_echoed() -> None:
+    result = run_serve("--redis", "redis://:hunter2-secret@127.0.0.1:6379/zero")
+    assert result.returncode == 2, result.stderr
+    assert "hunter2-secret" not in result.stderr
+    assert "must be a number" in result.stderr

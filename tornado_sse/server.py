@@ -51,7 +51,7 @@ from tornado.netutil import bind_sockets
 
 from .broker.base import Broker
 from .broker.memory import InProcessBroker
-from .cli import require_module
+from .cli import HostName, RedisUrl, require_module
 from .connections import ConnectionSet
 from .errors import BrokerError
 from .handler import EventStreamHandler
@@ -738,6 +738,7 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
 @click.command("serve")
 @click.option(
     "--host",
+    type=HostName(),
     default="127.0.0.1",
     show_default=True,
     help="Address to listen on (0.0.0.0 or :: for every interface).",
@@ -827,7 +828,7 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
 @click.option(
     "--redis",
     "redis_url",
-    metavar="URL",
+    type=RedisUrl(),
     default=None,
     help="Redis URL (redis://host:6379/0): several hubs on several machines act as one.",
 )
@@ -877,8 +878,6 @@ def serve_command(
         raise click.UsageError(
             f"the publish token ({TOKEN_ENV} or --token) must be printable ASCII without spaces"
         )
-    if redis_url is not None and not redis_url.strip():
-        raise click.BadParameter("must not be empty", param_hint="'--redis'")
     options = HubOptions(
         token=token,
         host=host,
