@@ -39,12 +39,13 @@ from tornado_sse.broker.framing import (
     HISTORY,
     PEER_BOUND,
     PUBLISH,
+    PUBLISH_OVERHEAD,
     SUBSCRIBE,
     WELCOME,
     FrameDecoder,
     pack,
 )
-from tornado_sse.errors import BrokerUnavailableError
+from tornado_sse.errors import BrokerUnavailableError, EventTooLargeError, InvalidEventError
 
 TIMEOUT = 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -577,16 +578,23 @@ async def test_a_peer_that_floods_without_reading_is_dropped(
 async def test_an_event_too_large_for_the_bridge_is_refused_before_sending(
     sock_dir: str,
 ) -> None:
-    from tornado_sse.errors import InvalidEventError
-
     path = os.path.join(sock_dir, "hub.sock")
     broker = BridgeBroker(path, max_frame_size=4096)
     try:
         await broker.start()
         with pytest.raises(InvalidEventError, match="max_frame_size"):
             await broker.publish("c", "é" * 4000)
+        # the event name counts too: a frame the hub refuses would cost the whole connection
+        with pytest.raises(EventTooLargeError, match="max_frame_size") as refused:
+            await broker.publish("c", "x", event="e" * 4096)
+        assert refused.value.limit == 4096 and refused.value.size > 4096
+        with pytest.raises(EventTooLargeError):
+            await asyncio.wrap_future(broker.publish_threadsafe("c", "x" * 4096))
+        fits = "x" * (4096 - PUBLISH_OVERHEAD - 1)
+        assert await broker.publish("c", fits)  # the largest event that fits goes through
         assert await broker.publish("c", "small")
         assert broker.healthy and broker.hub is not None and broker.hub.dropped == 0
+        assert broker.connects == 1
     finally:
         await broker.close()
 

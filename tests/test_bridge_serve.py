@@ -10,15 +10,19 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from tests.helpers import RawStream, wait_until
+from tests.helpers import RawStream, free_port, wait_until
 from tests.test_server import TOKEN, Hub, start_hub
+from tornado_sse.broker.framing import DEFAULT_MAX_FRAME_SIZE, PUBLISH_OVERHEAD
 
 TIMEOUT = 20
 
@@ -206,3 +210,107 @@ def socket_path_of(hub: Hub) -> str:
     from tornado_sse.broker.bridge import default_socket_path
 
     return os.path.join(os.path.dirname(default_socket_path()), f"group-{hub.proc.pid}.sock")
+
+
+# ---------------------------------------------------------------------- event size (issue 12)
+
+#: the largest /publish body the bridge between the workers is sure to carry
+BRIDGE_BODY_LIMIT = DEFAULT_MAX_FRAME_SIZE - PUBLISH_OVERHEAD
+
+
+@pytest.mark.parametrize("size", [8_000_000, BRIDGE_BODY_LIMIT + 1])
+def test_a_body_limit_the_bridge_cannot_carry_is_refused_at_start(size: int) -> None:
+    """Issue 12, item 6: ``--max-body-size`` past what the bridge carries is a usage error."""
+    command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(free_port()), "--processes", "2", "--max-body-size", str(size)]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TORNADO_SSE_TOKEN": TOKEN},
+    )
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children():
+            child.kill()
+        proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+        raise AssertionError(f"serve --max-body-size {size} --processes 2 started") from None
+    assert proc.returncode == 2, err
+    assert "--max-body-size" in err
+    assert str(BRIDGE_BODY_LIMIT) in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def big_group(tmp_path: Path) -> Iterator[Hub]:
+    hub = start_hub(
+        tmp_path / "hub.log",
+        "--processes",
+        "2",
+        "--max-body-size",
+        str(BRIDGE_BODY_LIMIT),
+        "--max-buffer-size",
+        str(16 << 20),
+    )
+    yield hub
+    if hub.proc.poll() is None:
+        hub.proc.kill()
+        for child in psutil.Process(hub.proc.pid).children():
+            child.kill()
+        hub.proc.wait(TIMEOUT)
+
+
+async def post_on_new_connection(hub: Hub, body: bytes) -> tuple[int, dict[str, Any], int]:
+    """POST *body* to /publish on a fresh connection: the status, the JSON answer, the worker."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+    try:
+        pid = await owner_of(hub, writer.get_extra_info("sockname")[1])
+        writer.write(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(payload), pid
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_event_the_bridge_cannot_carry_gets_413_and_the_group_goes_on(
+    big_group: Hub,
+) -> None:
+    """Issue 12, item 6: a body within ``--max-body-size`` can still make an event larger than
+    the bridge carries (JSON numbers are sent in their canonical form: ``1e15`` becomes
+    ``1000000000000000.0``). Every worker answers 413 with a clear message, never 500."""
+    pids = workers(big_group)
+    stream = await open_stream(big_group, "channel=big")
+    stream.parser.max_size = 8 << 20  # room for the largest event below
+    await stream.read_until(lambda s: s.parser.last_event_id != "")
+    numbers = b'{"channel": "big", "data": [' + b",".join([b"1e15"] * 300_000) + b"]}"
+    assert len(numbers) <= BRIDGE_BODY_LIMIT
+    answered_by: set[int] = set()
+    for _ in range(100):
+        status, answer, pid = await post_on_new_connection(big_group, numbers)
+        assert status == 413, answer
+        assert "larger than the bridge between processes carries" in answer["error"]
+        answered_by.add(pid)
+        if answered_by == set(pids):
+            break
+    else:
+        raise AssertionError("every publish landed on one worker")
+    # the largest body the hub accepts is carried, whichever worker takes it
+    prefix, suffix = b'{"channel": "big", "data": "', b'"}'
+    text = "x" * (BRIDGE_BODY_LIMIT - len(prefix) - len(suffix))
+    status, answer, _ = await post_on_new_connection(big_group, prefix + text.encode() + suffix)
+    assert status == 202, answer
+    await stream.read_until(lambda s: len(s.events) == 1, TIMEOUT)
+    assert stream.events[0].id == answer["id"]
+    assert stream.events[0].data == text
+    stream.close()
+    assert workers(big_group) == pids  # no worker crashed or was restarted
+    assert "Traceback" not in big_group.log()

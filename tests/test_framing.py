@@ -24,6 +24,7 @@ from tornado_sse.broker.framing import (
     MAX_ARRAY_LEN,
     PEER_BOUND,
     PUBLISH,
+    PUBLISH_OVERHEAD,
     PUBLISHED,
     SUBSCRIBE,
     SUBSCRIBED,
@@ -37,6 +38,7 @@ from tornado_sse.broker.framing import (
     TruncatedFrameError,
     UnsupportedVersionError,
     pack,
+    publish_size,
 )
 from tornado_sse.errors import BrokerError
 
@@ -270,3 +272,36 @@ def test_valid_frames_round_trip_at_any_split(frames: list[bytes], data: st.Data
         previous = cut
     decoder.close()
     assert out == [msgpack.unpackb(frame) for frame in frames]
+
+
+_TEXT_SIZES = st.sampled_from([0, 1, 31, 32, 255, 256, 65535, 65536, 70000])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    channel=st.integers(1, 200),
+    data=st.one_of(st.none(), _TEXT_SIZES),
+    event=st.one_of(st.none(), _TEXT_SIZES),
+    wide=st.booleans(),
+    rid=st.integers(0, (1 << 63) - 1),
+    retry=st.one_of(st.none(), st.integers(0, (1 << 63) - 1)),
+    published_at=st.floats(allow_nan=False),
+)
+def test_publish_size_bounds_the_publish_frame(
+    channel: int,
+    data: int | None,
+    event: int | None,
+    wide: bool,
+    rid: int,
+    retry: int | None,
+    published_at: float,
+) -> None:
+    """What a peer checks against the hub's max_frame_size is never less than what it sends,
+    and not much more; msgpack's string headers widen at 32, 256 and 65536 bytes."""
+    char = "é" if wide else "x"
+    data_text = None if data is None else char * data
+    event_text = None if event is None else char * event
+    name = "c" * channel
+    frame = pack(PUBLISH, rid, name, data_text, event_text, retry, published_at)
+    bound = publish_size(name, data_text, event_text)
+    assert len(frame) <= bound <= len(frame) + PUBLISH_OVERHEAD

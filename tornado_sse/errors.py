@@ -4,6 +4,7 @@
 
     SSEError
      +- InvalidEventError (also ValueError)     an event we were asked to send is illegal
+     |   +- EventTooLargeError                  larger than the backend carries (.size, .limit)
      +- InvalidChannelError (also ValueError)   a channel name is not allowed
      +- InvalidURLError (also ValueError)       a stream URL the client cannot use
      +- PublishError (also ValueError)          a publish body (JSON over HTTP) we refuse
@@ -28,6 +29,7 @@ __all__ = [
     "BrokerUnavailableError",
     "EventStreamClosedError",
     "EventStreamError",
+    "EventTooLargeError",
     "HistoryGapError",
     "InvalidChannelError",
     "InvalidEventError",
@@ -48,6 +50,21 @@ class InvalidEventError(SSEError, ValueError):
 
     Raised instead of silently rewriting the field: a rewritten id would break resume.
     """
+
+
+class EventTooLargeError(InvalidEventError):
+    """An event is larger than the broker's backend can carry (the bridge's ``max_frame_size``).
+
+    Raised by `.Broker.publish` before anything is sent; the hub answers ``413`` with its message.
+
+    :ivar size: the event's size as the backend counts it, in bytes.
+    :ivar limit: the most the backend carries, in bytes.
+    """
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class InvalidChannelError(SSEError, ValueError):

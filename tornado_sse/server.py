@@ -17,6 +17,10 @@ Deliberate choices:
   discarded before the answer, so the client is not reset while still sending (which could
   lose the 413); a body announced (or sent) far past the limit, or one sent after
   ``Expect: 100-continue``, is answered at once and the connection closed.
+* **Under** ``--processes`` **the limit is bounded by the bridge** (issue 12): a
+  ``--max-body-size`` past what one bridge frame carries is refused at start, and an event that
+  still outgrows it (non-string data is re-encoded as compact JSON, where ``1e15`` becomes
+  ``1000000000000000.0``) is answered 413 (`.EventTooLargeError`), never 500.
 * **Sockets are bound before anything else is built** (`serve`): ``--processes`` forks after
   binding and before any event loop or broker exists, so each worker builds its own; bind
   errors are reported as a clean command-line error.
@@ -53,7 +57,7 @@ from .broker.base import Broker
 from .broker.memory import InProcessBroker
 from .cli import HostName, RedisUrl, require_module
 from .connections import ConnectionSet
-from .errors import BrokerError
+from .errors import BrokerError, EventTooLargeError, InvalidEventError
 from .handler import EventStreamHandler
 from .metrics import Metrics
 from .publish import PublishError, PublishRequest, parse_publish
@@ -187,11 +191,21 @@ def make_broker(options: HubOptions) -> Broker:
 
 
 def _check_backends(options: HubOptions) -> None:
-    """Fail with a clear command-line error when a flag needs a backend this install lacks."""
+    """Fail with a clear command-line error when a flag needs a backend this install lacks, or
+    asks for more than the backend carries."""
     if options.redis is not None:
         require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
     if options.processes > 1:
         require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
+        if options.redis is None:
+            framing = importlib.import_module("tornado_sse.broker.framing")
+            largest = framing.DEFAULT_MAX_FRAME_SIZE - framing.PUBLISH_OVERHEAD
+            if options.max_body_size > largest:
+                raise click.BadParameter(
+                    f"{options.max_body_size} is more than the bridge between --processes"
+                    f" carries: at most {largest} bytes (or run one process, or use --redis)",
+                    param_hint="'--max-body-size'",
+                )
 
 
 # ---------------------------------------------------------------------- handlers
@@ -362,6 +376,12 @@ class PublishHandler(_HubHandler):
             event_id = await self.hub.broker.publish(
                 request.channel, request.data, event=request.event, retry=request.retry
             )
+        except EventTooLargeError as exc:
+            self.reply(413, {"error": str(exc)})
+            return
+        except InvalidEventError as exc:
+            self.reply(400, {"error": str(exc)})
+            return
         except BrokerError as exc:
             log.warning("publish failed: broker unavailable: %s", exc)
             self.reply(503, {"error": f"the hub cannot deliver now: {exc}"})

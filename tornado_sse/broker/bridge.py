@@ -83,6 +83,7 @@ from ..errors import (
     BrokerClosedError,
     BrokerError,
     BrokerUnavailableError,
+    EventTooLargeError,
     HistoryGapError,
     InvalidChannelError,
     InvalidEventError,
@@ -100,6 +101,7 @@ from .framing import (
     MAX_ARRAY_LEN,
     PEER_BOUND,
     PUBLISH,
+    PUBLISH_OVERHEAD,
     PUBLISHED,
     SUBSCRIBE,
     SUBSCRIBED,
@@ -109,6 +111,7 @@ from .framing import (
     FrameDecoder,
     FrameError,
     pack,
+    publish_size,
 )
 from .memory import History, IdSequence
 
@@ -882,7 +885,8 @@ class BridgeBroker(Broker):
     :param connect_timeout: seconds :meth:`start` waits for a hub before raising
         `.BrokerUnavailableError`.
     :param max_frame_size: largest frame the hub accepts, in bytes (when this process runs it);
-        a larger event is refused with `.InvalidEventError` before it is sent.
+        a larger event (channel, data and event name, plus `.PUBLISH_OVERHEAD`) is refused
+        with `.EventTooLargeError` (an `.InvalidEventError`) before it is sent.
     :param max_peer_buffer: see `BridgeHub` (when this process runs it).
     :param max_channels: see `BridgeHub` (when this process runs it).
     :param request_timeout: seconds to wait for the hub's answer to a publish, subscription or
@@ -1208,13 +1212,16 @@ class BridgeBroker(Broker):
 
     async def _publish(self, channel: str, event: Event) -> str:
         conn = self._connection()
-        data = event.data
-        if data is not None and len(data) * 4 + 1024 > conn.max_frame_size:
-            size = len(data.encode("utf-8")) + 1024
-            if size > conn.max_frame_size:
-                raise InvalidEventError(
-                    f"event of {size} bytes is larger than the bridge's max_frame_size"
-                    f" ({conn.max_frame_size})"
+        data, name, limit = event.data, event.event, conn.max_frame_size
+        # The hub drops a peer that sends a frame over its limit: refuse such an event here.
+        if (len(data or "") + len(name or "")) * 4 + len(channel) + PUBLISH_OVERHEAD > limit:
+            size = publish_size(channel, data, name)
+            if size > limit:
+                raise EventTooLargeError(
+                    f"event of {size} bytes is larger than the bridge between processes"
+                    f" carries (max_frame_size: {limit} bytes)",
+                    size=size,
+                    limit=limit,
                 )
         await conn.drain()
         future = conn.request(PUBLISH, channel, data, event.event, event.retry, time.time())

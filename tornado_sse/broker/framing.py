@@ -67,6 +67,7 @@ __all__ = [
     "PEER_BOUND",
     "PUBLISH",
     "PUBLISHED",
+    "PUBLISH_OVERHEAD",
     "SUBSCRIBE",
     "SUBSCRIBED",
     "UNSUBSCRIBE",
@@ -79,10 +80,15 @@ __all__ = [
     "TruncatedFrameError",
     "UnsupportedVersionError",
     "pack",
+    "publish_size",
 ]
 
 #: the bridge protocol version this module speaks
 VERSION = 1
+
+#: bytes of a PUBLISH frame besides the UTF-8 of its channel, data and event name, at most: the
+#: array and string headers, version, kind, rid, retry and published_at at their widest
+PUBLISH_OVERHEAD = 64
 
 #: largest frame accepted by default (bytes)
 DEFAULT_MAX_FRAME_SIZE = 4 << 20
@@ -145,6 +151,16 @@ class FrameTooLargeError(FrameError):
 
 class TruncatedFrameError(FrameError):
     """The input ended in the middle of a frame."""
+
+
+def publish_size(channel: str, data: str | None, event: str | None) -> int:
+    """An upper bound, within `PUBLISH_OVERHEAD`, of the size of the PUBLISH frame of an event;
+    a peer compares it with the hub's ``max_frame_size`` before sending."""
+    size = PUBLISH_OVERHEAD + len(channel.encode("utf-8"))
+    for text in (data, event):
+        if text is not None:
+            size += len(text.encode("utf-8"))
+    return size
 
 
 def pack(kind: int, *fields: Any) -> bytes:
