@@ -51,7 +51,10 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.10",
+    # Tornado 6.6 is the first release whose HTTP client awaits a coroutine streaming_callback
+    # (the client's backpressure depends on it; 6.5 never runs it) and, since 6.5.6, it drops
+    # Authorization and Cookie on cross-origin redirects. It needs Python 3.11.
+    python_requires=">=3.11",
     # demo/ and bench/ sit at the top of the repository and install as tornado_sse.demo and
     # tornado_sse.bench, so that `tornado-sse demo` and `tornado-sse bench` work from any install.
     packages=[
@@ -71,7 +74,7 @@ setup(
         )
     ],
     include_package_data=True,
-    install_requires=["tornado>=6.3", "msgpack>=1.0", "click>=8.1"],
+    install_requires=["tornado>=6.6", "msgpack>=1.0", "click>=8.1"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["tornado-sse=tornado_sse.cli:main"]},
     classifiers=[

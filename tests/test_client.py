@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -46,6 +48,8 @@ class Record:
         self.script: list[tuple[int, str, bytes]] = []
         #: the query string of every request to /script, as sent
         self.queries: list[str] = []
+        #: (host and path, Authorization, Cookie, Last-Event-ID) of every request to a `Hop`
+        self.hops: list[tuple[str, str | None, str | None, str | None]] = []
 
 
 class Stream(EventStreamHandler):
@@ -110,6 +114,40 @@ class Boom(tornado.web.RequestHandler):
         pass
 
 
+class Hop(tornado.web.RequestHandler):
+    """Records the credentials a request carries, then redirects it to ``?to=`` (with
+    ``?status=``) or, at the end of a chain, answers a stream once and 204 afterwards."""
+
+    def get(self) -> None:
+        headers = self.request.headers
+        hops: list[tuple[str, str | None, str | None, str | None]] = self.settings["hops"]
+        hops.append(
+            (
+                f"{self.request.host}{self.request.path}",
+                headers.get("Authorization"),
+                headers.get("Cookie"),
+                headers.get("Last-Event-ID"),
+            )
+        )
+        to = self.get_query_argument("to", None)
+        if to is not None:
+            self.redirect(to, status=int(self.get_query_argument("status", "302")))
+            return
+        if headers.get("Last-Event-ID"):
+            self.set_status(204)
+            self.finish()
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        self.finish("retry: 10\nid: e1\ndata: arrived\n\n")
+
+
+def hop(base: str, path: str = "/hop", to: str | None = None, status: int = 302) -> str:
+    """The URL of `Hop` at *base*, redirecting to *to*."""
+    if to is None:
+        return f"{base}{path}"
+    return f"{base}{path}?" + urllib.parse.urlencode({"to": to, "status": status})
+
+
 @pytest.fixture
 def broker() -> InProcessBroker:
     return InProcessBroker(history_size=100)
@@ -128,12 +166,14 @@ def app(broker: InProcessBroker, record: Record) -> tornado.web.Application:
             (r"/script", Script),
             (r"/endless", Endless),
             (r"/boom", Boom),
+            (r"/hop.*", Hop),
         ],
         sse_broker=broker,
         sse_retry_interval=0.05,
         sse_retry_jitter=0.0,
         sse_heartbeat_interval=0,
         record=record,
+        hops=record.hops,
     )
 
 
@@ -447,6 +487,90 @@ async def test_a_non_ascii_path_reaches_the_server_encoded(port: int, record: Re
     ) as source:
         assert [e.data for e in await drain(source)] == ["here"]
     assert record.queries == ["x=%C3%A9%E2%82%AC"]
+
+
+CREDENTIALS = {"Authorization": "Bearer s3cret", "Cookie": "session=s3cret"}
+
+
+@pytest.fixture
+def other_origin(io_loop: Any, record: Record) -> Iterator[str]:
+    """A second Tornado server on loopback (another port: another origin) sharing ``hops``."""
+    other_port = free_port()
+    server = tornado.httpserver.HTTPServer(
+        tornado.web.Application([(r"/hop.*", Hop)], hops=record.hops)
+    )
+    server.listen(other_port, "127.0.0.1")
+    try:
+        yield f"http://127.0.0.1:{other_port}"
+    finally:
+        server.stop()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_credentials_do_not_follow_a_redirect_to_another_origin(
+    port: int, record: Record, other_origin: str, status: int
+) -> None:
+    here = f"http://127.0.0.1:{port}"
+    # here -> here (same origin: credentials kept) -> there (dropped) -> here (not restored)
+    url = hop(here, "/hop1", hop(here, "/hop2", hop(other_origin, "/hop3", hop(here), status)))
+    async with EventSource(url, headers=CREDENTIALS, retry=0.01) as source:
+        assert [(e.id, e.data) for e in await drain(source)] == [("e1", "arrived")]
+        assert source.url == url
+    there = other_origin.removeprefix("http://")
+    first = [
+        (f"127.0.0.1:{port}/hop1", "Bearer s3cret", "session=s3cret", None),
+        (f"127.0.0.1:{port}/hop2", "Bearer s3cret", "session=s3cret", None),
+        (f"{there}/hop3", None, None, None),
+        (f"127.0.0.1:{port}/hop", None, None, None),
+    ]
+    # The reconnect starts again from the URL given, with the credentials and Last-Event-ID.
+    again = [(where, auth, cookie, "e1") for where, auth, cookie, _ in first]
+    again[2:] = [(where, None, None, "e1") for where, *_ in first[2:]]
+    assert record.hops == first + again
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_another_host_or_scheme_is_another_origin(
+    port: int, record: Record, other_origin: str
+) -> None:
+    here = f"http://127.0.0.1:{port}"
+    url = hop(here, "/hop1", hop(f"http://localhost:{port}", "/hop2"))
+    async with EventSource(url, headers=CREDENTIALS, reconnect=False) as source:
+        assert [e.data for e in await drain(source)] == ["arrived"]
+    assert [h[1:3] for h in record.hops] == [("Bearer s3cret", "session=s3cret"), (None, None)]
+    # URL credentials become an Authorization header for their own origin only.
+    record.hops.clear()
+    with_userinfo = hop(f"http://user:pw@127.0.0.1:{port}", "/hop1", hop(other_origin))
+    async with EventSource(with_userinfo, reconnect=False) as source:
+        assert [e.data for e in await drain(source)] == ["arrived"]
+    assert [h[1] for h in record.hops] == ["Basic dXNlcjpwdw==", None]
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_redirect_loops_and_unusable_locations_stop_the_client(
+    port: int, record: Record
+) -> None:
+    here = f"http://127.0.0.1:{port}"
+    loop = hop(here, "/hop", hop(here, "/hop", hop(here, "/hop", hop(here, "/hop", hop(here)))))
+    for _ in range(2):
+        loop = hop(here, "/hop", loop)  # seven hops: two too many
+    with pytest.raises(EventStreamError) as info:
+        await drain(EventSource(loop, retry=0.01))
+    assert info.value.status == 302 and "redirected more than 5 times" in str(info.value)
+    for location in ("ftp://127.0.0.1/", "http://this is invalid/"):
+        with pytest.raises(EventStreamError) as info:
+            await drain(EventSource(hop(here, "/hop", location), retry=0.01))
+        assert info.value.status == 302 and "unusable URL" in str(info.value)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_refusal_with_a_long_body_stops_the_client(port: int, record: Record) -> None:
+    # The body is cut at 4 KiB; that cut used to count as a network error, retried for ever.
+    record.script.append((404, "text/plain", b"x" * 100_000))
+    with pytest.raises(EventStreamError) as info:
+        await drain(EventSource(f"http://127.0.0.1:{port}/script", retry=0.01))
+    assert info.value.status == 404 and info.value.body == "x" * 4096
 
 
 def test_rejects_bad_arguments() -> None:

@@ -43,6 +43,12 @@ Deliberate choices:
   would instead try to resolve ``"this is invalid"`` and the client would retry it for ever.
   As in the WHATWG URL parser, a non-ASCII host is sent in its IDNA form and non-ASCII
   characters of the path and query as UTF-8 percent-escapes.
+* **Redirects are followed here, not by Tornado**, so that credentials never follow a redirect
+  to another origin whatever Tornado release is installed (before 6.5.6 Tornado forwarded
+  ``Authorization`` and ``Cookie``): at most 5 in a row; to another origin the
+  ``Authorization``, ``Cookie`` and ``Proxy-Authorization`` headers are dropped for the rest of
+  the chain, as the Fetch standard drops them. A reconnect starts again from ``url``, as a
+  browser's does.
 * No ``Accept-Encoding``: a compressed event stream is buffered by the compressor.
 """
 
@@ -88,6 +94,12 @@ _BODY_LIMIT = 4096
 _MAX_BODY = 1 << 62
 #: characters a host may not hold (the WHATWG URL standard's forbidden domain code points)
 _FORBIDDEN_HOST = frozenset("\0\t\n\r #%/:<>?@[\\]^|")
+#: statuses after which the client follows ``Location`` itself (`EventSource._redirect`)
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: redirects followed in a row before the client gives up (Tornado's default)
+_MAX_REDIRECTS = 5
+#: request headers that never follow a redirect to another origin (lowercase)
+_CREDENTIALS = frozenset({"authorization", "cookie", "proxy-authorization"})
 #: printable ASCII: kept as is when non-ASCII characters of a path or query are escaped
 _PRINTABLE = "".join(chr(code) for code in range(0x21, 0x7F))
 
@@ -204,6 +216,7 @@ class _Attempt:
         "progressed",
         "status",
         "stream",
+        "truncated",
     )
 
     def __init__(self, parser: EventStreamParser) -> None:
@@ -219,6 +232,7 @@ class _Attempt:
         self.active_at = time.monotonic()  # when the last bytes arrived (or the attempt began)
         self.expired: asyncio.Future[None] | None = None  # set once idle for idle_timeout
         self.paused = False  # reading waits for the consumer: silence is ours, not the server's
+        self.truncated = False  # a response that is not a stream was cut at _BODY_LIMIT
 
 
 def _is_event_stream(content_type: str | None) -> bool:
@@ -457,12 +471,20 @@ class EventSource:
         failures = 0
         try:
             while not self._closed:
-                attempt = _Attempt(
-                    EventStreamParser(self.max_event_size, last_event_id=self._last_event_id)
-                )
-                error = await self._connect(attempt)
-                if self._closed:
-                    return
+                url, redirects = self.url, 0
+                headers: Mapping[str, str] = self.headers
+                while True:
+                    attempt = _Attempt(
+                        EventStreamParser(self.max_event_size, last_event_id=self._last_event_id)
+                    )
+                    error = await self._connect(attempt, url, headers)
+                    if self._closed:
+                        return
+                    location = attempt.headers.get("Location")
+                    if error is not None or attempt.status not in _REDIRECTS or not location:
+                        break
+                    redirects += 1
+                    url, headers = self._redirect(attempt, url, location, headers, redirects)
                 if attempt.fatal is not None:
                     raise attempt.fatal
                 if error is None and attempt.status == 204:
@@ -509,15 +531,52 @@ class EventSource:
             delay = max(delay, backoff)
         return delay + random.uniform(0.0, delay * JITTER)
 
-    async def _connect(self, attempt: _Attempt) -> BaseException | None:
-        """Run one connection to its end; return the network error that ended it, if any."""
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **self.headers}
+    def _redirect(
+        self,
+        attempt: _Attempt,
+        url: str,
+        location: str,
+        headers: Mapping[str, str],
+        redirects: int,
+    ) -> tuple[str, Mapping[str, str]]:
+        """The URL and request headers of the next hop after a redirect from *url* (raises
+        `.EventStreamError` past ``_MAX_REDIRECTS`` or for an unusable ``Location``).
+
+        Credentials (``Authorization``, ``Cookie``, ``Proxy-Authorization``) do not follow a
+        redirect to another origin, and do not come back on a later hop (as in the Fetch
+        standard), whatever the installed Tornado does: it follows no redirect for us.
+        """
+        if redirects > _MAX_REDIRECTS:
+            raise EventStreamError(
+                f"{self.url} redirected more than {_MAX_REDIRECTS} times",
+                status=attempt.status,
+                content_type=attempt.content_type,
+            )
+        try:
+            target = validate_url(urllib.parse.urljoin(url, location))
+        except (InvalidURLError, ValueError) as exc:
+            raise EventStreamError(
+                f"{self.url} redirected to an unusable URL ({exc})",
+                status=attempt.status,
+                content_type=attempt.content_type,
+            ) from exc
+        if _origin(target) != _origin(url):
+            headers = {k: v for k, v in headers.items() if k.lower() not in _CREDENTIALS}
+        return target, headers
+
+    async def _connect(
+        self, attempt: _Attempt, url: str, extra_headers: Mapping[str, str]
+    ) -> BaseException | None:
+        """Run one connection to *url* to its end; return the network error that ended it, if
+        any. Redirects are not followed here (`_redirect`)."""
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **extra_headers}
         if self._last_event_id:
             # Header values travel as latin-1 in Tornado; send the id's UTF-8 bytes, as browsers do.
             headers["Last-Event-ID"] = self._last_event_id.encode("utf-8").decode("latin-1")
         request = HTTPRequest(
-            self.url,
+            url,
             headers=headers,
+            follow_redirects=False,
             connect_timeout=self.connect_timeout or 0.0,
             request_timeout=self.request_timeout or 0.0,
             decompress_response=False,
@@ -542,6 +601,8 @@ class EventSource:
                     return StreamIdleError(f"no data from the server for {self.idle_timeout:g} s")
                 response = fetch.result()
         except (OSError, HTTPClientError, HTTPInputError) as exc:
+            if attempt.truncated:
+                return None  # we cut a refusal's (or redirect's) body short: its status stands
             return exc
         finally:
             if watchdog is not None:
@@ -635,6 +696,7 @@ class EventSource:
         if not attempt.stream:
             attempt.body += chunk[: _BODY_LIMIT - len(attempt.body)]
             if len(attempt.body) >= _BODY_LIMIT:
+                attempt.truncated = True
                 self._abort(attempt)
             return
         try:
@@ -667,6 +729,13 @@ class EventSource:
                 return
             self._items.append(event)
             _wake(self._readable)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """The origin of a URL `validate_url` accepted: scheme, host, port."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
