@@ -68,6 +68,9 @@ class RawStream:
         self.ended = False
         #: the response ended with HTTP/1.1's last chunk (not only a closed connection)
         self.last_chunk = False
+        #: sizes of the HTTP/1.1 chunks of the body received so far, in order (the server
+        #: writes each chunk in one write, so this counts its writes)
+        self.chunk_sizes: list[int] = []
         self._chunked = False
         self._remaining: int | None = None
         self._buffer = b""
@@ -144,6 +147,7 @@ class RawStream:
                 self.last_chunk = True
                 self.events.extend(self.parser.close())
                 return False
+            self.chunk_sizes.append(size)
             self._body(chunk)
         return True
 

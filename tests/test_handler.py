@@ -8,6 +8,7 @@ import gc
 import json
 import socket
 import struct
+import time
 import weakref
 from typing import Any
 
@@ -93,6 +94,14 @@ class Writes(EventStreamHandler):
             self.finish("data: last\n\n")
 
 
+class FastHeartbeat(EventStreamHandler):
+    """Overrides the heartbeat interval for its route only."""
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return 0.01
+
+
 @pytest.fixture
 def broker() -> InProcessBroker:
     return InProcessBroker(history_size=5)
@@ -121,6 +130,7 @@ def app(
             (r"/user", UserFeed),
             (r"/writes", Writes),
             (r"/gated", Gated),
+            (r"/fast-heartbeat", FastHeartbeat),
         ],
         sse_broker=broker,
         sse_connections=connections,
@@ -254,20 +264,38 @@ async def test_heartbeat_when_idle(
     stream.close()
 
 
-@pytest.mark.parametrize("settings", [{"sse_heartbeat_interval": 0.01}], indirect=True)
+@pytest.mark.parametrize("settings", [{"sse_heartbeat_interval": 0.08}], indirect=True)
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_no_heartbeat_while_events_flow(
     settings: dict[str, Any], port: int, broker: InProcessBroker
 ) -> None:
+    # The wheel ticks every 20 ms and sends a heartbeat to a stream idle for three ticks. Events
+    # published less than one tick apart, over many ticks, leave no room for three ticks between
+    # two of them, so no heartbeat may come between the first and the last. On a busy machine a
+    # sleep may last longer: a round whose gaps were not all under one tick proves nothing, and
+    # is run again.
+    tick = 0.08 / 4
+    count = 150
     stream = await RawStream.open(port, "/events?channel=busy")
     await stream.read_until(lambda s: s.parser.last_event_id != "")
-    base = stream.parser.comments
-    # publish faster than the heartbeat threshold (3 ticks of 2.5 ms): no comment in between
-    for n in range(30):
-        await broker.publish("busy", str(n))
-        await asyncio.sleep(0.001)
-    await stream.events_count(30)
-    assert stream.parser.comments - base <= 3
+    for round_ in range(10):
+        gaps = []
+        last = time.monotonic()
+        for n in range(count):
+            await broker.publish("busy", f"{round_}-{n}")
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            await asyncio.sleep(0.001)
+        final = f"{round_}-{count - 1}"
+        await stream.read_until(lambda s, final=final: s.events and s.events[-1].data == final)
+        if max(gaps[1:]) < tick and sum(gaps[1:]) > 4 * tick:
+            break
+    else:
+        raise AssertionError("no round of publishes ran over four ticks with gaps under one")
+    first = stream.raw.index(f"data: {round_}-0\n".encode())
+    last_event = stream.raw.index(f"data: {round_}-{count - 1}\n".encode())
+    assert b"\n:" not in stream.raw[first:last_event]
     stream.close()
 
 
@@ -275,13 +303,19 @@ async def test_no_heartbeat_while_events_flow(
     "settings", [{"sse_heartbeat_interval": 0, "sse_heartbeat_event": "ping"}], indirect=True
 )
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_heartbeat_off(
-    settings: dict[str, Any], port: int, connections: ConnectionSet
-) -> None:
-    stream = await RawStream.open(port, "/events?channel=off")
-    await wait_until(lambda: len(connections) == 1)
-    assert connections._wheels == {}
-    stream.close()
+async def test_heartbeat_off(settings: dict[str, Any], port: int, broker: InProcessBroker) -> None:
+    off = await RawStream.open(port, "/events?channel=off")
+    await off.read_until(lambda s: s.parser.last_event_id != "")
+    # A route that overrides the interval (0.01 s) on the same server: its heartbeats show the
+    # wheel had every chance to send some to the other stream.
+    fast = await RawStream.open(port, "/fast-heartbeat?channel=fast")
+    await fast.read_until(lambda s: sum(e.event == "ping" for e in s.events) >= 5)
+    fast.close()
+    marker = await broker.publish("off", "marker")
+    await off.events_count(1)
+    assert [(e.id, e.data) for e in off.events] == [(marker, "marker")]
+    assert off.parser.comments == 0
+    off.close()
 
 
 @pytest.mark.parametrize(
@@ -461,13 +495,22 @@ async def test_vanished_client_is_pruned_and_released(
 @pytest.mark.parametrize("settings", [{"sse_max_lifetime": 0.1}], indirect=True)
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_max_lifetime_closes_cleanly(
-    settings: dict[str, Any], port: int, connections: ConnectionSet
+    settings: dict[str, Any], port: int, connections: ConnectionSet, broker: InProcessBroker
 ) -> None:
     stream = await RawStream.open(port, "/events?channel=life")
     await stream.read_to_end()
-    assert stream.ended
+    # A clean end: HTTP/1.1's last chunk, not only a closed connection.
+    assert stream.last_chunk
+    seen = stream.parser.last_event_id  # of the priming event
+    assert seen != ""
     await wait_until(lambda: len(connections) == 0)
     stream.close()
+    # The client resumes from its last id and misses nothing published in between.
+    missed = await broker.publish("life", "while away")
+    again = await RawStream.open(port, "/events?channel=life", {"Last-Event-ID": seen})
+    await again.events_count(1)
+    assert [(e.id, e.data) for e in again.events] == [(missed, "while away")]
+    again.close()
 
 
 CORS = {"sse_cors_origins": ["https://app.example"]}
@@ -593,10 +636,14 @@ async def test_publish_from_threads(port: int, broker: InProcessBroker) -> None:
 async def test_burst_goes_out_batched(port: int, broker: InProcessBroker) -> None:
     stream = await RawStream.open(port, "/events?channel=burst")
     await stream.read_until(lambda s: s.parser.last_event_id != "")
+    before = len(stream.chunk_sizes)
     for n in range(50):  # one loop iteration: no await yields between in-process publishes
         await broker.publish("burst", str(n))
     await stream.events_count(50)
     assert [e.data for e in stream.events] == [str(n) for n in range(50)]
+    # One write per stream per loop iteration: the 50 events came in one HTTP chunk (the
+    # handler frames each write as one chunk), not one chunk per event.
+    assert len(stream.chunk_sizes) - before == 1
     stream.close()
 
 

@@ -8,6 +8,7 @@ Redis comes back without the events.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -26,6 +27,8 @@ from tests.redis_server import RedisServer
 TOKEN = "redis-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TIMEOUT = 20
+#: Redis's password: in the hubs' URL, never in their answers or logs
+PASSWORD = "redis-pass-4f9e2c"
 
 
 class Hub:
@@ -81,8 +84,9 @@ class Hub:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, Hub, Hub]]:
     """A redis-server of its own (the last test kills it) and hubs A and B on it."""
     directory = tmp_path_factory.mktemp("redis-serve")
-    with RedisServer(directory) as server:
-        hubs = [Hub(directory / f"hub-{name}.log", server.url) for name in "ab"]
+    with RedisServer(directory, args=["--requirepass", PASSWORD]) as server:
+        url = f"redis://:{PASSWORD}@127.0.0.1:{server.port}/0"
+        hubs = [Hub(directory / f"hub-{name}.log", url) for name in "ab"]
         try:
             for hub in hubs:
                 hub.wait_healthy()
@@ -147,12 +151,25 @@ async def test_redis_restart_health_publish_and_stream_reset(
     await wait_until(lambda: a.health() == 503 and b.health() == 503, TIMEOUT)
     reply = a.post("outage", "lost")
     assert reply.status_code == 503, reply.text
-    assert "password" not in reply.text
+    assert PASSWORD not in reply.text
     shed = await b.stream("channel=new-while-down")
     await shed.read_to_end()
     assert shed.status == 200 and "retry-after" in shed.headers
     assert shed.events == []
 
+    # Stand in for a Redis that accepts and drops connections, until the hubs have tried to
+    # reconnect several times: the outage must still be logged once by each.
+    attempts = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    listener = await asyncio.start_server(drop, "127.0.0.1", server.port)
+    await wait_until(lambda: attempts >= 8, TIMEOUT)
+    listener.close()
+    await listener.wait_closed()
     server.start()  # empty: the events Redis held are gone
     await wait_until(lambda: a.health() == 200 and b.health() == 200, TIMEOUT)
     await on_b.read_until(lambda s: any(e.event == "stream-reset" for e in s.events))
@@ -167,4 +184,11 @@ async def test_redis_restart_health_publish_and_stream_reset(
     await again.read_until(lambda s: len(s.events) >= 1)
     assert again.events[0].event == "stream-reset"
     again.close()
-    assert "redis" in a.log() and "unreachable" in a.log()
+    for hub in (a, b):
+        log = hub.log()
+        # each outage logged once, however many reconnection attempts it took, without the
+        # password (the address is logged as scheme://host:port/db)
+        address = f"redis at redis://127.0.0.1:{server.port}/0"
+        assert log.count(f"{address} unreachable (") == 1, log
+        assert log.count(f"{address} is back") == 1, log
+        assert PASSWORD not in log
