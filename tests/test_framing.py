@@ -242,6 +242,7 @@ def test_fuzzed_bytes_give_frames_or_a_frame_error(data: bytes, step: int) -> No
         whole = _decode_all(accept, data, len(data) or 1)
         for frame in whole or ():
             assert frame[0] == VERSION and frame[1] in accept
+            assert well_formed(frame), frame
         # accepted or refused, and the frames, do not depend on how the bytes are split
         assert _decode_all(accept, data, step) == whole
 
@@ -305,3 +306,162 @@ def test_publish_size_bounds_the_publish_frame(
     frame = pack(PUBLISH, rid, name, data_text, event_text, retry, published_at)
     bound = publish_size(name, data_text, event_text)
     assert len(frame) <= bound <= len(frame) + PUBLISH_OVERHEAD
+
+
+# ---------------------------------------------------------------------- schema, field by field
+
+#: The field types of each kind, transcribed from the module docstring independently of the
+#: decoder's own table: ``rid`` and ``int?`` are integers in [0, 2**63) (``int?`` also None),
+#: ``number`` an int or a float, ``frames`` a list of ``[str, str, bytes, number]``.
+SCHEMA: dict[int, tuple[str, ...]] = {
+    WELCOME: ("str", "str", "rid", "rid"),
+    PUBLISH: ("rid", "str", "str?", "str?", "int?", "number"),
+    SUBSCRIBE: ("rid", "[str]"),
+    UNSUBSCRIBE: ("[str]",),
+    HISTORY: ("rid", "[str]", "str"),
+    EVENT: ("str", "str", "bytes", "number"),
+    PUBLISHED: ("rid", "str"),
+    SUBSCRIBED: ("rid", "str"),
+    HISTORY_PART: ("rid", "frames"),
+    HISTORY_END: ("rid", "frames"),
+    GAP: ("rid", "str"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rid(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def matches(spec: str, value: Any) -> bool:
+    """Whether *value* is of the field type *spec* (see `SCHEMA`)."""
+    if spec == "str":
+        return isinstance(value, str)
+    if spec == "str?":
+        return value is None or isinstance(value, str)
+    if spec == "rid":
+        return _is_rid(value)
+    if spec == "int?":
+        return value is None or _is_rid(value)
+    if spec == "number":
+        return _is_number(value)
+    if spec == "bytes":
+        return isinstance(value, bytes)
+    if spec == "[str]":
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    assert spec == "frames"
+    return isinstance(value, list) and all(
+        isinstance(item, list)
+        and len(item) == 4
+        and isinstance(item[0], str)
+        and isinstance(item[1], str)
+        and isinstance(item[2], bytes)
+        and _is_number(item[3])
+        for item in value
+    )
+
+
+def well_formed(obj: list[Any]) -> bool:
+    kind = obj[1]
+    schema = SCHEMA[kind]
+    return len(obj) == 2 + len(schema) and all(
+        matches(spec, value) for spec, value in zip(schema, obj[2:], strict=False)
+    )
+
+
+numbers = st.floats(allow_nan=False) | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+rids = st.integers(min_value=0, max_value=2**63 - 1)
+FIELD_VALUES = {
+    "str": st.text(max_size=10),
+    "str?": st.none() | st.text(max_size=10),
+    "rid": rids,
+    "int?": st.none() | rids,
+    "number": numbers,
+    "bytes": st.binary(max_size=10),
+    "[str]": st.lists(st.text(max_size=5), max_size=3),
+    "frames": st.lists(
+        st.tuples(st.text(max_size=5), st.text(max_size=5), st.binary(max_size=5), numbers).map(
+            list
+        ),
+        max_size=3,
+    ),
+}
+
+
+#: values next to the edge of some field type
+EDGES = st.sampled_from([-1, 2**63, 2**64 - 1, True, 0.5, "", b"", None, [], [b"x"], [1]])
+
+
+@st.composite
+def near_frames(draw: st.DrawFn) -> list[Any]:
+    """A well-formed frame of some kind, or one with a single change: one field of another
+    type or value, or a field too few or too many."""
+    kind = draw(st.sampled_from(sorted(SCHEMA)))
+    fields = [draw(FIELD_VALUES[spec]) for spec in SCHEMA[kind]]
+    change = draw(st.sampled_from(["none", "field", "field", "field", "fewer", "more"]))
+    if change == "field":
+        fields[draw(st.integers(0, len(fields) - 1))] = draw(EDGES | msgpack_values)
+    elif change == "fewer":
+        fields.pop()
+    elif change == "more":
+        fields.append(draw(msgpack_values))
+    return [VERSION, kind, *fields]
+
+
+@settings(max_examples=300, deadline=None)
+@given(near_frames())
+def test_a_frame_is_accepted_exactly_when_its_fields_match_the_schema(frame: list[Any]) -> None:
+    decoder = FrameDecoder(HUB_BOUND | PEER_BOUND)
+    try:
+        decoded = decoder.feed(msgpack.packb(frame, use_bin_type=True))
+    except MalformedFrameError:
+        assert not well_formed(frame), frame
+        return
+    assert well_formed(frame), frame
+    (accepted,) = decoded
+    assert accepted == frame
+    assert [type(value) for value in accepted] == [type(value) for value in frame]
+
+
+#: a well-formed value of each field type
+TYPICAL = {
+    "str": "c",
+    "str?": "e",
+    "rid": 7,
+    "int?": 1500,
+    "number": 1.5,
+    "bytes": b"data: x\n\n",
+    "[str]": ["a", "b"],
+    "frames": [["c", "x-1", b"data: x\n\n", 1.5]],
+}
+#: values at or past the edge of some field type (a frame's item takes them too)
+EDGE_VALUES = [-1, 2**63, 2**64 - 1, True, 0.5, "", b"", None, [], [b"x"], [1], ["c", "x-1", b""]]
+
+
+def test_every_field_at_every_edge() -> None:
+    """Each field of each kind (and each part of a history item) replaced by each edge value:
+    accepted exactly when the schema says so."""
+    for kind, schema in SCHEMA.items():
+        base = [VERSION, kind, *(TYPICAL[spec] for spec in schema)]
+        variants = []
+        for index in range(2, len(base)):
+            for value in EDGE_VALUES:
+                variants.append([*base[:index], value, *base[index + 1 :]])
+                if schema[index - 2] == "frames":
+                    item = TYPICAL["frames"][0]
+                    variants.append([*base[:index], [item[:3]], *base[index + 1 :]])
+                    variants.append([*base[:index], [[*item, 0]], *base[index + 1 :]])
+                    for part in range(4):
+                        item = list(TYPICAL["frames"][0])
+                        item[part] = value
+                        variants.append([*base[:index], [item], *base[index + 1 :]])
+        for frame in variants:
+            try:
+                FrameDecoder(HUB_BOUND | PEER_BOUND).feed(msgpack.packb(frame, use_bin_type=True))
+            except MalformedFrameError:
+                assert not well_formed(frame), frame
+            else:
+                assert well_formed(frame), frame
