@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tornado_sse.broker import framing
 from tornado_sse.broker.framing import (
+    CLOSING,
     EVENT,
     GAP,
     HISTORY,
@@ -71,6 +72,7 @@ VALID_PEER_BOUND = [
     pack(HISTORY_PART, 3, [["news", "k-6", b"data: x\n\n", 1.0]]),
     pack(HISTORY_END, 3, []),
     pack(GAP, 4, "k-6"),
+    pack(CLOSING),
 ]
 VALID_HUB_BOUND = [
     pack(PUBLISH, 1, "news", "x", "name", 10, 1.0),

@@ -322,6 +322,9 @@ class EventSource:
         self.connections = 0
         #: whether a stream is open right now
         self.connected = False
+        #: events received on the current stream, or on the last one once it ended; ``None``
+        #: when the last connection attempt opened no stream (refused, failed, not a stream)
+        self.stream_events: int | None = None
         #: the error that ended the last connection or attempt (``None`` after a clean end)
         self.last_error: BaseException | None = None
         self._last_event_id = last_event_id or ""
@@ -377,16 +380,19 @@ class EventSource:
 
     def on_reconnect(self, error: BaseException | None, delay: float) -> None:
         """Called when a connection ended or failed and the client will reconnect in *delay*
-        seconds. *error* is the network error, or ``None`` after a clean end of the stream.
+        seconds. *error* is the network error, or ``None`` after a clean end of the stream;
+        `stream_events` says whether a stream had opened, and how many events it carried.
 
         Not a coroutine. The default logs at INFO.
         """
-        log.info(
-            "event stream %s %s; reconnecting in %.2fs",
-            self.url,
-            "ended" if error is None else f"failed ({_describe(error)})",
-            delay,
-        )
+        events = self.stream_events
+        if events is None:
+            what = "ended" if error is None else f"failed ({_describe(error)})"
+        elif error is None:
+            what = f"ended by the server after {events} events"
+        else:
+            what = f"interrupted after {events} events ({_describe(error)})"
+        log.info("event stream %s %s; reconnecting in %.2fs", self.url, what, delay)
 
     # ------------------------------------------------------------------ iteration
 
@@ -584,6 +590,7 @@ class EventSource:
             header_callback=functools.partial(self._on_header, attempt),
         )
         self._attempt = attempt
+        self.stream_events = None
         assert self._client is not None
         fetch = self._client.fetch(request, raise_error=False)
         # If close() cancels us, the fetch must not be cancelled: Tornado would log an error
@@ -614,7 +621,9 @@ class EventSource:
                 # End of stream: an event without its closing blank line is dropped (WHATWG);
                 # an oversized event reported late by the parser is still fatal.
                 try:
-                    self._items.extend(attempt.parser.close())
+                    last = attempt.parser.close()
+                    self._items.extend(last)
+                    self.stream_events = (self.stream_events or 0) + len(last)
                 except StreamParseError as exc:
                     attempt.fatal = exc
         if attempt.status is None:
@@ -684,6 +693,7 @@ class EventSource:
         attempt.stream = True
         self.connected = True
         self.connections += 1
+        self.stream_events = 0
         try:
             self.on_open()
         except Exception:
@@ -728,6 +738,7 @@ class EventSource:
             if self._closed:
                 return
             self._items.append(event)
+            self.stream_events = (self.stream_events or 0) + 1
             _wake(self._readable)
 
 

@@ -119,8 +119,25 @@ class _Listener(EventSource):
 
     def on_reconnect(self, error: BaseException | None, delay: float) -> None:
         if not self.quiet:
-            why = "stream ended" if error is None else _network_error(self.url, error)
-            click.echo(f"{why}; reconnecting in {delay:.1f}s", err=True)
+            click.echo(
+                f"{_ending(self.url, error, self.stream_events)}; reconnecting in {delay:.1f}s",
+                err=True,
+            )
+
+
+def _ending(url: str, error: BaseException | None, events: int | None) -> str:
+    """What ended a connection: a stream that was open (*events* received on it), or an attempt
+    that opened none (*events* is ``None``)."""
+    if events is None:
+        return "stream ended" if error is None else _network_error(url, error)
+    count = f"{events} event{'' if events == 1 else 's'}"
+    if error is None:
+        return f"stream ended by the server after {count}"
+    if isinstance(error, StreamIdleError):
+        return f"stream interrupted after {count}: {_network_error(url, error)}"
+    if isinstance(error, HTTPStreamClosedError):
+        return f"stream interrupted after {count}: the connection closed before the stream ended"
+    return f"stream interrupted after {count}: {_network_error(url, error)}"
 
 
 def format_event(event: Event, as_json: bool) -> str:

@@ -91,6 +91,7 @@ from ..errors import (
 from ..protocol import Event, encode_event
 from .base import Broker, Frame, Subscription, validate_channel
 from .framing import (
+    CLOSING,
     DEFAULT_MAX_FRAME_SIZE,
     EVENT,
     GAP,
@@ -455,10 +456,19 @@ class BridgeHub:
         _live_hubs.discard(self)
         if self._server is not None:
             self._server.close()
+        goodbye = pack(CLOSING)
         for peer in list(self.peers):
             peer.closed = True
-            if peer.transport is not None:
-                peer.transport.abort()
+            transport = peer.transport
+            if transport is None:
+                continue
+            if transport.get_write_buffer_size() < self.max_peer_buffer // 4:
+                # Tell the peer this is a deliberate stop, not a crash (it logs no alarm), and
+                # let what is already queued for it go out first.
+                transport.write(goodbye)
+                transport.close()
+            else:
+                transport.abort()
         self.peers.clear()
         self._followers.clear()
         if self._claim is not None:
@@ -724,6 +734,8 @@ class _HubConnection(asyncio.Protocol):
         self.hub_pid = 0
         self.max_frame_size = broker.max_frame_size
         self.closed = False
+        #: the hub said it is closing on purpose (CLOSING) before the connection ended
+        self.hub_closing = False
         self._next_rid = 0
         self._drained: asyncio.Future[None] | None = None
 
@@ -757,6 +769,8 @@ class _HubConnection(asyncio.Protocol):
             elif kind == WELCOME:
                 if not self.welcome.done():
                     self.welcome.set_result(frame)
+            elif kind == CLOSING:
+                self.hub_closing = True
             else:
                 self._answer(kind, frame)
             if self.closed:
@@ -939,6 +953,7 @@ class BridgeBroker(Broker):
         self._resync_buffer: list[Frame] | None = None
         self._pid = os.getpid()
         self._forked_away = False
+        self._hub_stopped = False  # the last hub we lost said it was stopping on purpose
 
     # ------------------------------------------------------------------ state
 
@@ -1084,7 +1099,12 @@ class BridgeBroker(Broker):
                 self._conn = None
             if self.closed:
                 return
-            log.warning("bridge: lost the hub at %s; reconnecting", self.path)
+            self._hub_stopped = conn.hub_closing
+            if conn.hub_closing:
+                # Its process is stopping (a restart, or the whole group stopping): routine.
+                log.info("bridge: the hub at %s stopped; connecting to the next one", self.path)
+            else:
+                log.warning("bridge: lost the hub at %s; reconnecting", self.path)
             # Spread the reconnects of every process of the group.
             await asyncio.sleep(random.uniform(0.0, self.reconnect_delay))
 
@@ -1105,7 +1125,7 @@ class BridgeBroker(Broker):
             return False
         self.hub = hub
         log.log(
-            logging.WARNING if self.connects else logging.INFO,
+            logging.WARNING if self.connects and not self._hub_stopped else logging.INFO,
             "bridge: this process (pid %d) now runs the hub at %s",
             os.getpid(),
             self.path,

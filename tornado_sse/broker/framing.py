@@ -23,6 +23,7 @@ whatever that frame is. The fields of each kind::
     HISTORY_PART    hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
     HISTORY_END     hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
     GAP             hub -> peer   rid: int, current_id: str
+    CLOSING         hub -> peer   (none): the hub is closing on purpose (its process stops)
 
 ``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
 event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
@@ -56,6 +57,7 @@ import msgpack
 from ..errors import BrokerError
 
 __all__ = [
+    "CLOSING",
     "DEFAULT_MAX_FRAME_SIZE",
     "EVENT",
     "GAP",
@@ -108,11 +110,14 @@ SUBSCRIBED = 7
 HISTORY_PART = 8
 HISTORY_END = 9
 GAP = 10
+CLOSING = 11
 
 #: kinds a hub accepts from its peers
 HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY})
 #: kinds a peer accepts from its hub
-PEER_BOUND = frozenset({WELCOME, EVENT, PUBLISHED, SUBSCRIBED, HISTORY_PART, HISTORY_END, GAP})
+PEER_BOUND = frozenset(
+    {WELCOME, EVENT, PUBLISHED, SUBSCRIBED, HISTORY_PART, HISTORY_END, GAP, CLOSING}
+)
 
 _NAMES = {
     WELCOME: "WELCOME",
@@ -126,6 +131,7 @@ _NAMES = {
     HISTORY_PART: "HISTORY_PART",
     HISTORY_END: "HISTORY_END",
     GAP: "GAP",
+    CLOSING: "CLOSING",
 }
 
 
@@ -227,6 +233,7 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     HISTORY_PART: (_rid, _frames),
     HISTORY_END: (_rid, _frames),
     GAP: (_rid, _str),
+    CLOSING: (),
 }
 
 
