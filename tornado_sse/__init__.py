@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from .broker import Broker, Frame, InProcessBroker, Subscription, validate_channel
 from .errors import (
+    AccessDeniedError,
+    AccessError,
+    AuthenticationError,
     BrokerClosedError,
     BrokerError,
     BrokerUnavailableError,
@@ -21,6 +24,7 @@ from .errors import (
     HistoryGapError,
     InvalidChannelError,
     InvalidEventError,
+    InvalidKeyError,
     InvalidURLError,
     PublishError,
     SSEError,
@@ -61,6 +65,9 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDeniedError",
+    "AccessError",
+    "AuthenticationError",
     "Broker",
     "BrokerClosedError",
     "BrokerError",
@@ -78,6 +85,7 @@ __all__ = [
     "InProcessBroker",
     "InvalidChannelError",
     "InvalidEventError",
+    "InvalidKeyError",
     "InvalidURLError",
     "Metrics",
     "PublishError",

@@ -8,22 +8,32 @@
      +- InvalidChannelError (also ValueError)   a channel name is not allowed
      +- InvalidURLError (also ValueError)       a stream URL the client cannot use
      +- PublishError (also ValueError)          a publish body (JSON over HTTP) we refuse
+     +- InvalidKeyError (also ValueError)       a token key (or grant pattern) we cannot use
      +- StreamParseError                        the peer sent an event stream we refuse to buffer
      +- EventStreamError                        a URL did not answer with an event stream (.status)
      +- EventStreamClosedError                  sending to a stream whose client went away
+     +- AccessError                             a request's credentials do not allow it
+     |   +- AuthenticationError                 no valid token: 401 (.www_authenticate)
+     |   +- AccessDeniedError                   a valid token without the grant: 403 (.channel)
      +- BrokerError
          +- BrokerClosedError                   the broker was closed
          +- BrokerUnavailableError              the backend (hub, Redis) cannot be reached now
          +- HistoryGapError                     a Last-Event-ID fell out of history (.current_id)
 
 "You asked for something illegal" (``InvalidEventError``, ``InvalidChannelError``,
-``InvalidURLError``, ``PublishError``) is kept apart from "the peer sent something bad"
-(``StreamParseError``), as h11 separates local and remote protocol errors.
+``InvalidURLError``, ``PublishError``, ``InvalidKeyError``) is kept apart from "the peer sent
+something bad" (``StreamParseError``, ``AccessError``), as h11 separates local and remote
+protocol errors. A hook of `.EventStreamHandler` (``get_channels``, ``check_channel``,
+``get_current_user`` called from them) may raise ``AuthenticationError`` or ``AccessDeniedError``:
+the request is answered 401 or 403 with the error's message.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AccessDeniedError",
+    "AccessError",
+    "AuthenticationError",
     "BrokerClosedError",
     "BrokerError",
     "BrokerUnavailableError",
@@ -33,6 +43,7 @@ __all__ = [
     "HistoryGapError",
     "InvalidChannelError",
     "InvalidEventError",
+    "InvalidKeyError",
     "InvalidURLError",
     "PublishError",
     "SSEError",
@@ -87,6 +98,53 @@ class InvalidURLError(SSEError, ValueError):
 class PublishError(SSEError, ValueError):
     """A publish body we refuse (the hub's ``POST /publish``, Jupyter's ``POST sse/publish``):
     answered with ``400`` and this message."""
+
+
+class InvalidKeyError(SSEError, ValueError):
+    """A key `.auth.TokenVerifier` cannot verify tokens with (an HMAC secret too short, a PEM
+    that is not a public key of a supported type), or a grant pattern that is not one."""
+
+
+class AccessError(SSEError):
+    """A request's credentials do not allow what it asks. Its message is safe to send to the
+    client: it never holds the token."""
+
+
+class AuthenticationError(AccessError):
+    """No token, or one that is malformed, badly signed, expired, not yet valid, or meant for
+    another audience or issuer: answered ``401`` with a ``WWW-Authenticate`` header.
+
+    :ivar error: the RFC 6750 error code, ``"invalid_token"``, or ``None`` when the request
+        carried no token at all (RFC 6750 section 3.1: then no error code is sent).
+    """
+
+    def __init__(self, message: str, error: str | None = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
+
+    @property
+    def www_authenticate(self) -> str:
+        """The value of the ``WWW-Authenticate`` header of the 401 answer."""
+        if self.error is None:
+            return "Bearer"
+        return f'Bearer error="{self.error}"'
+
+
+class AccessDeniedError(AccessError):
+    """A valid token (or a `check_channel` policy) does not grant *channel*: answered ``403``
+    naming it.
+
+    :ivar channel: the channel refused.
+    :ivar action: ``"subscribe"`` (follow) or ``"publish"``.
+    """
+
+    def __init__(self, channel: str, action: str = "subscribe", message: str | None = None) -> None:
+        if message is None:
+            verb = "follow" if action == "subscribe" else action + " to"
+            message = f"not allowed to {verb} channel {channel!r}"
+        super().__init__(message)
+        self.channel = channel
+        self.action = action
 
 
 class StreamParseError(SSEError):

@@ -36,6 +36,8 @@ from .broker.base import Broker, Frame, validate_channel
 from .broker.memory import InProcessBroker
 from .connections import ConnectionSet
 from .errors import (
+    AccessDeniedError,
+    AuthenticationError,
     BrokerError,
     EventStreamClosedError,
     InvalidChannelError,
@@ -162,6 +164,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _close_reason = "closed"
     #: true once the stream took the connection over from Tornado's HTTP/1 reader
     _detached = False
+    #: (time.time() value, final event) set by close_at; its timer runs while the stream is open
+    _deadline: tuple[float, Event | None] | None = None
+    _deadline_timer: object | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._stream: IOStream | None = None
@@ -281,14 +286,17 @@ class EventStreamHandler(tornado.web.RequestHandler):
 
         Default: the ``channel`` query arguments (``?channel=a&channel=b``), taken exactly as sent
         (`query_values`: no space stripped, nothing rewritten). An empty result or an invalid
-        name is answered with 400.
+        name is answered with 400. Raising `.AuthenticationError` answers 401 (with its
+        ``WWW-Authenticate``), `.AccessDeniedError` 403, each with the error's message.
         """
         return self.query_values("channel")
 
     def check_channel(self, channel: str) -> bool | Awaitable[bool]:
         """Whether this request may follow *channel*; ``False`` answers 403. May be a coroutine.
 
-        Default: allow. Use ``self.current_user`` (Tornado's `get_current_user`) here.
+        Default: allow. Use ``self.current_user`` (Tornado's `get_current_user`) here. Raising
+        `.AuthenticationError` answers 401 (a `get_current_user` that found no valid token),
+        `.AccessDeniedError` 403; `.auth` has both checks for signed tokens.
         """
         return True
 
@@ -376,11 +384,14 @@ class EventStreamHandler(tornado.web.RequestHandler):
         Returns a future resolved once the final bytes are written (or the connection dropped).
         Idempotent. ``on_close`` runs once.
         """
+        return self._close(event, "closed")
+
+    def _close(self, event: Event | None, reason: str) -> asyncio.Future[None]:
         done = self._done_future()
         if self._closed_once:
             return done
         if self._stream is None or self._queue is None:
-            self._finalize("closed")
+            self._finalize(reason)
             return done
         if event is not None:
             final = Frame("", event.id or "", encode_event(event), 0.0)
@@ -390,7 +401,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 self._queue.append(final)
         self._flush()
         stream = self._stream
-        self._finalize("closed")  # writes the last chunk of a chunked response
+        if stream is None:  # the flush failed and dropped the connection
+            return done
+        self._finalize(reason)  # writes the last chunk of a chunked response
         try:
             write = stream.write(b"")
         except StreamClosedError:
@@ -403,6 +416,37 @@ class EventStreamHandler(tornado.web.RequestHandler):
 
         write.add_done_callback(_written)
         return done
+
+    def close_at(self, when: float, event: Event | None = None) -> None:
+        """Close the stream at *when* (a `time.time` value, such as a token's ``exp``), after
+        sending *event*, if given.
+
+        May be called before the stream opens (from `get_current_user`, `check_channel` ...): the
+        timer starts when it opens, and a deadline already past then closes it at once, after
+        the replay. A later call replaces an earlier one. Events published up to the deadline
+        are sent before *event*; give *event* no id, so that the client resumes after the last
+        event it received. `.auth` uses this to end a stream with ``token-expired`` at the
+        token's expiry.
+        """
+        self._deadline = (float(when), event)
+        if self._stream is not None and self._queue is not None:
+            self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        deadline = self._deadline
+        if deadline is None:
+            return
+        loop = IOLoop.current()
+        if self._deadline_timer is not None:
+            loop.remove_timeout(self._deadline_timer)
+        delay = max(0.0, deadline[0] - time.time())
+        self._deadline_timer = loop.call_later(delay, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        deadline = self._deadline
+        if deadline is not None:
+            self._close(deadline[1], "deadline")
 
     def flush(self, include_footers: bool = False) -> asyncio.Future[None]:
         """Before the stream opens, Tornado's flush; after, bytes given to `write` go out in
@@ -462,13 +506,19 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 raise InvalidChannelError("name at least one channel (?channel=...)")
             for channel in channels:
                 validate_channel(channel)
+            for channel in dict.fromkeys(channels):
+                if not await _maybe_await(self.check_channel(channel)):
+                    raise AccessDeniedError(channel)
         except InvalidChannelError as exc:
             self._refuse(400, str(exc))
             return
-        for channel in dict.fromkeys(channels):
-            if not await _maybe_await(self.check_channel(channel)):
-                self._refuse(403, f"not allowed to follow channel {channel!r}")
-                return
+        except AuthenticationError as exc:
+            self.set_header("WWW-Authenticate", exc.www_authenticate)
+            self._refuse(401, str(exc))
+            return
+        except AccessDeniedError as exc:
+            self._refuse(403, str(exc))
+            return
         if self._closed_once or self.request.connection is None or self._finished:
             return  # the client left while a hook was pending (issue 12): nothing to undo
         if self._over_limits(connections):
@@ -520,6 +570,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
             self._allowance = len(body)
             metrics.events_sent += len(replay)
         self._start_stream(body)
+        if self._deadline is not None:
+            self._start_deadline()
         log.info(
             "stream open: channels=%s client=%s resume=%s",
             ",".join(subscription.channels),
@@ -793,6 +845,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return
         self._closed_once = True
         self._close_reason = reason
+        if self._deadline_timer is not None:
+            IOLoop.current().remove_timeout(self._deadline_timer)
+            self._deadline_timer = None
         self._queue = None
         self._pending = None
         self._mark_dirty = None
