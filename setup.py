@@ -12,6 +12,8 @@ EXTRAS = {
     "metrics": ["prometheus_client>=0.17"],
     "redis": ["redis>=5"],
     "jupyter": ["jupyter_server>=2.13", "jupyter_events>=0.6"],
+    # PEM public keys (RS*, ES*, EdDSA) need cryptography; an HMAC secret does not.
+    "jwt": ["PyJWT[crypto]>=2.8"],
     "bench": [
         "matplotlib>=3.7",
         "psutil>=5.9",
@@ -27,6 +29,7 @@ EXTRAS["test"] = sorted(
         *EXTRAS["metrics"],
         *EXTRAS["redis"],
         *EXTRAS["jupyter"],
+        *EXTRAS["jwt"],
         "pytest>=8",
         "pytest-tornado>=0.8",
         "pytest-timeout>=2.2",
