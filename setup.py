@@ -59,24 +59,28 @@ setup(
     # Authorization and Cookie on cross-origin redirects. It needs Python 3.11.
     python_requires=">=3.11",
     # demo/ and bench/ sit at the top of the repository and install as tornado_sse.demo and
-    # tornado_sse.bench, so that `tornado-sse demo` and `tornado-sse bench` work from any install.
+    # tornado_sse.bench (with their subpackages, such as tornado_sse.bench.peers), so that
+    # `tornado-sse demo` and `tornado-sse bench` work from any install. tests/test_packaging.py
+    # builds the wheel, installs it in a fresh virtualenv and imports every module.
     packages=[
         *find_packages(include=["tornado_sse", "tornado_sse.*"]),
-        "tornado_sse.demo",
-        "tornado_sse.bench",
+        *(f"tornado_sse.{name}" for name in find_packages(include=["demo", "demo.*"])),
+        *(f"tornado_sse.{name}" for name in find_packages(include=["bench", "bench.*"])),
     ],
     package_dir={"tornado_sse.demo": "demo", "tornado_sse.bench": "bench"},
+    # Data files are listed here, and only here: include_package_data would take in everything
+    # under version control or MANIFEST.in, and warns about data directories (demo/static).
     package_data={
         "tornado_sse": ["py.typed"],
         "tornado_sse.demo": ["static/*", "templates/*"],
     },
+    include_package_data=False,
     data_files=[
         (
             "etc/jupyter/jupyter_server_config.d",
             ["jupyter-config/jupyter_server_config.d/tornado_sse.json"],
         )
     ],
-    include_package_data=True,
     install_requires=["tornado>=6.6", "msgpack>=1.0", "click>=8.1"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["tornado-sse=tornado_sse.cli:main"]},
