@@ -184,6 +184,43 @@ class RedisServer:
         self.kill()
         self.start()
 
+    def call(self, *args: str | int) -> object:
+        """Send one command (``call("SAVE")``) on a short-lived connection; return the reply."""
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=START_TIMEOUT) as client:
+            return client.execute_command(*args)
+
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO <section>`` as ``{field: value}`` strings."""
+        reply = self.call("INFO", section)
+        assert isinstance(reply, dict)
+        return {str(key): str(value) for key, value in reply.items()}
+
+    def wait_in_sync(self, primary: RedisServer) -> None:
+        """As a replica of *primary*: wait (bounded) until it holds every write *primary* has
+        acknowledged so far."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica on port {self.port} did not connect to its primary")
+            time.sleep(0.01)
+        copies = primary.call("WAIT", 1, int(START_TIMEOUT * 1000))
+        if copies != 1:
+            raise RuntimeError(f"replica on port {self.port} did not acknowledge the writes")
+
+    def detach(self) -> None:
+        """As a replica: stop receiving writes but stay a (lagging) replica, by following a
+        primary that does not exist. Its data stays as it was."""
+        self.call("REPLICAOF", "127.0.0.1", str(free_port()))
+
+    def promote(self, port: int) -> None:
+        """Failover: listen on *port* instead (the dead primary's, so clients reconnect to this
+        server) and stop being a replica (``REPLICAOF NO ONE``)."""
+        self.call("CONFIG", "SET", "port", str(port))
+        self.port = port
+        self.call("REPLICAOF", "NO", "ONE")
+
     def __enter__(self) -> RedisServer:
         self.start()
         return self

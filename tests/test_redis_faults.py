@@ -20,7 +20,9 @@ from tornado_sse.errors import BrokerUnavailableError
 TIMEOUT = 20
 
 
-def brokers(server: RedisServer, count: int, index_threshold: int = 32) -> list[RedisBroker]:
+def brokers(
+    server: RedisServer, count: int, index_threshold: int = 32, durable: bool = False
+) -> list[RedisBroker]:
     return [
         RedisBroker(
             server.url,
@@ -28,6 +30,7 @@ def brokers(server: RedisServer, count: int, index_threshold: int = 32) -> list[
             timeout=1.0,
             reconnect_backoff=(0.05, 0.2),
             index_threshold=index_threshold,
+            durable=durable,
         )
         for _ in range(count)
     ]
@@ -49,9 +52,12 @@ async def publish_while_down(broker: RedisBroker) -> None:
 
 @BY_INDEX
 @pytest.mark.gen_test(timeout=TIMEOUT)
-async def test_restart_with_data_loses_nothing(tmp_path: Path, index_threshold: int) -> None:
+async def test_durable_restart_with_data_loses_nothing(
+    tmp_path: Path, index_threshold: int
+) -> None:
+    # Declared durable (the server fsyncs every write): a restart alone is not a loss.
     with RedisServer(tmp_path, persist=True) as server:
-        publisher, host = brokers(server, 2, index_threshold)
+        publisher, host = brokers(server, 2, index_threshold, durable=True)
         try:
             await publisher.start()
             await host.start()

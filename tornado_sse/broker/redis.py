@@ -53,13 +53,47 @@ Deliberate choices, and why:
   data Redis lost), is below ``floor``, or when an entry after it has left the window; the
   ``p`` field of the oldest entry read says whether one was trimmed.
 * **Never a silent gap on the live path.** If the reader finds that entries it had not read yet
-  were trimmed (``p`` of the first new entry is past its position), or after an outage cannot
-  prove that Redis still holds everything after its horizon (``floor`` moved past it: the data
-  was lost; ``last`` went below it: Redis came back from an older snapshot), it delivers a
-  ``stream-reset`` event to the local subscriptions of the channels concerned (one per
-  subscription, however many of its channels are concerned), with the id they can resume from,
-  and carries on from there. When Redis comes back with its data, the reader
-  simply continues from its positions and subscribers miss nothing.
+  were trimmed (``p`` of the first new entry is past its position), or cannot prove that Redis
+  still holds everything after its horizon (``floor`` moved past it: a new incarnation), it
+  delivers a ``stream-reset`` event to the local subscriptions of the channels concerned (one
+  per subscription, however many of its channels are concerned), with the id they can resume
+  from, and carries on from there. When Redis keeps its data, the reader simply continues from
+  its positions and subscribers miss nothing.
+* **A loss of Redis data starts a new incarnation before anything can hide it** (issue 12).
+  Redis can lose writes it acknowledged: a restart without persistence or from an older
+  snapshot, ``FLUSHALL``, a failover to a replica that lagged. Ids issued afterwards sort above
+  the lost ones, so a client resuming from a lost id would get the new events and never hear of
+  the lost ones: the first publish after the loss, by any process, would hide it. So whoever
+  notices a possible loss first moves ``floor`` (and ``last``) above every id it knows,
+  atomically in a script. Every id below the new floor is then a gap: resuming from it gets
+  ``stream-reset``, and each reader, whose horizon is below the floor, resets its live
+  subscriptions. The scripts look for three signs:
+
+  - *Another Redis process* (a restart, a failover): the check script compares ``INFO
+    server``'s ``run_id`` with ``run``. It runs on every new connection before any command of
+    ours (redis-py's connect callback), and by the reader on (re)connect. Another process
+    means new connections, so every publish, follow and history read comes after a check in
+    the process it talks to. Not per publish: ``INFO`` in a script costs Redis about 7 us,
+    against about 40 us for the whole publish script. A proxy that carries one client
+    connection to several Redis servers in turn defeats this check: connect to Redis itself.
+  - *No data*: ``last`` or ``floor`` missing (``FLUSHALL``, an empty restart), in any script.
+  - *Evidence*: each broker passes its high-water mark (the largest id it published or read as
+    ``last``) and the floor it knows. ``last`` below the mark proves a rollback, restart or
+    not; a floor it does not know, at or below the mark, means that a new incarnation is
+    reissuing ids it saw (the promoted replica's clock was behind), so the script starts
+    another above the mark. New ids are ``max(now, last + 1, floor, mark + 1)``.
+
+  The reader reads ``last`` and ``floor`` in the same round trip as each blocking ``XREAD``
+  (Redis runs that read after the ``XREAD`` returns): an entry of a new incarnation comes with
+  its floor, so after a ``FLUSHALL`` the reader resets instead of delivering across the loss,
+  within ``read_block`` even if nothing is published.
+
+  The default is conservative: a Redis process that restarted may have lost the last writes,
+  and nothing tells it from one that kept them all, so every client gets one ``stream-reset``.
+  ``durable=True`` declares that Redis never loses an acknowledged write (``appendfsync
+  always``, no failover): a restart alone is then not a loss, only missing data or evidence is.
+  Evidence needs a broker that saw the lost ids; if one that did not publishes first, the loss
+  is hidden. That is the price of ``durable=True`` on a Redis that is not durable.
 * **Faults are reported, not raised into the application.** The reader reconnects with
   exponential backoff and jitter, logs each outage once (never the URL: it may hold a
   password), and `healthy` is false meanwhile (the hub's ``/healthz`` answers 503). Publishing
@@ -108,60 +142,94 @@ _ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _MAX_PART = (1 << 64) - 1
 _ZERO: Key = (0, 0)
 
-# KEYS: last, floor, stream, index. ARGV: maxlen, body, published_at, index maxlen, channel.
-# Returns the new id.
-_PUBLISH = """
+# The part of both scripts that finds a loss of Redis data and starts a new incarnation: KEYS
+# last, floor; ARGV[1] the caller's high-water mark, ARGV[2] the floor it knows ('' for none).
+# Leaves `lost`, `last` and `floor`, the time (`ms`) and the helpers for the rest. Ids are
+# compared as (ms, seq) pairs of numbers; no tables, no closures made per call on the publish
+# path (they cost Redis several microseconds per publish).
+_INCARNATION = """
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
 end
+local function later(a1, a2, b1, b2)
+  return a1 > b1 or (a1 == b1 and a2 > b2)
+end
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local seq = 0
-local function after(id)
-  local ms2, seq2 = parse(id)
-  if ms2 > ms or (ms2 == ms and seq2 >= seq) then ms, seq = ms2, seq2 + 1 end
-end
 local last = redis.call('GET', KEYS[1])
-if not last then
-  last = string.format('%.0f-0', ms)
-  redis.call('SET', KEYS[2], last)
+local floor = redis.call('GET', KEYS[2])
+local lost = not last or not floor
+if not lost and ARGV[1] ~= '' and ARGV[1] ~= last then
+  -- `last` below an id the caller saw issued: Redis went back in time. A floor the caller does
+  -- not know, at or below such an id: a new incarnation reissues ids the caller saw.
+  local h1, h2 = parse(ARGV[1])
+  local l1, l2 = parse(last)
+  lost = later(h1, h2, l1, l2)
+  if not lost and ARGV[2] ~= '' and floor ~= ARGV[2] then
+    local f1, f2 = parse(floor)
+    lost = not later(f1, f2, h1, h2)
+  end
 end
-after(last)
+"""
+
+# Then, if `lost`: a new incarnation, whose floor (and `last`) sorts above every id known.
+_INCARNATE = """
+if lost then
+  local i1, i2 = ms, 0
+  for _, id in ipairs({last or '0-0', floor or '0-0', ARGV[1] ~= '' and ARGV[1] or '0-0'}) do
+    local k1, k2 = parse(id)
+    if not later(i1, i2, k1, k2) then i1, i2 = k1, k2 + 1 end
+  end
+  last = string.format('%.0f-%.0f', i1, i2)
+  floor = last
+  redis.call('SET', KEYS[1], last)
+  redis.call('SET', KEYS[2], floor)
+end
+"""
+
+# KEYS: last, floor, stream, index. ARGV: high-water mark, known floor, maxlen, body,
+# published_at, index maxlen, channel. Returns {the new id, floor}.
+_PUBLISH = (
+    _INCARNATION
+    + _INCARNATE
+    + """
+local seq = 0
+local l1, l2 = parse(last)
+if not later(ms, seq, l1, l2) then ms, seq = l1, l2 + 1 end
 local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 local prev = ''
 if top[1] then
   prev = top[1][1]
-  after(prev)
+  local p1, p2 = parse(prev)
+  if not later(ms, seq, p1, p2) then ms, seq = p1, p2 + 1 end
 end
 local id = string.format('%.0f-%.0f', ms, seq)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], id, 'b', ARGV[2], 't', ARGV[3], 'p', prev)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], id, 'c', ARGV[5], 'p', last)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], id, 'b', ARGV[4], 't', ARGV[5], 'p', prev)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], id, 'c', ARGV[7], 'p', last)
 redis.call('SET', KEYS[1], id)
-return id
+return {id, floor}
 """
+)
 
-# KEYS: last, floor. ARGV: '1' to start a new epoch (floor = last = a fresh id). Returns
-# {last, floor}, creating both when last is missing.
-_INIT = """
-local last = redis.call('GET', KEYS[1])
-local floor = redis.call('GET', KEYS[2])
-if last and ARGV[1] ~= '1' then
-  return {last, floor or '0-0'}
+# KEYS: last, floor, run. ARGV: high-water mark, known floor, '1' if Redis is durable.
+# Run on every new connection and by the reader on (re)connect: a Redis process other than the
+# one that last wrote `run` (a restart, a failover) may have lost data. Returns {last, floor,
+# '1' if the process could be told ('0': INFO has no run_id)}.
+_CHECK = (
+    _INCARNATION
+    + """
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if run and redis.call('GET', KEYS[3]) ~= run then
+  if ARGV[3] ~= '1' then lost = true end
+  redis.call('SET', KEYS[3], run)
 end
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local seq = 0
-if last then
-  local dash = string.find(last, '-', 1, true)
-  local ms2, seq2 = tonumber(string.sub(last, 1, dash - 1)), tonumber(string.sub(last, dash + 1))
-  if ms2 >= ms then ms, seq = ms2, seq2 + 1 end
-end
-local id = string.format('%.0f-%.0f', ms, seq)
-redis.call('SET', KEYS[1], id)
-redis.call('SET', KEYS[2], id)
-return {id, id}
 """
+    + _INCARNATE
+    + """
+return {last, floor, run and '1' or '0'}
+"""
+)
 
 
 def _parse(event_id: str | bytes) -> Key | None:
@@ -234,6 +302,12 @@ class RedisBroker(Broker):
         that use it may fall behind before they catch up stream by stream.
     :param reconnect_backoff: ``(first, max)`` seconds between reconnection attempts; the delay
         doubles from *first* up to *max* (default ``(0.1, 5.0)``), with jitter.
+    :param durable: declare that Redis never loses a write it acknowledged (``appendonly yes``
+        with ``appendfsync always``, and no failover to a replica). Then a Redis restart alone
+        is not taken as a loss of data; only evidence of one is (``last`` missing or behind an
+        id this broker saw). Default ``False``: a different Redis process behind the URL (a
+        restart, a failover) may have lost events, so every client is sent ``stream-reset``.
+        Brokers sharing a key prefix should agree on it.
     :param redis_options: further keyword arguments for `redis.asyncio.from_url` (options in
         the URL's query take precedence over them).
     """
@@ -251,6 +325,7 @@ class RedisBroker(Broker):
         index_threshold: int = 32,
         index_length: int = 10_000,
         reconnect_backoff: tuple[float, float] = (0.1, 5.0),
+        durable: bool = False,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(history_size=history_size)
@@ -269,6 +344,7 @@ class RedisBroker(Broker):
         self.index_threshold = index_threshold
         self.index_length = index_length
         self.reconnect_backoff = reconnect_backoff
+        self.durable = durable
         #: entries each stream keeps (``XADD MAXLEN ~``)
         self.stream_length = max(history_size, min_stream_length)
         #: where Redis is, without credentials (for logs and errors)
@@ -286,18 +362,28 @@ class RedisBroker(Broker):
             # Redis restart; a timeout is not retried (the script may have run).
             "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             **(redis_options or {}),
+            # Every new connection checks, before anything else is sent on it, whether the Redis
+            # process behind it may have lost data (see the module docstring).
+            "redis_connect_func": self._on_connect,
         }
         # Parse the URL now, so that a malformed one fails where the broker is made.
         self._redis: Client = aioredis.from_url(url, **self._options)
         self._publish_script = self._redis.register_script(_PUBLISH)
-        self._init_script = self._redis.register_script(_INIT)
+        self._check_script = self._redis.register_script(_CHECK)
         self._last_key = f"{key_prefix}last"
         self._floor_key = f"{key_prefix}floor"
+        self._run_key = f"{key_prefix}run"
         self._stream_prefix = f"{key_prefix}s:"
         self._stream_prefix_bytes = self._stream_prefix.encode()
         self._index_key = f"{key_prefix}index"
         self._wake_key = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wake_pos = "0-0"
+
+        # The largest id this broker saw issued (published, or read as ``last``) and the latest
+        # floor it saw: evidence of a loss when Redis comes back with less (module docstring).
+        self._high: Key | None = None
+        self._known_floor: Key | None = None
+        self._warned_run_id = False
 
         self._healthy = False
         self._connected: asyncio.Event | None = None
@@ -314,6 +400,8 @@ class RedisBroker(Broker):
         # reading by index: every event of a followed channel up to here has been delivered
         # and the index is read from here (None: catch up directly first)
         self._index_pos: Key | None = None
+        # the floor the reader's positions belong to: when it changes, the reader resyncs
+        self._reader_floor: Key | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -359,10 +447,18 @@ class RedisBroker(Broker):
                     self._stream_prefix + channel,
                     self._index_key,
                 ],
-                args=[self.stream_length, body, repr(time.time()), self.index_length, channel],
+                args=[
+                    *self._evidence(),
+                    self.stream_length,
+                    body,
+                    repr(time.time()),
+                    self.index_length,
+                    channel,
+                ],
             )
         )
-        return result.decode("ascii") if isinstance(result, bytes) else str(result)
+        event_id, _ = self._learn(result[0], result[1])
+        return _format(event_id)
 
     async def _follow(self, channels: Sequence[str]) -> str:
         horizon = self._horizon
@@ -403,7 +499,7 @@ class RedisBroker(Broker):
                 )
         results = await self._call(pipe.execute())
         if results[0] is None:
-            last, _ = await self._init()
+            last, _ = await self._check()
             raise HistoryGapError(_format(last), "Redis lost its data: Last-Event-ID is unknown")
         last = _parse(results[0]) or _ZERO
         floor = _parse(results[1] or b"0-0") or _ZERO
@@ -473,22 +569,56 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
 
-    async def _init(self, client: Client | None = None, new_epoch: bool = False) -> tuple[Key, Key]:
-        """``last`` and ``floor``, created as a new epoch when missing (or when asked)."""
-        script = self._init_script if client is None else client.register_script(_INIT)
-        result = await self._call(
-            script(keys=[self._last_key, self._floor_key], args=["1" if new_epoch else "0"])
-        )
-        last = _parse(result[0])
-        floor = _parse(result[1])
-        if last is None or floor is None:
-            raise BrokerUnavailableError(f"redis at {self.address}: unexpected ids {result!r}")
-        return last, floor
+    def _evidence(self) -> list[str]:
+        """The high-water mark and the known floor, as the scripts take them."""
+        high, horizon = self._high, self._horizon
+        if horizon is not None and (high is None or horizon > high):
+            high = horizon
+        floor = self._known_floor
+        return [_format(high) if high else "", _format(floor) if floor else ""]
+
+    def _learn(self, last: Any, floor: Any) -> tuple[Key, Key]:
+        """Take ``last`` and ``floor`` as a script or one read returned them together."""
+        last_key, floor_key = _parse(last or b""), _parse(floor or b"")
+        if last_key is None or floor_key is None:
+            raise BrokerUnavailableError(f"redis at {self.address}: unexpected ids {last!r}")
+        if self._known_floor is None or floor_key > self._known_floor:
+            self._known_floor = floor_key
+        if self._high is None or last_key > self._high:
+            self._high = last_key
+        return last_key, floor_key
+
+    def _checked(self, result: Any) -> tuple[Key, Key]:
+        if result[2] in (b"0", "0") and not self._warned_run_id:
+            self._warned_run_id = True
+            log.warning(
+                "redis at %s reports no run_id: a restart or failover that lost data is noticed "
+                "only when this broker saw ids Redis no longer has",
+                self.address,
+            )
+        return self._learn(result[0], result[1])
+
+    def _check_args(self) -> list[str]:
+        return [*self._evidence(), "1" if self.durable else "0"]
+
+    async def _on_connect(self, connection: Any) -> None:
+        """redis-py's connect callback: the usual handshake, then the check script, before any
+        command of ours uses the connection (a new Redis process means new connections)."""
+        await connection.on_connect()
+        keys = [self._last_key, self._floor_key, self._run_key]
+        await connection.send_command("EVAL", _CHECK, len(keys), *keys, *self._check_args())
+        self._checked(await connection.read_response())
+
+    async def _check(self, client: Client | None = None) -> tuple[Key, Key]:
+        """``last`` and ``floor`` after the check script (a new incarnation if Redis lost data)."""
+        script = self._check_script if client is None else client.register_script(_CHECK)
+        keys = [self._last_key, self._floor_key, self._run_key]
+        return self._checked(await self._call(script(keys=keys, args=self._check_args())))
 
     async def _current(self) -> Key:
         value = await self._call(self._redis.get(self._last_key))
         if value is None:
-            last, _ = await self._init()
+            last, _ = await self._check()
             return last
         return _parse(value) or _ZERO
 
@@ -520,7 +650,6 @@ class RedisBroker(Broker):
                     "socket_timeout": self.read_block + self.timeout,
                     "retry": Retry(NoBackoff(), 0),
                 },
-                single_connection_client=True,
             )
             try:
                 await self._resync(client)
@@ -559,8 +688,9 @@ class RedisBroker(Broker):
 
     async def _resync(self, client: Client) -> None:
         """After (re)connecting: continue from the reader's positions, or reset if we cannot."""
-        last, floor = await self._init(client)
+        last, floor = await self._check(client)
         horizon = self._horizon
+        self._reader_floor = floor
         self._wake_pos = "0-0"
         self._index_pos = None  # the index may have moved on: catch up directly first
         if horizon is None:
@@ -568,10 +698,8 @@ class RedisBroker(Broker):
             return
         if floor <= horizon <= last:
             return  # Redis kept everything after the horizon: carry on from the positions
-        if last < horizon:
-            # Redis came back from an older snapshot: ids after `last` were handed out and lost.
-            # Start a new epoch so that no client's id from the lost stretch is taken as current.
-            last, floor = await self._init(client, new_epoch=True)
+        # The check started a new incarnation (floor past the horizon) if Redis may have lost
+        # data, including when `last` went below the horizon (the horizon is evidence).
         log.warning(
             "redis at %s lost events; sending stream-reset to subscribers of %d channels",
             self.address,
@@ -582,6 +710,37 @@ class RedisBroker(Broker):
             self._positions[channel] = last
         for _, frame, targets in self._resets(dict.fromkeys(self._positions, last), "broker"):
             self._deliver_to(targets or [], frame)
+
+    async def _blocking_read(
+        self, client: Client, streams: dict[str, str]
+    ) -> list[tuple[bytes, list[Any]]]:
+        """``XREAD BLOCK`` of *streams*, pipelined with a read of ``last`` and ``floor`` that
+        Redis runs after the ``XREAD`` returns: an entry of a new incarnation (after a
+        ``FLUSHALL``, or one that another process's script started) comes with its floor, so
+        the reader resyncs instead of delivering across the loss. Empty after a resync."""
+        pipe = client.pipeline(transaction=False)
+        pipe.xread(streams, count=self.read_count, block=int(self.read_block * 1000))
+        pipe.mget(self._last_key, self._floor_key)
+        response, ids = await pipe.execute()
+        if await self._continuity(client, ids) is None:
+            return []
+        return _by_stream(response) if response else []
+
+    async def _continuity(self, client: Client, ids: Sequence[Any]) -> Key | None:
+        """``last`` if ``[last, floor]``, as just read, continue what the reader delivered;
+        otherwise resync (a ``stream-reset`` where Redis may have lost events) and None."""
+        last, floor = (_parse(value) if value is not None else None for value in ids)
+        horizon = self._horizon
+        if (
+            last is not None
+            and floor is not None
+            and floor == self._reader_floor
+            and (horizon is None or horizon <= last)
+        ):
+            self._learn(ids[0], ids[1])
+            return last
+        await self._resync(client)
+        return None
 
     async def _round(self, client: Client) -> None:
         """One round of the reader: every followed stream at once, or the index first."""
@@ -595,11 +754,8 @@ class RedisBroker(Broker):
 
     async def _catch_up(self, client: Client) -> None:
         """Read every followed stream up to ``last`` without blocking; then trust the index."""
-        value = await client.get(self._last_key)
-        last = _parse(value) if value is not None else None
+        last = await self._continuity(client, await client.mget(self._last_key, self._floor_key))
         if last is None:
-            # No ``last`` (Redis lost its data): the direct reads notice, the index cannot.
-            await self._read_streams(client, block=True)
             return
         done = await self._read_streams(client, block=False, upto=last)
         if done == last:
@@ -613,14 +769,11 @@ class RedisBroker(Broker):
         assert position is not None
         self._dirty = set()
         self._join_floor = None
-        response = await client.xread(
-            {self._wake_key: self._wake_pos, self._index_key: _format(position)},
-            count=self.read_count,
-            block=int(self.read_block * 1000),
+        response = await self._blocking_read(
+            client, {self._wake_key: self._wake_pos, self._index_key: _format(position)}
         )
         if not response:
             return
-        response = _by_stream(response)
         index_key = self._index_key.encode()
         entries: list[tuple[Any, dict[bytes, bytes]]] = []
         for stream, got in response:
@@ -678,12 +831,12 @@ class RedisBroker(Broker):
             streams[self._stream_prefix + channel] = _format(key)
         if not streams:
             return upto
-        response = await client.xread(
-            streams, count=self.read_count, block=int(self.read_block * 1000) if block else None
-        )
+        if block:
+            response = await self._blocking_read(client, streams)
+        else:
+            response = _by_stream(await client.xread(streams, count=self.read_count) or [])
         if not response:
             return upto
-        response = _by_stream(response)
         cutoff: Key | None = upto
         newest: Key | None = None
         batches: list[tuple[str, list[tuple[Key, bytes, dict[bytes, bytes]]]]] = []
