@@ -1,7 +1,8 @@
 """`RedisBroker` when Redis loses acknowledged writes: never a silent gap (issue 12, item 1).
 
 Each test runs its own redis-server processes (and a real replica for the failover), two
-`RedisBroker` objects on them stand for two hubs, and the events that Redis loses are published
+`RedisBroker` objects on them stand for two hubs (two ``tornado-sse serve --redis`` processes in
+the black-box reproduction of the issue), and the events that Redis loses are published
 by hub ``a`` only: hub ``b``, which never saw them, publishes first after the loss, so that
 detecting it cannot rest on the hub that knew the lost ids.
 """
@@ -18,6 +19,7 @@ import pytest
 from tests.broker_contract import Collector, subscribe
 from tests.helpers import wait_until
 from tests.redis_server import RedisServer
+from tests.test_redis_serve import Hub
 from tornado_sse.broker.redis import RedisBroker
 from tornado_sse.errors import BrokerUnavailableError
 
@@ -298,3 +300,34 @@ async def test_ids_after_a_loss_sort_above_ids_a_hub_saw(
         finally:
             await a.close()
             await b.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_older_snapshot_through_two_real_hubs(tmp_path: Path) -> None:
+    # The issue's reproduction, black-box: `tornado-sse serve --redis` twice, e2 and e3 published
+    # (202) on hub a, Redis restored from the snapshot before them, e4 published on hub b first.
+    with Loss("older-snapshot", tmp_path) as redis:
+        a, b = (Hub(tmp_path / f"hub-{name}.log", redis.url) for name in "ab")
+        try:
+            a.wait_healthy()
+            b.wait_healthy()
+            a.publish("c", "e1")
+            redis.checkpoint()
+            e2 = a.publish("c", "e2")
+            e3 = a.publish("c", "e3")
+            redis.lose()
+
+            def publish_e4() -> bool:
+                return b.post("c", "e4").status_code == 202
+
+            await wait_until(publish_e4, WAIT, interval=0.05)
+            for hub_ in (b, a):
+                await wait_until(lambda hub_=hub_: hub_.health() == 200, WAIT)
+                for lost in (e2, e3):
+                    resumed = await hub_.stream("channel=c", headers={"Last-Event-ID": lost})
+                    await resumed.read_until(lambda s: len(s.events) >= 1)
+                    resumed.close()
+                    assert resumed.events[0].event == "stream-reset", resumed.events
+        finally:
+            a.stop()
+            b.stop()
