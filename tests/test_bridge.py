@@ -5,6 +5,7 @@ sockets, permissions, misbehaving peers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import select
@@ -313,6 +314,7 @@ async def test_publish_while_hub_is_gone_fails_fast_and_hub_comes_back(sock_dir:
         await wait_until(lambda: len(got.frames) == 3, TIMEOUT)
         names = [event.event for event in got.events]
         assert names == [None, "stream-reset", None]
+        assert json.loads(got.data[1]) == {"id": got.frames[1].id, "reason": "reconnect"}
         assert got.data[2] == "after"
         assert key(before) < key(got.frames[1].id) < key(after)
         sub.close()

@@ -177,6 +177,8 @@ async def test_kill_9_of_the_hub_worker_the_group_goes_on(group: Hub) -> None:
     # the surviving stream is told that events may have died with the hub: never a silent gap
     assert (stream.events[0].event, stream.events[0].data) == (None, "before")
     assert [e.event for e in stream.events][1:] == ["stream-reset", None]
+    reset = stream.events[1]
+    assert json.loads(reset.data or "") == {"id": reset.id, "reason": "reconnect"}
     assert stream.events[-1].data == "after"
     assert hub_worker(group) not in (None, victim)
     stream.close()

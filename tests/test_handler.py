@@ -407,7 +407,7 @@ async def test_stream_reset(port: int, broker: InProcessBroker) -> None:
         reset = stream.events[0]
         assert reset.event == "stream-reset"
         assert reset.id == ids[-1]
-        assert json.loads(reset.data or "")["id"] == ids[-1]
+        assert json.loads(reset.data or "") == {"id": ids[-1], "reason": "history"}
         live = await broker.publish("s", "live")
         await stream.events_count(2)
         assert stream.events[1] == Event("live", id=live)

@@ -341,7 +341,7 @@ async def test_stream_reset_when_history_is_gone(hub: Hub) -> None:
     reset = events[0]
     assert reset.event == "stream-reset"
     assert reset.id is not None
-    assert json.loads(reset.data)["id"] == reset.id
+    assert json.loads(reset.data) == {"id": reset.id, "reason": "history"}
     live_id = hub.publish("reset", "after")
     events = await again.events_count(2)
     assert (events[1].id, events[1].data) == (live_id, "after")
