@@ -647,6 +647,30 @@ async def test_metrics(hub: Hub) -> None:
     assert gone[slow] == before[slow]
 
 
+def test_metrics_label_only_the_100_largest_channels(tmp_path: Path) -> None:
+    hub = start_hub(tmp_path / "hub.log", "--history", "3")
+    try:
+        large = [f"z-large-{n}" for n in range(30)]  # last by name, first by size
+        small = [f"a-small-{n}" for n in range(90)]
+        with httpx.Client(base_url=hub.url, headers=AUTH, timeout=10) as client:
+            for channel in large * 3 + small:
+                reply = client.post("/publish", json={"channel": channel, "data": "x"})
+                assert reply.status_code == 202, reply.text
+        history = {
+            key[len("tornado_sse_channel_history{channel=") : -1]: value
+            for key, value in hub.metrics().items()
+            if key.startswith("tornado_sse_channel_history{")
+        }
+        other = history.pop("_other")
+        assert len(history) == 100
+        assert all(history[channel] == 3 for channel in large)  # the largest all labelled
+        assert set(history) - set(large) < set(small)
+        assert other == 20  # the 20 small channels left over, one event each
+        assert sum(history.values()) + other == 3 * len(large) + len(small)
+    finally:
+        hub.stop()
+
+
 # ---------------------------------------------------------------------- robustness
 
 
@@ -742,6 +766,30 @@ async def test_logs_stream_lines_and_no_secrets(hub: Hub) -> None:
     assert TOKEN not in log
     assert secret not in log
     assert "wrong-xyz" not in log
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_xheaders_logs_the_clients_address(hub: Hub, tmp_path: Path) -> None:
+    behind = start_hub(tmp_path / "hub.log", "--xheaders")
+    try:
+        for target, address in ((behind, "203.0.113.5"), (hub, "127.0.0.1")):
+            stream = await target.stream("channel=proxied", headers={"X-Real-IP": "203.0.113.5"})
+            await stream.read_until(lambda s: s.parser.last_event_id != "")
+            stream.close()
+            closed = f"stream closed: channels=proxied client={address} "
+            await wait_until(lambda target=target, closed=closed: closed in target.log())
+            assert f"stream open: channels=proxied client={address} " in target.log()
+            assert f"200 GET /events?channel=proxied ({address})" in target.log()
+        forwarded = await behind.stream(
+            "channel=forwarded", headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.9"}
+        )
+        await forwarded.read_until(lambda s: s.parser.last_event_id != "")
+        forwarded.close()
+        # the nearest proxy's entry: the last one, the only one a proxy of ours wrote
+        opened = "stream open: channels=forwarded client=198.51.100.9 "
+        await wait_until(lambda: opened in behind.log())
+    finally:
+        behind.stop()
 
 
 # ---------------------------------------------------------------------- limits (small hub)
