@@ -701,7 +701,8 @@ class RedisBroker(Broker):
         # The check started a new incarnation (floor past the horizon) if Redis may have lost
         # data, including when `last` went below the horizon (the horizon is evidence).
         log.warning(
-            "redis at %s lost events; sending stream-reset to subscribers of %d channels",
+            "redis at %s may have lost events (it restarted, failed over or lost data); "
+            "sending stream-reset to subscribers of %d channels",
             self.address,
             len(self._positions),
         )
