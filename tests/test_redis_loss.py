@@ -153,7 +153,8 @@ async def test_lost_writes_reset_resumes_and_live_streams(
     tmp_path: Path, kind: str, hubs: list[RedisBroker]
 ) -> None:
     with Loss(kind, tmp_path) as redis:
-        a, b = hub(redis.url, hubs), hub(redis.url, hubs)
+        # a names every followed stream in its XREAD; b reads through the index
+        a, b = hub(redis.url, hubs), hub(redis.url, hubs, index_threshold=0)
         try:
             await a.start()
             await b.start()
