@@ -38,6 +38,12 @@ class Metrics:
         self.connections_pruned = 0
         self.resumes = 0
         self.stream_resets = 0
+        #: the hub's HTTP server (`.HubHTTPServer`): non-stream connections waiting for a
+        #: request now, those closed for idleness or to make room, and accept pauses for want
+        #: of file descriptors
+        self.idle_connections = 0
+        self.idle_closed = 0
+        self.accept_pauses = 0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -127,8 +133,23 @@ class Metrics:
                     ),
                     ("resumes", "Streams resumed from a Last-Event-ID", metrics.resumes),
                     ("stream_resets", "Resumes answered with stream-reset", metrics.stream_resets),
+                    (
+                        "idle_connections_closed",
+                        "Idle non-stream connections closed (past the bound, or to make room)",
+                        metrics.idle_closed,
+                    ),
+                    (
+                        "accept_pauses",
+                        "Pauses of accepting for want of file descriptors",
+                        metrics.accept_pauses,
+                    ),
                 ):
                     yield CounterMetricFamily(f"tornado_sse_{name}", doc, value=value)
+                yield GaugeMetricFamily(
+                    "tornado_sse_idle_connections",
+                    "Non-stream connections waiting for a request now",
+                    value=metrics.idle_connections,
+                )
                 buckets = []
                 running = 0
                 for bound, count in zip(LATENCY_BUCKETS, metrics.latency_buckets, strict=False):

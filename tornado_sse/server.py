@@ -26,6 +26,10 @@ Deliberate choices:
   errors are reported as a clean command-line error.
 * **Every broker is made by** `make_broker`, the one place a backend (``--redis``, the bridge
   behind ``--processes``) plugs in.
+* **Running out is not a crash** (`.HubHTTPServer`, issue 12 item 4): out of file descriptors,
+  the hub pauses accepting instead of spinning on ``accept()``, and connections that are not
+  streams are bounded in time (``--idle-connection-timeout``) and number
+  (``--max-idle-connections``).
 * **No secret reaches a log**: the token is compared with `hmac.compare_digest` and never
   logged; the access log redacts query parameters that look like credentials.
 """
@@ -50,7 +54,6 @@ from typing import Any
 
 import click
 import tornado.web
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from .broker.base import Broker
@@ -59,6 +62,7 @@ from .cli import HostName, RedisUrl, require_module
 from .connections import ConnectionSet
 from .errors import BrokerError, EventTooLargeError, InvalidEventError
 from .handler import EventStreamHandler
+from .httpserver import HubHTTPServer
 from .metrics import Metrics
 from .publish import PublishError, PublishRequest, parse_publish
 
@@ -148,6 +152,10 @@ class HubOptions:
     :param max_connections: streams held at most; ``None``: no limit.
     :param processes: worker processes sharing the port (``--processes``, bridge backend).
     :param redis: Redis URL (``--redis``, Redis backend); ``None``: in-process broker.
+    :param idle_connection_timeout: seconds a non-stream connection may take to send a request's
+        head (keep-alive connections between requests included).
+    :param max_idle_connections: non-stream connections without a request kept at most (the one
+        idle for longest is closed past it); ``None``: no bound.
     """
 
     token: str
@@ -163,6 +171,8 @@ class HubOptions:
     processes: int = 1
     redis: str | None = None
     xheaders: bool = False
+    idle_connection_timeout: float = 20.0
+    max_idle_connections: int | None = 1000
     log_level: str = "info"
     log_json: bool = False
 
@@ -642,12 +652,14 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
     connections = ConnectionSet()
     app = make_app(options, broker, connections=connections)
     hub: _Hub = app.settings["tornado_sse_hub"]
-    server = HTTPServer(
+    server = HubHTTPServer(
         app,
         xheaders=options.xheaders,
         max_body_size=options.max_body_size,
         body_timeout=60.0,
-        idle_connection_timeout=300.0,
+        idle_connection_timeout=options.idle_connection_timeout,
+        max_idle_connections=options.max_idle_connections,
+        metrics=hub.metrics,
     )
     server.add_sockets(sockets)
     stop = asyncio.Event()
@@ -853,6 +865,24 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     help="Redis URL (redis://host:6379/0): several hubs on several machines act as one.",
 )
 @click.option(
+    "--idle-connection-timeout",
+    type=click.FloatRange(min=1, max=3600),
+    default=20.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close a connection that is not a stream when it takes this long to send a request "
+    "(keep-alive connections between requests included).",
+)
+@click.option(
+    "--max-idle-connections",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    metavar="N",
+    help="Non-stream connections without a request kept at most; past it the one idle for "
+    "longest is closed (0: no bound).",
+)
+@click.option(
     "--xheaders",
     is_flag=True,
     help="Trust X-Real-IP / X-Forwarded-For (behind a reverse proxy only).",
@@ -878,6 +908,8 @@ def serve_command(
     max_buffer_size: int,
     processes: int,
     redis_url: str | None,
+    idle_connection_timeout: float,
+    max_idle_connections: int,
     xheaders: bool,
     log_level: str,
     log_json: bool,
@@ -912,6 +944,8 @@ def serve_command(
         processes=processes,
         redis=redis_url,
         xheaders=xheaders,
+        idle_connection_timeout=idle_connection_timeout,
+        max_idle_connections=max_idle_connections or None,
         log_level=log_level.lower(),
         log_json=log_json,
     )

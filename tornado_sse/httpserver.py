@@ -1,0 +1,265 @@
+"""The hub's HTTP server: Tornado's `~tornado.httpserver.HTTPServer`, hardened for exhaustion.
+
+``tornado-sse serve`` holds many long-lived connections, so two ways of running out must not take
+it down (issue 12, item 4):
+
+* **Out of file descriptors.** Tornado's accept loop lets ``accept()``'s ``EMFILE`` / ``ENFILE``
+  escape; the listening socket stays readable, so the loop calls it again at once, for ever: a
+  core at 100 % and a traceback per iteration (measured: 68 % of a core and 4.2 MiB/s of log
+  under ``prlimit --nofile=64`` with 70 idle clients), while ``/healthz`` timed out. Here the
+  server stops watching the listening socket for a short interval that doubles while the
+  condition lasts (`ACCEPT_PAUSE` up to `MAX_ACCEPT_PAUSE`), closes its oldest idle connections
+  to make room, and resumes; the connections already open are served throughout. One warning
+  when it starts, at most one reminder per `EXHAUSTED_LOG_INTERVAL` while it lasts, one line
+  when accepting works again. Pending clients wait in the kernel's backlog meanwhile.
+* **Idle connections.** A connection that is not a stream and has no request in progress (a
+  keep-alive between requests, or a client that connected and sent nothing) costs a descriptor
+  and is counted by no stream limit. It is closed after ``idle_connection_timeout`` (Tornado's
+  header timeout: the whole request head must arrive within it), and at most
+  ``max_idle_connections`` are kept: past it, the one idle for longest is closed. Browsers open
+  a new connection when an idle keep-alive connection was closed, so nobody notices.
+
+Streams are not affected by either bound: an `.EventStreamHandler` takes its connection over
+from the HTTP/1 reader once its headers are out, and the server forgets it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import socket
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+from .metrics import Metrics
+
+__all__ = ["ACCEPT_PAUSE", "EXHAUSTED_LOG_INTERVAL", "MAX_ACCEPT_PAUSE", "HubHTTPServer"]
+
+log = logging.getLogger("tornado_sse.server")
+
+#: first pause of accepting after running out of descriptors (seconds); doubles while it lasts
+ACCEPT_PAUSE = 0.05
+#: longest pause of accepting (seconds)
+MAX_ACCEPT_PAUSE = 1.0
+#: while descriptors stay exhausted, a reminder is logged at most this often (seconds)
+EXHAUSTED_LOG_INTERVAL = 60.0
+
+#: accept() errors that mean "no resources for one more connection now"
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: connections accepted per readiness event at most (Tornado uses its listen backlog, 128)
+_ACCEPT_BATCH = 128
+
+
+class _IdleTracker(httputil.HTTPMessageDelegate):
+    """Wraps a request's delegate: the connection is idle until its request head has arrived."""
+
+    def __init__(
+        self, server: HubHTTPServer, server_conn: Any, delegate: httputil.HTTPMessageDelegate
+    ) -> None:
+        self.server = server
+        self.server_conn = server_conn
+        self.delegate = delegate
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> Any:
+        server = self.server
+        server._idle.pop(self.server_conn, None)
+        server.metrics.idle_connections = len(server._idle)
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        self.server._idle.pop(self.server_conn, None)
+        self.delegate.on_connection_close()
+
+
+class _Acceptor:
+    """Accepts connections on one listening socket, pausing when descriptors run out."""
+
+    def __init__(self, server: HubHTTPServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.io_loop = IOLoop.current()
+        self.removed = False
+        self.watching = False
+        self._resume_handle: object | None = None
+        self._watch()
+
+    def _watch(self) -> None:
+        self.io_loop.add_handler(self.sock, self._ready, IOLoop.READ)
+        self.watching = True
+
+    def _ready(self, fd: Any, events: int) -> None:
+        server = self.server
+        for _ in range(_ACCEPT_BATCH):
+            if self.removed:
+                return
+            try:
+                connection, address = self.sock.accept()
+            except BlockingIOError:
+                server._accepting_again()
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                # EMFILE and kin, or anything else accept() may raise: never let the listening
+                # socket's readiness call us again at once (that is the spin).
+                self._pause(exc)
+                return
+            server._handle_connection(connection, address)
+
+    def _pause(self, exc: OSError) -> None:
+        delay = self.server._exhausted(exc)
+        self.io_loop.remove_handler(self.sock)
+        self.watching = False
+        self._resume_handle = self.io_loop.call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if not self.removed:
+            self._watch()
+
+    def remove(self) -> None:
+        """Stop accepting for good (`HubHTTPServer.stop`)."""
+        self.removed = True
+        if self.watching:
+            self.io_loop.remove_handler(self.sock)
+            self.watching = False
+        if self._resume_handle is not None:
+            self.io_loop.remove_timeout(self._resume_handle)
+            self._resume_handle = None
+
+
+class HubHTTPServer(HTTPServer):
+    """An `HTTPServer` that backs off when out of descriptors and bounds idle connections.
+
+    Takes Tornado's `HTTPServer` arguments, and:
+
+    :param max_idle_connections: non-stream connections without a request in progress kept at
+        most; past it the one idle for longest is closed. ``None``: no bound.
+    :param metrics: where to count idle connections, idle connections closed, and accept pauses
+        (`.Metrics` ``idle_connections``, ``idle_closed``, ``accept_pauses``).
+
+    Pass ``idle_connection_timeout`` (seconds) as for `HTTPServer`: the time a connection may take
+    to send a request's head, the first or the next one.
+    """
+
+    def initialize(  # type: ignore[override]
+        self,
+        request_callback: Any,
+        *,
+        max_idle_connections: int | None = None,
+        metrics: Metrics | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().initialize(request_callback, **kwargs)
+        self.max_idle_connections = max_idle_connections
+        self.metrics = metrics if metrics is not None else Metrics()
+        #: idle server connections, oldest first (insertion order)
+        self._idle: dict[Any, None] = {}
+        self._pause = ACCEPT_PAUSE
+        self._exhausted_since: float | None = None
+        self._exhausted_logged = 0.0
+        self._pauses = 0
+
+    # ------------------------------------------------------------------ accepting
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            acceptor = _Acceptor(self, sock)
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = acceptor.remove
+
+    def _exhausted(self, exc: OSError) -> float:
+        """accept() failed: make room, log (rarely), and return how long to pause (seconds)."""
+        now = time.monotonic()
+        delay = self._pause
+        self._pause = min(self._pause * 2, MAX_ACCEPT_PAUSE)
+        self._pauses += 1
+        self.metrics.accept_pauses += 1
+        closed = self._close_idle(max(1, len(self._idle) // 4))
+        reason = (
+            "out of file descriptors"
+            if exc.errno in (errno.EMFILE, errno.ENFILE)
+            else f"accept failed: {exc.strerror or exc}"
+        )
+        if self._exhausted_since is None:
+            self._exhausted_since = self._exhausted_logged = now
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning(
+                "%s (%s; open-file limit %d, %d connections open besides streams): pausing "
+                "accepts, closing idle connections (%d now); clients wait in the backlog",
+                reason,
+                errno.errorcode.get(exc.errno or 0, exc.errno),
+                soft,
+                len(self._connections),
+                closed,
+            )
+        elif now - self._exhausted_logged >= EXHAUSTED_LOG_INTERVAL:
+            self._exhausted_logged = now
+            log.warning(
+                "%s for %.0fs now (%d accept pauses); raise the open-file limit (ulimit -n) "
+                "or lower --max-connections / --max-idle-connections",
+                reason,
+                now - self._exhausted_since,
+                self._pauses,
+            )
+        return delay
+
+    def _accepting_again(self) -> None:
+        """The backlog is drained without an error: the exhaustion is over, if there was one."""
+        if self._exhausted_since is not None:
+            log.info(
+                "accepting connections again after %.1fs (%d accept pauses)",
+                time.monotonic() - self._exhausted_since,
+                self._pauses,
+            )
+            self._exhausted_since = None
+            self._pauses = 0
+        self._pause = ACCEPT_PAUSE
+
+    # ------------------------------------------------------------------ idle connections
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        idle = self._idle
+        idle[server_conn] = None
+        limit = self.max_idle_connections
+        if limit is not None and len(idle) > limit:
+            self._close_idle(len(idle) - limit)
+        self.metrics.idle_connections = len(idle)
+        return _IdleTracker(self, server_conn, delegate)
+
+    def on_close(self, server_conn: object) -> None:
+        self._idle.pop(server_conn, None)
+        self.metrics.idle_connections = len(self._idle)
+        super().on_close(server_conn)
+
+    def _close_idle(self, count: int) -> int:
+        """Close up to *count* idle connections, those idle for longest first."""
+        closed = 0
+        idle = self._idle
+        while closed < count and idle:
+            server_conn = next(iter(idle))
+            del idle[server_conn]
+            server_conn.stream.close()
+            closed += 1
+        self.metrics.idle_closed += closed
+        self.metrics.idle_connections = len(idle)
+        return closed
