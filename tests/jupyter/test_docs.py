@@ -1,7 +1,9 @@
-"""The extension example of docs/jupyter.md, run as written in a real server (and Chromium)."""
+"""The extension examples of docs/jupyter.md (and README.md), run as written in a real server
+(and Chromium)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -21,30 +23,42 @@ DOCS = Path(__file__).parents[2] / "docs" / "jupyter.md"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def example_source() -> str:
+def example_source(name: str) -> str:
+    """The example of docs/jupyter.md that starts with ``# <name>.py`` (tests/test_readme.py
+    checks that README.md prints the same)."""
     blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.DOTALL)
-    (source,) = [block for block in blocks if block.startswith("# progress_demo.py\n")]
+    (source,) = [block for block in blocks if re.match(rf"# {name}\.py\b", block)]
     return str(source)
+
+
+def load_example(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    (tmp_path / f"{name}.py").write_text(example_source(name), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return importlib.import_module(name)
 
 
 @pytest.fixture
 def progress_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    (tmp_path / "progress_demo.py").write_text(example_source(), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import progress_demo
-
-    progress_demo.STEP_SECONDS = 0.02
-    yield progress_demo
+    module = load_example("progress_demo", tmp_path, monkeypatch)
+    module.STEP_SECONDS = 0.02
+    yield module
     sys.modules.pop("progress_demo", None)
 
 
 @pytest.fixture
-def jp_server_config(progress_demo: ModuleType) -> Config:
+def builds_ext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    yield load_example("builds_ext", tmp_path, monkeypatch)
+    sys.modules.pop("builds_ext", None)
+
+
+@pytest.fixture
+def jp_server_config(progress_demo: ModuleType, builds_ext: ModuleType) -> Config:
     return server_config(
         server={
             "jpserver_extensions": {
                 "tornado_sse.jupyter": True,
                 "progress_demo": True,
+                "builds_ext": True,
                 "jupyter_server_terminals": False,
             }
         }
@@ -95,3 +109,27 @@ async def test_example_extension_in_chromium(sse_server: SSEServer) -> None:
             assert await page.eval_on_selector("#bar", "bar => bar.value") == 100
         finally:
             await browser.close()
+
+
+async def test_publishing_from_another_extension(sse_server: SSEServer) -> None:
+    stream = await sse_server.stream("builds/42")
+    assert stream.status == 200
+    posted = await sse_server.fetch(
+        sse_server.path("builds/42/step"),
+        method="POST",
+        body=json.dumps({"step": 3}),
+        headers=sse_server.auth,
+    )
+    assert posted.code == 200, posted.body
+    event_id = json.loads(posted.body)["id"]
+    events = await stream.events_count(2)
+    assert (events[0].id, events[0].event, json.loads(events[0].data)) == (
+        event_id,
+        "progress",
+        {"step": 3},
+    )
+    assert (events[1].event, events[1].data) == (None, "logged")
+    anonymous = await sse_server.fetch(
+        sse_server.path("builds/42/step"), method="POST", body=json.dumps({"step": 4})
+    )
+    assert anonymous.code == 403
