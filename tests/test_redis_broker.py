@@ -265,6 +265,39 @@ async def test_url_password_and_database(tmp_path: Path) -> None:
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_unix_socket_url(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    args = ["--unixsocket", str(path), "--unixsocketperm", "700", "--requirepass", "s3cret"]
+    with RedisServer(tmp_path, args=args):
+        url = f"unix://:s3cret@{path}?db=3"
+        brokers = [RedisBroker(url, key_prefix="unix:") for _ in range(2)]
+        assert brokers[0].address == f"unix://{path}"  # for logs: no password, no query
+        try:
+            for broker in brokers:
+                await broker.start()
+                assert broker.healthy
+            publisher, host = brokers
+            sub, got = await subscribe(host, ["local"])
+            first = await publisher.publish("local", "over a unix socket")
+            await wait_until(lambda: got.data == ["over a unix socket"], TIMEOUT)
+            sub.close()
+            second = await publisher.publish("local", "missed")
+            # a resume on the other broker, from the first one's id
+            again, got_again = await subscribe(host, ["local"], last_event_id=first)
+            await wait_until(lambda: got_again.data == ["missed"], TIMEOUT)
+            assert got_again.frames[0].id == second
+            again.close()
+        finally:
+            for broker in brokers:
+                await broker.close()
+        client = aioredis.from_url(url)
+        try:  # the database of the URL, through the socket
+            assert await client.get("unix:last") == second.encode()
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_tls_url(tmp_path: Path) -> None:
     with RedisServer(tmp_path, tls=make_certificate(tmp_path)) as server:
         assert server.url.startswith("rediss://")
