@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 OPTIONAL = [
     "redis",
+    "jwt",
+    "cryptography",
     "jupyter_server",
     "jupyter_events",
     "jupyter_core",

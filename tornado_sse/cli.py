@@ -23,6 +23,7 @@ COMMANDS = {
     "publish": "tornado_sse.tools:publish_command",
     "demo": "tornado_sse.demo.app:demo_command",
     "bench": "tornado_sse.bench.cli:bench_command",
+    "token": "tornado_sse.token_command:token_command",
 }
 
 HELP = {
@@ -31,6 +32,7 @@ HELP = {
     "publish": "Publish one event to a hub and print its id.",
     "demo": "Run the chat demo in your browser.",
     "bench": "Benchmark tornado_sse beside its peers.",
+    "token": "Print a signed token (JWT) granting channels to follow and publish to.",
 }
 
 

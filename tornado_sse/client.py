@@ -49,6 +49,12 @@ Deliberate choices:
   ``Authorization``, ``Cookie`` and ``Proxy-Authorization`` headers are dropped for the rest of
   the chain, as the Fetch standard drops them. A reconnect starts again from ``url``, as a
   browser's does.
+* **A token is never dropped.** With ``token`` the client sends ``Authorization: Bearer``. At
+  a ``token-expired`` event (the server's signal that the token's ``exp`` has come, issue 13),
+  a client given a function takes a fresh token from it and reconnects at once with its last
+  id, so it resumes exactly; a 401 on a reconnect (a token that expired while the network was
+  down) also takes a fresh token, once. A fixed token that expired gets 401 and the client
+  stops with `.EventStreamError`: it never carries on without its token.
 * No ``Accept-Encoding``: a compressed event stream is buffered by the compressor.
 """
 
@@ -64,7 +70,7 @@ import ssl
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
@@ -82,7 +88,7 @@ from .errors import (
 )
 from .protocol import Event, EventStreamParser
 
-__all__ = ["EventSource", "validate_url"]
+__all__ = ["TOKEN_EXPIRED", "EventSource", "TokenSource", "validate_url"]
 
 log = logging.getLogger("tornado_sse.client")
 
@@ -102,6 +108,11 @@ _MAX_REDIRECTS = 5
 _CREDENTIALS = frozenset({"authorization", "cookie", "proxy-authorization"})
 #: printable ASCII: kept as is when non-ASCII characters of a path or query are escaped
 _PRINTABLE = "".join(chr(code) for code in range(0x21, 0x7F))
+#: the event a server sends before it closes a stream whose token expired (`.auth.TOKEN_EXPIRED`)
+TOKEN_EXPIRED = "token-expired"  # noqa: S105 (an event name, not a secret)
+
+#: a token, or a function (possibly a coroutine function) returning a fresh one
+TokenSource = str | Callable[[], str | Awaitable[str]]
 
 
 def validate_url(url: object) -> str:
@@ -216,6 +227,7 @@ class _Attempt:
         "progressed",
         "status",
         "stream",
+        "token_expired",
         "truncated",
     )
 
@@ -232,6 +244,7 @@ class _Attempt:
         self.active_at = time.monotonic()  # when the last bytes arrived (or the attempt began)
         self.expired: asyncio.Future[None] | None = None  # set once idle for idle_timeout
         self.paused = False  # reading waits for the consumer: silence is ours, not the server's
+        self.token_expired = False  # the server said token-expired
         self.truncated = False  # a response that is not a stream was cut at _BODY_LIMIT
 
 
@@ -267,12 +280,18 @@ class EventSource:
     :param http_client: a `SimpleAsyncHTTPClient` to use (it is not closed). Default: a private
         one, closed by :meth:`close`.
     :param max_queue: events kept for the consumer; when full, reading pauses.
+    :param token: a token sent as ``Authorization: Bearer``, or a function (plain or coroutine)
+        returning one. The function is called for the first connection, after a
+        ``token-expired`` event (the client then reconnects at once, resuming), and once after
+        a 401 to a token it did not just return; a 401 to a fresh token stops the client, and
+        so does an exception the function raises (raised from the iteration).
 
-    Iterating yields every dispatched event, including ``stream-reset`` events (the caller
-    decides what a gap in history means to it), and ends after :meth:`close`, a 204 response, or
-    the end of the stream when ``reconnect`` is false. It raises `.EventStreamError` (a status
-    other than 200 and 204, or a wrong ``Content-Type``) and `.StreamParseError` (an oversized
-    event) after yielding the events received before; the client is then closed.
+    Iterating yields every dispatched event, including ``stream-reset`` and ``token-expired``
+    events (the caller decides what a gap in history means to it), and ends after
+    :meth:`close`, a 204 response, or the end of the stream when ``reconnect`` is false. It
+    raises `.EventStreamError` (a status other than 200 and 204, or a wrong ``Content-Type``)
+    and `.StreamParseError` (an oversized event) after yielding the events received before;
+    the client is then closed.
 
     Use it with ``async with`` or call :meth:`close`: leaving an ``async for`` loop alone keeps
     the connection (paused once the buffer is full). Subclass it to watch the connection:
@@ -295,8 +314,16 @@ class EventSource:
         reconnect: bool = True,
         http_client: SimpleAsyncHTTPClient | None = None,
         max_queue: int = 64,
+        token: TokenSource | None = None,
     ) -> None:
         url = validate_url(url)
+        if token is not None:
+            if isinstance(token, str):
+                _check_token(token)
+            elif not callable(token):
+                raise TypeError("token must be a string or a function returning one")
+            if any(name.lower() == "authorization" for name in headers or {}):
+                raise ValueError("give either token or an Authorization header, not both")
         if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
             raise InvalidEventError("last_event_id must not contain CR, LF or NUL")
         if retry < 0 or max_retry < 0:
@@ -341,6 +368,8 @@ class EventSource:
         self._error: BaseException | None = None
         self._closed = False
         self._released = False
+        self._token_source = token
+        self._token: str | None = token if isinstance(token, str) else None
 
     # ------------------------------------------------------------------ state
 
@@ -479,6 +508,10 @@ class EventSource:
             while not self._closed:
                 url, redirects = self.url, 0
                 headers: Mapping[str, str] = self.headers
+                fresh = self._token is None and callable(self._token_source)
+                token = await self._get_token()
+                if token is not None:
+                    headers = {**headers, "Authorization": f"Bearer {token}"}
                 while True:
                     attempt = _Attempt(
                         EventStreamParser(self.max_event_size, last_event_id=self._last_event_id)
@@ -493,6 +526,10 @@ class EventSource:
                     url, headers = self._redirect(attempt, url, location, headers, redirects)
                 if attempt.fatal is not None:
                     raise attempt.fatal
+                if error is None and attempt.status == 401 and not fresh and token is not None:
+                    if callable(self._token_source):
+                        self._token = None  # it expired while we were away: take a fresh one
+                        continue
                 if error is None and attempt.status == 204:
                     return
                 if error is None and attempt.status != 200:
@@ -508,6 +545,9 @@ class EventSource:
                 # refused connection, a shed stream carrying only retry:) backs off further.
                 failures = 0 if attempt.progressed else failures + 1
                 delay = self._delay(failures)
+                if attempt.token_expired and callable(self._token_source):
+                    self._token = None
+                    delay = 0.0
                 try:
                     self.on_reconnect(error, delay)
                 except Exception:
@@ -522,6 +562,16 @@ class EventSource:
             self.connected = False
             _wake(self._readable)
             self._release()
+
+    async def _get_token(self) -> str | None:
+        """The token to send: the fixed one, the function's last, or a fresh one from it."""
+        source = self._token_source
+        if self._token is None and source is not None and not isinstance(source, str):
+            value = source()
+            if isinstance(value, Awaitable):
+                value = await value
+            self._token = _check_token(value)
+        return self._token
 
     def _release(self) -> None:
         """Close the private HTTP client, once."""
@@ -724,6 +774,8 @@ class EventSource:
         if events or parser.comments:
             attempt.progressed = True
         for event in events:
+            if event.event == TOKEN_EXPIRED:
+                attempt.token_expired = True
             while len(self._items) >= self.max_queue:
                 if self._closed:
                     return
@@ -747,6 +799,14 @@ def _origin(url: str) -> tuple[str, str, int]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def _check_token(token: object) -> str:
+    if not isinstance(token, str) or not token:
+        raise TypeError(f"a token must be a non-empty string, not {type(token).__name__}")
+    if not token.isascii() or any(c <= " " or c == "\x7f" for c in token):
+        raise ValueError("a token must be printable ASCII without spaces")
+    return token
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
