@@ -14,11 +14,9 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -28,7 +26,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tests.helpers import RawStream, free_port, wait_until
+from tests.helpers import RawStream, wait_until
 from tornado_sse import (
     ConnectionSet,
     Event,
@@ -563,27 +561,3 @@ def test_token_command_usage_errors(args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, ["token", *args], env={"TORNADO_SSE_JWT_SECRET": None})
     assert result.exit_code == 2
     assert message in result.output
-
-
-# ---------------------------------------------------------------------- the README's example
-
-
-def test_readme_example_runs_as_written(tmp_path: Path) -> None:
-    """The README's ``private_feed.py``, run as a script (its port replaced by a free one)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    found = re.search(r"^```python\n(# private_feed\.py\n.*?)^```", readme, re.S | re.M)
-    assert found is not None
-    source = found.group(1)
-    assert "8888" in source
-    script = tmp_path / "private_feed.py"
-    script.write_text(source.replace("8888", str(free_port())), encoding="utf-8")
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "welcome, alice\n"

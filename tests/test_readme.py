@@ -37,7 +37,15 @@ TIMEOUT = 15.0
 #: examples run by tests/jupyter/test_docs.py (they need a Jupyter server)
 RUN_IN_JUPYTER = {"builds_ext", "progress_demo"}
 #: examples run here
-RUN_HERE = {"feed", "shutdown", "follow", "workers", "redis_feed", "metrics_setup"}
+RUN_HERE = {
+    "feed",
+    "shutdown",
+    "follow",
+    "workers",
+    "redis_feed",
+    "metrics_setup",
+    "private_feed",
+}
 TOKEN = "readme-test-token-0123456789abcdef"
 
 
@@ -284,3 +292,10 @@ def test_metrics_setup(run: Callable[[str, str], Example]) -> None:
     item = run("metrics_setup", example("metrics_setup"))
     assert item.process.wait(TIMEOUT) == 0, item.text()
     assert "tornado_sse_connections_open" in item.text()
+
+
+def test_private_feed(run: Callable[[str, str], Example]) -> None:
+    """Serves a private channel, opens it with a token it made, prints the welcome, exits."""
+    item = run("private_feed", example("private_feed", p8888=free_port()))
+    assert item.process.wait(TIMEOUT) == 0, item.text()
+    assert item.text() == "welcome, alice\n"
