@@ -702,7 +702,7 @@ async def test_history_keeps_one_copy_of_each_event(port: int, broker: InProcess
     for stream in streams:
         await stream.events_count(1)
         stream.close()
-    (frame,) = [item for _, item in broker.history._channels["copy"]]
+    (frame,) = [item for _, item in broker.history._channels["copy"].items]
     assert frame._chunk is None  # the chunk-framed copy went with the writes
     assert frame.chunk.endswith(frame.data + b"\r\n")  # and is made again if ever needed
 
