@@ -169,6 +169,49 @@ class BrokerContract:
             sub.close()
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_paged_replay_while_publishing_loses_and_repeats_nothing(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        channels = ["pa", "pb", "pc"]
+        first = await broker.publish("pa", "0")
+        ids = [await broker.publish(channels[n % 3], str(n)) for n in range(1, 120)]
+        got = Collector()
+        sub = await broker.subscribe(channels, got, first, page_size=7)
+        replayed = list(sub.replay)
+        live: list[str] = []
+        while not sub.complete:  # publishes race with every page
+            live.append(await broker.publish(channels[len(live) % 3], f"live {len(live)}"))
+            replayed.extend(await sub.next_page())
+        assert await sub.next_page() == []
+        got.frames.extend(replayed)
+        sub.start()
+        live.append(await broker.publish("pb", "after"))
+        await wait_until(lambda: len(got.frames) >= len(ids) + len(live), TIMEOUT)
+        assert [frame.id for frame in got.frames] == ids + live
+        sub.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_live_events_held_back_past_max_pending_close_the_subscription(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        overflows: list[bool] = []
+        got = Collector()
+        sub = await broker.subscribe(
+            ["held"], got, max_pending=300, on_overflow=lambda: overflows.append(True)
+        )
+        for _ in range(4):
+            await broker.publish("held", "x" * 100)
+        await wait_until(lambda: sub.overflowed, TIMEOUT)
+        assert sub.closed
+        assert overflows == [True]
+        sub.start()
+        await broker.publish("held", "later")
+        assert got.frames == []
+        assert broker.subscriber_counts().get("held") is None
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_subscribe_storm_while_publishing(self, make_broker: MakeBroker) -> None:
         """Many subscriptions at once (most to channels nobody follows yet) while events flow:
         each gets exactly the events of its channels after its position, in order."""

@@ -119,6 +119,52 @@ async def test_resume_on_another_host_with_trimmed_and_future_ids(
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_is_read_in_bounded_pages(make_broker: MakeRedis) -> None:
+    broker = await make_broker(history_size=1000)
+    channels = ["pg-a", "pg-b", "pg-c", "pg-d"]
+    first = await broker.publish("pg-a", "0")
+    ids = [await broker.publish(channels[n % 3], str(n)) for n in range(1, 200)]
+    ids += [await broker.publish("pg-d", f"d{n}") for n in range(50)]  # one busy channel last
+    got = Collector()
+    sub = await broker.subscribe(channels, got, first, page_size=8)
+    pages = [sub.replay]
+    while not sub.complete:
+        pages.append(await sub.next_page())
+    # COUNT 2 per stream (8 over 4 channels): a page holds at most 2 entries of each
+    assert max(len(page) for page in pages) <= 8
+    assert len(pages) >= len(ids) // 8
+    assert [frame.id for page in pages for frame in page] == ids
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_trimmed_or_lost_under_a_paged_replay_is_a_gap(
+    make_broker: MakeRedis, redis_url: str
+) -> None:
+    from tornado_sse.errors import HistoryGapError
+
+    broker = await make_broker(history_size=20, min_stream_length=1)
+    ids = [await broker.publish("trim", str(n)) for n in range(15)]
+    sub = await broker.subscribe(["trim"], Collector(), ids[0], page_size=5)
+    assert not sub.reset and [frame.id for frame in sub.replay] == ids[1:6]
+    for n in range(500):  # trims the stream (MAXLEN ~ 20) past what the replay has read
+        await broker.publish("trim", f"more {n}")
+    with pytest.raises(HistoryGapError):
+        await sub.next_page()
+    sub.close()
+    ids = [await broker.publish("lost", str(n)) for n in range(15)]
+    sub = await broker.subscribe(["lost"], Collector(), ids[0], page_size=5)
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.delete(*[key async for key in client.scan_iter(f"{broker.key_prefix}*")])
+    finally:
+        await client.aclose()
+    with pytest.raises(HistoryGapError):  # Redis lost its data between two pages
+        await sub.next_page()
+    sub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_history_window_is_per_broker_setting(make_broker: MakeRedis) -> None:
     """The stream keeps more than a small history size; resume still honours history_size."""
     small = await make_broker(history_size=2)

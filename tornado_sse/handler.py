@@ -32,7 +32,7 @@ from tornado.http1connection import HTTP1Connection
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
 
-from .broker.base import Broker, Frame, validate_channel
+from .broker.base import Broker, Frame, Subscription, validate_channel
 from .broker.memory import InProcessBroker
 from .connections import ConnectionSet
 from .errors import (
@@ -40,6 +40,7 @@ from .errors import (
     AuthenticationError,
     BrokerError,
     EventStreamClosedError,
+    HistoryGapError,
     InvalidChannelError,
 )
 from .metrics import Metrics
@@ -50,6 +51,10 @@ __all__ = ["EventStreamHandler", "default_broker"]
 log = logging.getLogger("tornado_sse")
 
 _HEARTBEAT = encode_comment("")
+#: frames a replay reads from the broker at a time at most; a page holds about max_buffer bytes
+#: (its size follows the size of the frames read so far) and is written in pieces of at most
+#: max_buffer bytes
+REPLAY_PAGE = 500
 _RELEASED_UI: types.MappingProxyType[str, Any] = types.MappingProxyType({})
 _default_lock = threading.Lock()
 _default: InProcessBroker | None = None
@@ -139,7 +144,6 @@ class EventStreamHandler(tornado.web.RequestHandler):
     # cache lines (issue 8). ``_pending`` holds the first frame of this loop iteration,
     # ``_queue`` the rest of a burst (and is None once the stream is closed).
     __slots__ = (
-        "_allowance",
         "_backlog",
         "_chunked",
         "_idle_ticks",
@@ -176,7 +180,6 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self._metrics: Metrics | None = None
         self._chunked = False
         self._raw_socket: socket.socket | None = None
-        self._allowance = 0
         self._idle_ticks = 0
         #: true while the IOStream may hold output of ours (the headers, a partial write): then
         #: writes must queue behind it; cleared once its buffer is seen empty
@@ -240,9 +243,20 @@ class EventStreamHandler(tornado.web.RequestHandler):
     @property
     def max_buffer_size(self) -> int:
         """Setting ``sse_max_buffer_size``: bytes of unsent output a stream may hold before it is
-        closed as a slow consumer (it resumes from Last-Event-ID). Default 1 MiB. A replay after
-        resume does not count against it."""
+        closed as a slow consumer (it resumes from Last-Event-ID). Default 1 MiB.
+
+        A replay after a resume is written in pieces of at most this size, each once the
+        client took the one before; the live events that arrive meanwhile are held back up to
+        this size too (past it the stream is cut off as a slow consumer)."""
         return int(self.settings.get("sse_max_buffer_size", 1 << 20))
+
+    @property
+    def max_channels(self) -> int | None:
+        """Setting ``sse_max_channels``: channels one stream may follow (duplicates count once);
+        beyond, the request is answered with 400. Default 100; ``0`` or ``None`` turns the
+        limit off."""
+        value = self.settings.get("sse_max_channels", 100)
+        return int(value) if value else None
 
     @property
     def max_lifetime(self) -> float | None:
@@ -506,6 +520,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 raise InvalidChannelError("name at least one channel (?channel=...)")
             for channel in channels:
                 validate_channel(channel)
+            most = self.max_channels
+            if most is not None and len(set(channels)) > most:
+                raise InvalidChannelError(
+                    f"too many channels: {len(set(channels))} (a stream follows at most {most})"
+                )
             for channel in dict.fromkeys(channels):
                 if not await _maybe_await(self.check_channel(channel)):
                     raise AccessDeniedError(channel)
@@ -531,7 +550,14 @@ class EventStreamHandler(tornado.web.RequestHandler):
         connections.watch(self)  # until the first pruning pass sees its output drained
         last_event_id = self.get_last_event_id()
         try:
-            subscription = await self.broker.subscribe(channels, self, last_event_id)
+            subscription = await self.broker.subscribe(
+                channels,
+                self,
+                last_event_id,
+                page_size=min(REPLAY_PAGE, max(16, params.max_buffer // 1024)),
+                max_pending=params.max_buffer,
+                on_overflow=self._overflow,
+            )
         except BrokerError as exc:
             log.warning("shedding stream: broker unavailable: %s", exc)
             connections.discard(self)
@@ -540,6 +566,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return
         if self._closed_once:  # the client left while we subscribed
             subscription.close()
+            return
+        if subscription.overflowed:  # live events passed the bound before the first byte
+            connections.discard(self)
+            self._queue = None
+            self._shed()
             return
         self._subscription = subscription
         metrics = params.metrics
@@ -562,28 +593,90 @@ class EventStreamHandler(tornado.web.RequestHandler):
             first.append(encode_event(Event(data=None, id=subscription.position)))
         else:
             metrics.resumes += 1
-        replay = subscription.replay
-        for frame in replay:
-            first.append(frame.data)
-        body = b"".join(first)
-        if replay:
-            self._allowance = len(body)
-            metrics.events_sent += len(replay)
-        self._start_stream(body)
-        if self._deadline is not None:
-            self._start_deadline()
+        self._start_stream(b"".join(first))
         log.info(
             "stream open: channels=%s client=%s resume=%s",
             ",".join(subscription.channels),
             self.address,
             last_event_id is not None,
         )
+        if not await self._replay(subscription):
+            return
+        if self._deadline is not None:
+            self._start_deadline()  # a deadline already past closes the stream after the replay
         self._opened = True
         opened = self.open()
         if opened is not None:
             await opened
         if not self._closed_once:
             subscription.start()
+
+    async def _replay(self, subscription: Subscription) -> bool:
+        """Write the replay in pieces of at most ``max_buffer`` bytes, each once the client took
+        the one before, reading the broker's pages as it goes (issue 12: a replay joined into
+        one buffer per stream let clients that never read hold all of history each).
+
+        Returns false if the stream ended meanwhile: the client left, was cut off (a stall, or
+        live events held back past ``max_buffer``), or history was trimmed under a long replay
+        (then the connection is closed, and the client's resume gets ``stream-reset``).
+        """
+        params: _StreamParams = self._params  # type: ignore[assignment]
+        limit = params.max_buffer
+        frames = subscription.replay
+        page_size = REPLAY_PAGE
+        while True:
+            if frames:
+                average = sum(len(frame.data) for frame in frames) // len(frames)
+                page_size = min(REPLAY_PAGE, max(1, limit // max(1, average)))
+            start = 0
+            while start < len(frames):
+                end = start
+                size = 0
+                while end < len(frames) and (end == start or size + len(frames[end].data) <= limit):
+                    size += len(frames[end].data)
+                    end += 1
+                parts = [frame.data for frame in frames[start:end]]
+                if self._chunked:
+                    parts = [b"%x\r\n" % size, *parts, b"\r\n"]
+                params.metrics.events_sent += end - start
+                if not await self._write_drained(b"".join(parts)):
+                    return False
+                start = end
+            if subscription.complete:
+                return True
+            try:
+                frames = await subscription.next_page(page_size)
+            except HistoryGapError:
+                self._abort("replay-gap")  # the resume from the last id sent gets stream-reset
+                return False
+            except BrokerError as exc:
+                log.info("replay ended early: %s", exc)
+                self._abort("replay-failed")
+                return False
+            if self._closed_once:
+                return False
+
+    def _overflow(self) -> None:
+        """Live events held back during the replay passed ``max_buffer``: cut off as slow."""
+        if self._stream is None or self._params is None:
+            return  # not started yet: get() sheds it once the subscription returns
+        self._params.metrics.slow_disconnects += 1
+        self._abort("slow")
+
+    async def _write_drained(self, data: bytes) -> bool:
+        """Write *data*, then wait until the IOStream holds none of it; false if the stream
+        ended. Bounded: a client that stops reading is pruned after the stall timeout."""
+        stream = self._stream
+        if stream is None or self._closed_once:
+            return False
+        if not self._write(stream, data):
+            return False
+        if stream._write_buffer:
+            try:
+                await stream.write(b"")
+            except StreamClosedError:
+                return False
+        return not self._closed_once
 
     def _start_stream(self, body: bytes) -> None:
         """Send headers and the first bytes; from here on, bytes go straight to the stream."""
@@ -733,8 +826,6 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 self._abort("write-failed")
                 return
             if sent == len(data):
-                if self._allowance:
-                    self._allowance = 0
                 return
             # the socket is full: the rest waits in the IOStream (no second send to find out)
             if not self._queue_rest(stream, data[sent:]):
@@ -742,13 +833,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
         elif not self._write(stream, data):
             return
         params: _StreamParams = self._params  # type: ignore[assignment]
-        pending = len(stream._write_buffer)
-        if pending > params.max_buffer:
-            if pending > params.max_buffer + self._allowance:
-                metrics.slow_disconnects += 1
-                self._abort("slow")
-        elif self._allowance:
-            self._allowance = 0
+        if len(stream._write_buffer) > params.max_buffer:
+            metrics.slow_disconnects += 1
+            self._abort("slow")
 
     def _write(self, stream: IOStream, data: bytes) -> bool:
         """Write *data*: to the socket if the IOStream holds nothing of ours, else through it.

@@ -150,6 +150,9 @@ class HubOptions:
 
     :param retry: reconnection delay announced to clients, in milliseconds (as on the wire).
     :param max_connections: streams held at most; ``None``: no limit.
+    :param max_connections_per_address: streams one client address may hold (per worker
+        process); ``None``: no limit.
+    :param max_channels_per_stream: channels one stream may follow; ``None``: no limit.
     :param processes: worker processes sharing the port (``--processes``, bridge backend).
     :param redis: Redis URL (``--redis``, Redis backend); ``None``: in-process broker.
     :param idle_connection_timeout: seconds a non-stream connection may take to send a request's
@@ -166,6 +169,8 @@ class HubOptions:
     retry: int = 3000
     cors_origins: tuple[str, ...] = ()
     max_connections: int | None = None
+    max_connections_per_address: int | None = 100
+    max_channels_per_stream: int | None = 100
     max_body_size: int = 1 << 20
     max_buffer_size: int = 1 << 20
     processes: int = 1
@@ -502,6 +507,8 @@ def make_app(
         sse_heartbeat_interval=options.heartbeat,
         sse_retry_interval=options.retry / 1000.0,
         sse_max_connections=options.max_connections,
+        sse_max_connections_per_address=options.max_connections_per_address,
+        sse_max_channels=options.max_channels_per_stream or 0,
         sse_max_buffer_size=options.max_buffer_size,
         sse_cors_origins=options.cors_origins,
     )
@@ -833,6 +840,24 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     "Default: unlimited.",
 )
 @click.option(
+    "--max-connections-per-address",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    metavar="N",
+    help="Streams one client address may hold (per worker process); beyond, a new subscriber "
+    "is told to retry later. 0: no limit. Behind a reverse proxy, pass --xheaders, or every "
+    "client shares the proxy's address.",
+)
+@click.option(
+    "--max-channels-per-stream",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    metavar="N",
+    help="Channels one stream may follow; a request naming more gets 400. 0: no limit.",
+)
+@click.option(
     "--max-body-size",
     type=click.IntRange(min=1),
     default=1 << 20,
@@ -904,6 +929,8 @@ def serve_command(
     retry: int,
     cors_origins: tuple[str, ...],
     max_connections: int | None,
+    max_connections_per_address: int,
+    max_channels_per_stream: int,
     max_body_size: int,
     max_buffer_size: int,
     processes: int,
@@ -939,6 +966,8 @@ def serve_command(
         retry=retry,
         cors_origins=tuple(dict.fromkeys(cors_origins)),
         max_connections=max_connections,
+        max_connections_per_address=max_connections_per_address or None,
+        max_channels_per_stream=max_channels_per_stream or None,
         max_body_size=max_body_size,
         max_buffer_size=max_buffer_size,
         processes=processes,

@@ -17,6 +17,12 @@ and is the same for every backend; a backend implements five coroutines:
 ``_history(channels, after)``
     The retained frames of *channels* with ids after *after*, in id order; raise
     `.HistoryGapError` when *after* is older than what is retained, unparseable, or unknown.
+``_history_page(channels, after, limit, first)`` (optional)
+    The same, read in pages of about *limit* frames: returns the frames and whether more may
+    follow (then the next call reads after the last frame returned). The default returns all of
+    `_history` as one page, which suits backends whose history is already in this process's
+    memory (the frames are shared, a page costs a list of references); a backend that must copy
+    history out of a server (Redis) reads it in bounded pages.
 ``id_key(event_id)``
     A sortable key for an id of this broker, or ``None`` if the id is not one of ours.
 
@@ -26,6 +32,16 @@ arriving meanwhile are buffered; then the backend follows the channels and retur
 then history after the client's Last-Event-ID is read; the buffered live events are then released
 after the replay, dropping those whose id the replay (or the position) already covered. Every
 event is thus delivered exactly once and in id order, even while publishes race with the replay.
+
+A replay may be long (a thousand events on each of a hundred channels) and its client may not
+read it. So that it costs a bounded amount of memory however large history is (issue 12), the
+caller may ask for it in pages (``subscribe(..., page_size=N)``, then
+:meth:`Subscription.next_page` until `Subscription.complete`), writing each page once the client
+took the one before, and may bound the live events buffered meanwhile (``max_pending``): past
+that bound the subscription closes itself with ``overflowed`` set, and the stream, cut off like
+any slow consumer, resumes later from the last id it got. A page that finds history trimmed
+after the replay began raises `.HistoryGapError`: end the stream, and its resume gets
+``stream-reset``.
 
 Ids are short strings of ``[A-Za-z0-9._~-]`` (they travel in a ``Last-Event-ID`` header, where
 ``:`` would force a CORS preflight), strictly increasing within a broker and comparable across
@@ -138,19 +154,27 @@ class Subscription:
 
     * ``reset``: true if the requested Last-Event-ID was not in history (send ``stream-reset``);
     * ``position``: the id the stream is at before ``replay`` (send it to prime a fresh stream);
-    * ``replay``: the missed frames, in id order.
+    * ``replay``: the missed frames, in id order; with ``page_size``, the first page of them,
+      and ``complete`` says whether more follow (:meth:`next_page`).
 
     Live events are held back until :meth:`start` is called, so the caller can write the replay
-    first. :meth:`close` (or `Broker.unsubscribe`) ends it; both are idempotent.
+    first; past ``max_pending`` bytes of them the subscription closes itself and sets
+    ``overflowed``. :meth:`close` (or `Broker.unsubscribe`) ends it; both are idempotent.
     """
 
     __slots__ = (
         "_broker",
         "_floor",
         "_last_key",
+        "_max_pending",
+        "_on_overflow",
+        "_page_size",
         "_pending",
+        "_pending_bytes",
         "channels",
         "closed",
+        "complete",
+        "overflowed",
         "position",
         "replay",
         "reset",
@@ -164,8 +188,16 @@ class Subscription:
         self.position = ""
         self.reset = False
         self.replay: list[Frame] = []
+        #: false while pages of the replay remain to be read (:meth:`next_page`)
+        self.complete = True
+        #: true once the live events held back before :meth:`start` passed ``max_pending``
+        self.overflowed = False
         self.closed = False
         self._pending: list[Frame] | None = []
+        self._pending_bytes = 0
+        self._max_pending: int | None = None
+        self._on_overflow: Callable[[], None] | None = None
+        self._page_size = 0
         self._last_key: Any = None
         self._floor: Any = None
 
@@ -173,6 +205,14 @@ class Subscription:
         pending = self._pending
         if pending is not None:
             pending.append(frame)
+            self._pending_bytes += len(frame.data)
+            limit = self._max_pending
+            if limit is not None and self._pending_bytes > limit:
+                pending.clear()
+                self.overflowed = True
+                self.close()
+                if self._on_overflow is not None:
+                    self._on_overflow()
             return
         floor = self._floor
         if floor is not None:
@@ -183,6 +223,32 @@ class Subscription:
             self._broker._changed(self.channels)  # plain delivery from now on
         if not self.closed:
             self.subscriber.deliver(frame)
+
+    async def next_page(self, page_size: int | None = None) -> list[Frame]:
+        """Read the next page of the replay into ``replay`` and return it (empty once complete).
+
+        *page_size* (frames) replaces the size given to `Broker.subscribe` from this page on.
+
+        :raises HistoryGapError: history after the last frame read is gone (trimmed since the
+            replay began): end the stream; its client's resume gets ``stream-reset``.
+        :raises BrokerError: the backend cannot be read now.
+        """
+        if self.complete or self.closed or not self.replay:
+            self.complete = True
+            self.replay = []
+            return []
+        after = self.replay[-1].id
+        self.replay = []
+        if page_size is not None:
+            self._page_size = max(1, page_size)
+        frames, more = await self._broker._history_page(
+            self.channels, after, self._page_size, False
+        )
+        self.replay = frames
+        self.complete = not more or not frames
+        if frames:
+            self._last_key = self._broker.id_key(frames[-1].id)
+        return frames
 
     def start(self) -> None:
         """Release the live events buffered since :meth:`Broker.subscribe` and go live.
@@ -195,7 +261,10 @@ class Subscription:
         pending = self._pending
         if pending is None:
             return
+        if not self.complete:
+            raise RuntimeError("start() before the last page of the replay was read")
         self._pending = None
+        self._pending_bytes = 0
         self.replay = []
         if self.closed:
             return
@@ -377,12 +446,24 @@ class Broker(abc.ABC):
         channels: Iterable[str],
         subscriber: Subscriber,
         last_event_id: str | None = None,
+        *,
+        page_size: int | None = None,
+        max_pending: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
     ) -> Subscription:
         """Subscribe *subscriber* to *channels*, resuming after *last_event_id* if given.
 
         Returns a `Subscription` holding what to send first (see there); live events follow
         once the caller calls `Subscription.start`. Duplicate channel names count once.
+
+        :param page_size: read the replay in pages of about this many frames (the first one
+            now, the others with `Subscription.next_page`); ``None``: all of it now.
+        :param max_pending: bytes of live events held back before `Subscription.start`; past
+            it the subscription closes with ``overflowed`` set, and calls *on_overflow* (from
+            the fan-out: it must not block). ``None``: no bound.
         """
+        if page_size is not None and page_size < 1:
+            raise ValueError("page_size must be at least 1")
         names = tuple(dict.fromkeys(validate_channel(c) for c in channels))
         if not names:
             raise InvalidChannelError("subscribe to at least one channel")
@@ -390,6 +471,9 @@ class Broker(abc.ABC):
             raise BrokerClosedError("broker is closed")
         await self.start()
         sub = Subscription(self, names, subscriber)
+        sub._max_pending = max_pending
+        sub._on_overflow = on_overflow
+        sub._page_size = page_size or 0
         new: list[str] = []
         for name in names:
             subs = self._subscriptions.get(name)
@@ -404,9 +488,16 @@ class Broker(abc.ABC):
             sub._last_key = self.id_key(position)
             if last_event_id is not None:
                 try:
-                    sub.replay = await self._history(names, last_event_id)
+                    if page_size is None:
+                        sub.replay = await self._history(names, last_event_id)
+                    else:
+                        sub.replay, more = await self._history_page(
+                            names, last_event_id, page_size, True
+                        )
+                        sub.complete = not more or not sub.replay
                 except HistoryGapError as gap:
                     sub.reset = True
+                    sub.complete = True
                     sub.position = gap.current_id
                     sub._last_key = self.id_key(gap.current_id)
                     sub.replay = []
@@ -536,6 +627,13 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def _history(self, channels: Sequence[str], after: str) -> list[Frame]: ...
+
+    async def _history_page(
+        self, channels: Sequence[str], after: str, limit: int, first: bool
+    ) -> tuple[list[Frame], bool]:
+        """About *limit* frames of `_history` after *after* and whether more may follow; *first*
+        is true for the page right after the client's Last-Event-ID. Default: all of it."""
+        return await self._history(channels, after), False
 
     @abc.abstractmethod
     def id_key(self, event_id: str) -> Any:
