@@ -15,6 +15,7 @@ import tornado.web
 from tests.helpers import RawStream, wait_until
 from tornado_sse import (
     AccessDeniedError,
+    AccessUnavailableError,
     AuthenticationError,
     ConnectionSet,
     Event,
@@ -44,6 +45,8 @@ class Guarded(EventStreamHandler):
 
     def get_current_user(self) -> str | None:
         token = self.request.headers.get("X-Token")
+        if token == "ask-later":
+            raise AccessUnavailableError("the access backend is down")
         if token is None:
             raise AuthenticationError("a token is required", error=None)
         if token != "good":
@@ -140,3 +143,15 @@ async def test_a_granted_stream_opens(port: int, broker: InProcessBroker) -> Non
     assert stream.status == 200
     await stream.read_until(lambda s: s.parser.last_event_id != "")
     stream.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_access_unavailable_sheds_the_stream(port: int) -> None:
+    """Neither refused for good (EventSource would stop) nor let in: told to retry later."""
+    stream = await RawStream.open(port, "/guarded?channel=mine", {"X-Token": "ask-later"})
+    await stream.read_to_end()
+    assert stream.status == 200
+    assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert int(stream.headers["retry-after"]) >= 1
+    assert stream.raw.startswith(b"retry: ")
+    assert stream.events == []

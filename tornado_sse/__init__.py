@@ -14,6 +14,7 @@ from .broker import Broker, Frame, InProcessBroker, Subscription, validate_chann
 from .errors import (
     AccessDeniedError,
     AccessError,
+    AccessUnavailableError,
     AuthenticationError,
     BrokerClosedError,
     BrokerError,
@@ -67,6 +68,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDeniedError",
     "AccessError",
+    "AccessUnavailableError",
     "AuthenticationError",
     "Broker",
     "BrokerClosedError",

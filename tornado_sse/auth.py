@@ -24,7 +24,9 @@ starting with it (``*`` alone matches all). `TokenVerifier` checks a token and r
 takes a fresh token and reconnects with its last id, and resumes exactly.
 
 PyJWT does the signature and the registered claims (``pip install 'tornado-sse[jwt]'``): there is
-no hand-written JWT code here. ``import tornado_sse`` never imports this module.
+no hand-written JWT code here. ``import tornado_sse`` never imports this module, and this module
+imports PyJWT only to verify or make a token (the hub uses `Grants` and `token_from_request`
+with ``--auth-url`` alone, without PyJWT).
 
 Deliberate choices:
 
@@ -54,9 +56,8 @@ import json
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jwt
 import tornado.httputil
 import tornado.web
 
@@ -69,6 +70,9 @@ from .errors import (
 )
 from .handler import EventStreamHandler
 from .protocol import Event
+
+if TYPE_CHECKING:
+    import jwt
 
 __all__ = [
     "CLAIM",
@@ -212,22 +216,31 @@ def token_from_request(
     return token
 
 
-_REASONS: tuple[tuple[type[jwt.InvalidTokenError], str], ...] = (
-    (jwt.ExpiredSignatureError, "token expired"),
-    (jwt.ImmatureSignatureError, "token not yet valid"),
-    (jwt.InvalidAudienceError, "token audience not accepted"),
-    (jwt.InvalidIssuerError, "token issuer not accepted"),
-    (jwt.InvalidSignatureError, "token signature invalid"),
-    (jwt.InvalidAlgorithmError, "token algorithm not accepted"),
-    (jwt.MissingRequiredClaimError, "token lacks a required claim"),
-    (jwt.DecodeError, "token malformed"),
-)
+def _jwt() -> Any:
+    """PyJWT, or an ImportError saying which extra brings it."""
+    try:
+        import jwt
+    except ImportError as exc:
+        raise ImportError(
+            "signed tokens need PyJWT: pip install 'tornado-sse[jwt]'", name="jwt"
+        ) from exc
+    return jwt
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
+    jwt = _jwt()
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"token lacks the {exc.claim!r} claim"
-    for kind, reason in _REASONS:
+    reasons = (
+        (jwt.ExpiredSignatureError, "token expired"),
+        (jwt.ImmatureSignatureError, "token not yet valid"),
+        (jwt.InvalidAudienceError, "token audience not accepted"),
+        (jwt.InvalidIssuerError, "token issuer not accepted"),
+        (jwt.InvalidSignatureError, "token signature invalid"),
+        (jwt.InvalidAlgorithmError, "token algorithm not accepted"),
+        (jwt.DecodeError, "token malformed"),
+    )
+    for kind, reason in reasons:
         if isinstance(exc, kind):
             return reason
     return "token invalid"
@@ -271,6 +284,7 @@ class TokenVerifier:
     ) -> None:
         if (secret is None) == (public_key is None):
             raise InvalidKeyError("give exactly one of secret= (HMAC) and public_key= (PEM)")
+        _jwt()
         self.audience = audience
         self.issuer = issuer
         self.leeway = float(leeway)
@@ -292,6 +306,7 @@ class TokenVerifier:
             raise AuthenticationError("token missing")
         if len(token) > MAX_TOKEN_LENGTH:
             raise AuthenticationError(f"token too long (more than {MAX_TOKEN_LENGTH} characters)")
+        jwt = _jwt()
         try:
             claims = jwt.decode(
                 token,
@@ -405,6 +420,7 @@ def create_token(
     :param now: the issue time (`time.time` value) instead of the clock's.
     :raises InvalidKeyError: for an invalid pattern, ``none`` or an unknown algorithm.
     """
+    jwt = _jwt()
     if algorithm is None:
         algorithm = _signing_algorithm(key)
     if algorithm.lower() == "none" or algorithm not in jwt.algorithms.get_default_algorithms():
@@ -427,7 +443,7 @@ def create_token(
     if issuer is not None:
         payload["iss"] = issuer
     try:
-        return jwt.encode(payload, key, algorithm=algorithm)
+        return str(jwt.encode(payload, key, algorithm=algorithm))
     except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
         raise InvalidKeyError(f"cannot sign with this key as {algorithm}: {exc}") from exc
 

@@ -15,6 +15,7 @@
      +- AccessError                             a request's credentials do not allow it
      |   +- AuthenticationError                 no valid token: 401 (.www_authenticate)
      |   +- AccessDeniedError                   a valid token without the grant: 403 (.channel)
+     |   +- AccessUnavailableError              who decides cannot answer now: the stream is shed
      +- BrokerError
          +- BrokerClosedError                   the broker was closed
          +- BrokerUnavailableError              the backend (hub, Redis) cannot be reached now
@@ -25,7 +26,7 @@
 something bad" (``StreamParseError``, ``AccessError``), as h11 separates local and remote
 protocol errors. A hook of `.EventStreamHandler` (``get_channels``, ``check_channel``,
 ``get_current_user`` called from them) may raise ``AuthenticationError`` or ``AccessDeniedError``:
-the request is answered 401 or 403 with the error's message.
+the request is answered 401 or 403 with the error's message; ``AccessUnavailableError`` sheds it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 __all__ = [
     "AccessDeniedError",
     "AccessError",
+    "AccessUnavailableError",
     "AuthenticationError",
     "BrokerClosedError",
     "BrokerError",
@@ -145,6 +147,12 @@ class AccessDeniedError(AccessError):
         super().__init__(message)
         self.channel = channel
         self.action = action
+
+
+class AccessUnavailableError(AccessError):
+    """Whoever decides access (the hub's ``--auth-url`` backend) cannot answer now: unreachable,
+    too slow, or an answer we cannot read. A stream is then *shed* (told to retry later), as
+    when the broker is unavailable, never refused for good nor let in."""
 
 
 class StreamParseError(SSEError):

@@ -37,6 +37,7 @@ from .broker.memory import InProcessBroker
 from .connections import ConnectionSet
 from .errors import (
     AccessDeniedError,
+    AccessUnavailableError,
     AuthenticationError,
     BrokerError,
     EventStreamClosedError,
@@ -537,6 +538,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return
         except AccessDeniedError as exc:
             self._refuse(403, str(exc))
+            return
+        except AccessUnavailableError as exc:
+            log.debug("shedding stream: %s", exc)  # who raised it logs the outage, once
+            self._shed()
             return
         if self._closed_once or self.request.connection is None or self._finished:
             return  # the client left while a hook was pending (issue 12): nothing to undo
