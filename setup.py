@@ -71,7 +71,7 @@ setup(
     # Data files are listed here, and only here: include_package_data would take in everything
     # under version control or MANIFEST.in, and warns about data directories (demo/static).
     package_data={
-        "tornado_sse": ["py.typed"],
+        "tornado_sse": ["py.typed", "static/*.js"],
         "tornado_sse.demo": ["static/*", "templates/*"],
     },
     include_package_data=False,

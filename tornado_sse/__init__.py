@@ -39,12 +39,15 @@ if TYPE_CHECKING:
     from .client import EventSource
     from .connections import ConnectionSet
     from .handler import EventStreamHandler, default_broker
+    from .script import ClientScriptHandler, client_script_route
 
 _LAZY = {
     "ConnectionSet": "connections",
     "EventSource": "client",
     "EventStreamHandler": "handler",
     "default_broker": "handler",
+    "ClientScriptHandler": "script",
+    "client_script_route": "script",
 }
 
 
@@ -74,6 +77,7 @@ __all__ = [
     "BrokerClosedError",
     "BrokerError",
     "BrokerUnavailableError",
+    "ClientScriptHandler",
     "ConnectionSet",
     "Event",
     "EventSource",
@@ -96,6 +100,7 @@ __all__ = [
     "StreamParseError",
     "Subscription",
     "__version__",
+    "client_script_route",
     "default_broker",
     "encode_comment",
     "encode_event",

@@ -113,6 +113,19 @@ class _StreamParams:
         self.metrics.add_broker(handler.broker)
 
 
+class _WithChannel:
+    """The subscriber of a stream that asked for ``channel:`` fields: hands the handler each
+    frame's `.Frame.with_channel` variant, so streams that did not ask pay nothing for it."""
+
+    __slots__ = ("deliver_to",)
+
+    def __init__(self, handler: EventStreamHandler) -> None:
+        self.deliver_to = handler.deliver
+
+    def deliver(self, frame: Frame) -> None:
+        self.deliver_to(frame.with_channel())
+
+
 class EventStreamHandler(tornado.web.RequestHandler):
     """Serve a Server-Sent Events stream of one or more broker channels.
 
@@ -169,6 +182,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _close_reason = "closed"
     #: true once the stream took the connection over from Tornado's HTTP/1 reader
     _detached = False
+    #: the stream asked for ``channel:`` fields (:attr:`with_channel`)
+    _with_channel = False
     #: (time.time() value, final event) set by close_at; its timer runs while the stream is open
     _deadline: tuple[float, Event | None] | None = None
     _deadline_timer: object | None = None
@@ -344,6 +359,16 @@ class EventStreamHandler(tornado.web.RequestHandler):
             self.decode_argument(value, name=name)
             for value in self.request.query_arguments.get(name, [])
         ]
+
+    @property
+    def with_channel(self) -> bool:
+        """Whether each event of a channel carries a ``channel: <name>`` field line (which the SSE
+        rules tell clients to ignore): true when the request asks for it with ``?with_channel=1``.
+        ``SharedEventSource``'s leading tab asks, to route one stream's events to many tabs; a
+        plain EventSource sees the same events either way. Each event's variant is encoded once,
+        for all the streams that asked.
+        """
+        return self.query_values("with_channel")[-1:] == ["1"]
 
     def open(self) -> Awaitable[None] | None:
         """Called once the stream is open and any replay written, before live events.
@@ -554,10 +579,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
         connections.add(self, self.heartbeat_interval)
         connections.watch(self)  # until the first pruning pass sees its output drained
         last_event_id = self.get_last_event_id()
+        self._with_channel = self.with_channel
         try:
             subscription = await self.broker.subscribe(
                 channels,
-                self,
+                _WithChannel(self) if self._with_channel else self,
                 last_event_id,
                 page_size=min(REPLAY_PAGE, max(16, params.max_buffer // 1024)),
                 max_pending=params.max_buffer,
@@ -630,6 +656,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
         frames = subscription.replay
         page_size = REPLAY_PAGE
         while True:
+            if self._with_channel:
+                frames = [frame.with_channel() for frame in frames]
             if frames:
                 average = sum(len(frame.data) for frame in frames) // len(frames)
                 page_size = min(REPLAY_PAGE, max(1, limit // max(1, average)))

@@ -65,6 +65,7 @@ from .handler import EventStreamHandler
 from .httpserver import HubHTTPServer
 from .metrics import Metrics
 from .publish import PublishError, PublishRequest, parse_publish
+from .script import client_script_route
 
 __all__ = [
     "HubEventsHandler",
@@ -469,7 +470,11 @@ class MetricsHandler(_HubHandler):
 class NotFoundHandler(_HubHandler):
     def prepare(self) -> None:
         self.reply(
-            404, {"error": "not found: the hub serves /events, /publish, /healthz, /metrics"}
+            404,
+            {
+                "error": "not found: the hub serves /events, /publish, /healthz, /metrics, "
+                "/client.js"
+            },
         )
 
 
@@ -480,7 +485,8 @@ def make_app(
     connections: ConnectionSet | None = None,
     metrics: Metrics | None = None,
 ) -> tornado.web.Application:
-    """The hub as a Tornado application: ``/events``, ``/publish``, ``/healthz``, ``/metrics``.
+    """The hub as a Tornado application: ``/events``, ``/publish``, ``/healthz``, ``/metrics``,
+    and ``/client.js`` (the browser's ``SharedEventSource``, `.script`).
 
     *broker* is used as given (see `make_broker`); *connections* and *metrics* default to fresh
     instances of their own, so several hubs may share a process (in tests, say).
@@ -496,6 +502,7 @@ def make_app(
             (r"/publish", PublishHandler, kwargs),
             (r"/healthz", HealthHandler, kwargs),
             (r"/metrics", MetricsHandler, kwargs),
+            client_script_route("/client.js"),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=kwargs,

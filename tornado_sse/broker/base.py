@@ -87,10 +87,11 @@ class Frame:
     """An event of a channel, encoded once and shared by every subscriber that receives it.
 
     ``data`` is the complete encoded event (ending in the blank line); ``chunk`` is the same bytes
-    framed as one HTTP/1.1 chunk, computed on first use and then shared too.
+    framed as one HTTP/1.1 chunk, computed on first use and then shared too; `with_channel` is the
+    variant for streams that asked for a ``channel:`` field (issue 16), also made once per event.
     """
 
-    __slots__ = ("_chunk", "channel", "data", "id", "published_at", "written")
+    __slots__ = ("_chunk", "_with_channel", "channel", "data", "id", "published_at", "written")
 
     def __init__(self, channel: str, id: str, data: bytes, published_at: float) -> None:
         self.channel = channel
@@ -101,6 +102,7 @@ class Frame:
         #: set once the first stream in this process wrote it (latency is measured once)
         self.written = False
         self._chunk: bytes | None = None
+        self._with_channel: Frame | None = None
 
     @classmethod
     def from_event(cls, channel: str, event: Event, published_at: float | None = None) -> Frame:
@@ -121,6 +123,23 @@ class Frame:
             _chunked.append(self)
         return chunk
 
+    def with_channel(self) -> Frame:
+        """This event with a ``channel: <name>`` field line first (a field that the SSE rules
+        tell every client to ignore), for streams that route events by channel themselves
+        (``SharedEventSource``'s leading tab). Made on first use, shared by every such stream,
+        and dropped with the chunk by `release_chunks`. A frame of no channel is returned as is.
+        """
+        variant = self._with_channel
+        if variant is None:
+            if not self.channel:
+                return self
+            data = b"channel: %s\n%s" % (self.channel.encode(), self.data)
+            variant = Frame(self.channel, self.id, data, self.published_at)
+            variant.written = self.written
+            self._with_channel = variant
+            _chunked.append(self)
+        return variant
+
     def __repr__(self) -> str:
         return f"Frame({self.channel!r}, {self.id!r}, {self.data!r})"
 
@@ -130,13 +149,14 @@ _chunked: list[Frame] = []
 
 
 def release_chunks() -> None:
-    """Drop the chunk copies made since the last call, so that history (which keeps the frames)
-    holds each event's bytes once. The connection set calls it after each round of writes; a
-    frame written again later frames itself again."""
+    """Drop the chunk copies (and `Frame.with_channel` variants) made since the last call, so
+    that history (which keeps the frames) holds each event's bytes once. The connection set calls
+    it after each round of writes; a frame written again later frames itself again."""
     frames = _chunked[:]
     del _chunked[: len(frames)]
     for frame in frames:
         frame._chunk = None
+        frame._with_channel = None
 
 
 class Subscriber(Protocol):

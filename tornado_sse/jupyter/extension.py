@@ -20,7 +20,7 @@ from ..broker.base import Broker
 from ..broker.memory import InProcessBroker
 from ..connections import ConnectionSet
 from .events import EventBusForwarder
-from .handlers import EventsHandler, PublishHandler
+from .handlers import ClientScriptHandler, EventsHandler, PublishHandler
 
 __all__ = ["SSEExtensionApp"]
 
@@ -101,11 +101,13 @@ class SSEExtensionApp(ExtensionApp):
         )
 
     def initialize_handlers(self) -> None:
-        """Route ``sse/events`` and ``sse/publish`` (Jupyter prefixes the ``base_url``)."""
+        """Route ``sse/events``, ``sse/publish`` and ``sse/client.js`` (Jupyter prefixes the
+        ``base_url``)."""
         self.handlers.extend(
             [
                 (r"/sse/events", EventsHandler),
                 (r"/sse/publish", PublishHandler, {"max_data_size": self.max_publish_size}),
+                (r"/sse/client\.js", ClientScriptHandler),
             ]
         )
 

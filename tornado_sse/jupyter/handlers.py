@@ -31,9 +31,16 @@ from ..broker.base import Broker
 from ..errors import BrokerError, InvalidEventError, PublishError
 from ..handler import EventStreamHandler, default_broker
 from ..publish import parse_publish
+from ..script import client_script
 from . import EVENTS_CHANNEL_PREFIX
 
-__all__ = ["AUTH_RESOURCE", "EventsHandler", "JupyterEventStreamHandler", "PublishHandler"]
+__all__ = [
+    "AUTH_RESOURCE",
+    "ClientScriptHandler",
+    "EventsHandler",
+    "JupyterEventStreamHandler",
+    "PublishHandler",
+]
 
 #: the authorizer resource of the extension's endpoints (``read`` to follow, ``write`` to publish)
 AUTH_RESOURCE = "sse"
@@ -199,3 +206,17 @@ class PublishHandler(APIHandler):
         except BrokerError as exc:
             raise web.HTTPError(503, f"the broker cannot take events now: {exc}") from None
         self.finish(json.dumps({"id": event_id, "channel": request.channel}))
+
+
+class ClientScriptHandler(JupyterHandler):
+    """``GET {base_url}sse/client.js``: the ``SharedEventSource`` module (`tornado_sse.script`).
+
+    Public code, like Jupyter's own static files: served without authentication (the streams it
+    opens are authenticated as usual).
+    """
+
+    @allow_unauthenticated
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.write(client_script())

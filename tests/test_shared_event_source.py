@@ -1,0 +1,482 @@
+"""``SharedEventSource`` (issue 16): many tabs, one stream, in real Chromium.
+
+The server side (the ``?with_channel=1`` opt-in) is checked on the wire first. The browser
+tests run a real Tornado application and Debian's Chromium (through playwright) on one asyncio
+loop: the pages of one browser context share BroadcastChannel and Web Locks as the tabs of one
+browser do, and the server's own connection set says how many streams are open. Every wait is
+bounded and waits for a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+from tests.conftest import require
+from tests.helpers import RawStream, free_port, wait_until
+from tornado_sse import (
+    ConnectionSet,
+    Event,
+    EventStreamHandler,
+    InProcessBroker,
+    Metrics,
+    client_script_route,
+)
+from tornado_sse.broker.base import release_chunks
+from tornado_sse.protocol import encode_event
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    # background pages must keep their timers and streams running as foreground ones
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+]
+#: milliseconds; every playwright wait is bounded by this
+WAIT = 10_000
+TIMEOUT = 15
+
+# ---------------------------------------------------------------------- the wire: ?with_channel=1
+
+
+@pytest.fixture
+def broker() -> InProcessBroker:
+    return InProcessBroker(history_size=100)
+
+
+@pytest.fixture
+def app(broker: InProcessBroker) -> tornado.web.Application:
+    return tornado.web.Application(
+        [(r"/events", EventStreamHandler), client_script_route()],
+        sse_broker=broker,
+        sse_connections=ConnectionSet(prune_interval=0.05),
+        sse_metrics=Metrics(),
+    )
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_with_channel_adds_a_field_line_to_channel_events_only(
+    port: int, broker: InProcessBroker
+) -> None:
+    first = await broker.publish("a", "zero")
+    replayed = await broker.publish("a", "replayed", event="note")
+    query = f"/events?channel=a&channel=b&last_event_id={first}"
+    plain = await RawStream.open(port, query)
+    tagged = await RawStream.open(port, query + "&with_channel=1")
+    fresh = await RawStream.open(port, "/events?channel=a&with_channel=1")
+    await fresh.read_until(lambda s: b"\nid: " in s.raw, TIMEOUT)  # the id-only priming event
+    ids = [await broker.publish("a", "one"), await broker.publish("b", "two\nlines")]
+    want = [("note", "replayed", replayed), (None, "one", ids[0])]
+    want.append((None, "two\nlines", ids[1]))
+    for stream in (plain, tagged):
+        await stream.events_count(3)
+        # what a client sees is the same: the SSE rules ignore an unknown field
+        assert [(e.event, e.data, e.id) for e in stream.events] == want
+    assert b"channel:" not in plain.raw
+    body = tagged.raw.decode()
+    for channel, (name, data, event_id) in zip("aab", want, strict=True):
+        event = Event(data, event=name, id=event_id)
+        assert f"channel: {channel}\n{encode_event(event).decode()}" in body
+    assert body.count("channel:") == 3
+    # the priming event of a fresh stream belongs to no channel
+    assert b"channel:" not in fresh.raw
+    for stream in (plain, tagged, fresh):
+        stream.close()
+
+
+def test_with_channel_variant_is_encoded_once_per_event() -> None:
+    from tornado_sse.broker.base import Frame
+
+    frame = Frame.from_event("room/1", Event("hi", id="x-1"))
+    variant = frame.with_channel()
+    assert variant is frame.with_channel()
+    assert variant.data == b"channel: room/1\n" + frame.data
+    assert (variant.id, variant.channel) == (frame.id, frame.channel)
+    release_chunks()  # what the connection set does after each round of writes
+    assert frame._with_channel is None
+    own = Frame("", "", b": comment\n\n", 0.0)
+    assert own.with_channel() is own
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_client_script_route_serves_the_module(http_client: Any, base_url: str) -> None:
+    from tornado_sse.script import client_script
+
+    response = await http_client.fetch(base_url + "/sse/client.js")
+    assert response.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.body == client_script()
+    assert b"export class SharedEventSource" in response.body
+
+
+# ---------------------------------------------------------------------- Chromium
+
+
+def _playwright_available() -> bool:
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>tab</title>
+<script type="module">
+import { SharedEventSource } from '/sse/client.js';
+const params = new URLSearchParams(location.search);
+const url = new URL('/events', location.href);
+for (const channel of params.getAll('channel')) url.searchParams.append('channel', channel);
+const init = {};
+if (params.has('token')) {
+  init.token = async () => (await fetch('/token', { method: 'POST' })).text();
+}
+window.received = [];
+window.opens = 0;
+window.expired = 0;
+const record = (event) => window.received.push([event.type, event.data, event.lastEventId]);
+const source = new SharedEventSource(url, init);
+source.onmessage = record;
+source.addEventListener('note', record);
+source.onopen = () => { window.opens += 1; };
+source.addEventListener('token-expired', () => { window.expired += 1; });
+window.source = source;
+</script>
+"""
+
+
+class Feed(EventStreamHandler):
+    """The stream under test: records open streams; with ``tokens`` set, checks a bearer token
+    (header, or ``access_token`` for a plain EventSource) and closes the stream with
+    ``token-expired`` when it expires, as issue 13's mechanism does."""
+
+    _timer: object = None
+
+    def _hub(self) -> Hub:
+        return self.application.settings["hub"]  # type: ignore[no-any-return]
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        hub = self._hub()
+        if hub.token_lifetime is not None:
+            header = self.request.headers.get("Authorization", "")
+            token = header[7:] if header.startswith("Bearer ") else None
+            if token is None:
+                token = (self.query_values("access_token") or [""])[-1]
+            expires = hub.tokens.get(token)
+            if expires is None or expires <= time.monotonic():
+                hub.refused += 1
+                self.set_status(401)
+                self.finish("invalid token\n")
+                return
+            self._expires = expires
+        await super().get(*args, **kwargs)
+
+    def open(self) -> None:
+        hub = self._hub()
+        hub.streams.append(self)
+        hub.opened.append(sorted(set(self.query_values("channel"))))
+        if hub.token_lifetime is not None:
+            self._timer = IOLoop.current().call_later(
+                self._expires - time.monotonic(), self._expire
+            )
+
+    def _expire(self) -> None:
+        self._hub().expired += 1
+        self.close(Event(data="", event="token-expired"))
+
+    def on_close(self) -> None:
+        self._hub().streams.remove(self)
+        if self._timer is not None:
+            IOLoop.current().remove_timeout(self._timer)
+
+
+class Page(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(PAGE)
+
+
+class Token(tornado.web.RequestHandler):
+    def post(self) -> None:
+        hub: Hub = self.settings["hub"]
+        token = f"t{len(hub.tokens)}"
+        hub.tokens[token] = time.monotonic() + (hub.token_lifetime or 0.0)
+        self.finish(token)
+
+
+class Hub:
+    """The server of a browser test: a real Tornado application on loopback."""
+
+    def __init__(self, token_lifetime: float | None = None) -> None:
+        self.broker = InProcessBroker(history_size=1000)
+        self.connections = ConnectionSet(prune_interval=0.05)
+        self.token_lifetime = token_lifetime
+        self.tokens: dict[str, float] = {}
+        self.streams: list[Feed] = []
+        self.opened: list[list[str]] = []
+        self.expired = 0
+        self.refused = 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = tornado.web.Application(
+            [(r"/", Page), (r"/events", Feed), (r"/token", Token), client_script_route()],
+            hub=self,
+            sse_broker=self.broker,
+            sse_connections=self.connections,
+            sse_metrics=Metrics(),
+            sse_heartbeat_interval=5,
+            sse_retry_interval=0.2,
+        )
+        self.server: HTTPServer | None = None
+
+    def start(self) -> None:
+        self.server = self.app.listen(self.port, address="127.0.0.1")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        await self.connections.close(timeout=2)
+        await self.broker.close()
+
+    def channels(self) -> list[list[str]]:
+        """The channels of each open stream, as the server holds them."""
+        return [sorted(set(stream.query_values("channel"))) for stream in self.streams]
+
+
+@asynccontextmanager
+async def browser_and_hub(
+    token_lifetime: float | None = None, init_script: str | None = None
+) -> AsyncIterator[tuple[Any, Hub]]:
+    """A running `Hub` and one Chromium context (whose pages share BroadcastChannel and locks)."""
+    require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
+    require(_playwright_available(), "the playwright package is missing (pip install playwright)")
+    from playwright.async_api import async_playwright
+
+    hub = Hub(token_lifetime)
+    hub.start()
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await browser.new_context()
+                context.set_default_timeout(WAIT)
+                if init_script is not None:
+                    await context.add_init_script(init_script)
+                yield context, hub
+            finally:
+                await browser.close()
+    finally:
+        await hub.stop()
+
+
+class Tab:
+    def __init__(self, page: Any, channels: list[str]) -> None:
+        self.page = page
+        self.channels = channels
+        self.errors: list[str] = []
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    @classmethod
+    async def open(cls, context: Any, hub: Hub, channels: list[str], token: bool = False) -> Tab:
+        page = await context.new_page()
+        tab = cls(page, channels)
+        query = "&".join(f"channel={channel}" for channel in channels)
+        await page.goto(f"{hub.url}/?{query}{'&token=1' if token else ''}")
+        return tab
+
+    async def wait_open(self) -> None:
+        await self.page.wait_for_function(
+            "() => window.source && window.source.readyState === 1", timeout=WAIT
+        )
+
+    async def wait_count(self, count: int) -> None:
+        await self.page.wait_for_function(
+            "(count) => window.received.length >= count", arg=count, timeout=WAIT
+        )
+
+    async def received(self) -> list[tuple[str, str, str]]:
+        return [tuple(item) for item in await self.page.evaluate("window.received")]
+
+    async def leading(self) -> bool:
+        return bool(await self.page.evaluate("window.source.leading"))
+
+    async def mode(self) -> str:
+        return str(await self.page.evaluate("window.source.mode"))
+
+
+def run(scenario: Any) -> None:
+    asyncio.run(asyncio.wait_for(scenario, 60))
+
+
+async def publish_round(
+    hub: Hub, channels: list[str], count: int, pace: bool = False
+) -> list[tuple[str, str, str]]:
+    """Publish *count* events round-robin over *channels*; (channel, data, id) of each."""
+    sent = []
+    for n in range(count):
+        channel = channels[n % len(channels)]
+        data = f"{channel}:{n}"
+        event = "note" if n % 3 == 0 else None
+        sent.append((channel, data, await hub.broker.publish(channel, data, event=event)))
+        if pace:
+            await asyncio.sleep(0.01)  # spread over the handover (a pace, not a wait)
+    return sent
+
+
+def expected(tab: Tab, sent: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    return [
+        ("note" if int(data.split(":")[1]) % 3 == 0 else "message", data, event_id)
+        for channel, data, event_id in sent
+        if channel in tab.channels
+    ]
+
+
+CHANNEL_SETS = [["news"], ["room/1", "user/alice"], ["news", "room/1"]]
+
+
+def test_eight_tabs_share_one_stream_and_each_gets_exactly_its_events() -> None:
+    async def scenario() -> None:
+        async with browser_and_hub() as (context, hub):
+            tabs = [
+                await Tab.open(context, hub, CHANNEL_SETS[n % len(CHANNEL_SETS)]) for n in range(8)
+            ]
+            for tab in tabs:
+                await tab.wait_open()
+            await wait_until(lambda: len(hub.streams) == 1)
+            assert hub.channels() == [["news", "room/1", "user/alice"]]
+            sent = await publish_round(hub, ["news", "room/1", "user/alice", "other"], 40)
+            for tab in tabs:
+                want = expected(tab, sent)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+            assert len(hub.streams) == 1
+            assert sum(1 for tab in tabs if await tab.leading()) == 1
+            assert {await tab.mode() for tab in tabs} == {"shared"}
+            assert [tab.errors for tab in tabs] == [[]] * 8
+
+    run(scenario())
+
+
+def test_closing_the_leading_tab_hands_over_without_loss_or_duplicates() -> None:
+    async def scenario() -> None:
+        async with browser_and_hub() as (context, hub):
+            tabs = [await Tab.open(context, hub, CHANNEL_SETS[n % 3]) for n in range(5)]
+            for tab in tabs:
+                await tab.wait_open()
+            await wait_until(lambda: len(hub.streams) == 1)
+            leader = [tab for tab in tabs if await tab.leading()]
+            assert len(leader) == 1
+            rest = [tab for tab in tabs if tab is not leader[0]]
+            before = await publish_round(hub, ["news", "room/1", "user/alice"], 15)
+            publishing = asyncio.ensure_future(
+                publish_round(hub, ["news", "room/1", "user/alice"], 60, pace=True)
+            )
+            await wait_until(lambda: hub.broker.published_count > 25)
+            old_stream = hub.streams[0]
+            await leader[0].page.close()
+            # another tab leads within 2 s (issue 16): the server holds its new stream
+            await wait_until(
+                lambda: len(hub.streams) == 1 and hub.streams[0] is not old_stream, timeout=2
+            )
+            during = await publishing
+            sent = before + during
+            for tab in rest:
+                want = expected(tab, sent)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+            assert sum(1 for tab in rest if await tab.leading()) == 1
+            assert len(hub.streams) == 1
+
+    run(scenario())
+
+
+def test_reloading_every_tab_keeps_one_stream() -> None:
+    async def scenario() -> None:
+        async with browser_and_hub() as (context, hub):
+            tabs = [await Tab.open(context, hub, CHANNEL_SETS[n % 3]) for n in range(6)]
+            for tab in tabs:
+                await tab.wait_open()
+            for tab in tabs:
+                await tab.page.reload()
+                await tab.wait_open()
+            await wait_until(lambda: len(hub.streams) == 1)
+            assert hub.channels() == [["news", "room/1", "user/alice"]]
+            sent = await publish_round(hub, ["news", "room/1", "user/alice"], 30)
+            for tab in tabs:
+                want = expected(tab, sent)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+            assert len(hub.streams) == 1
+
+    run(scenario())
+
+
+def test_a_token_expiring_mid_stream_is_renewed_and_the_stream_resumes() -> None:
+    async def scenario() -> None:
+        async with browser_and_hub(token_lifetime=0.4) as (context, hub):
+            tabs = [await Tab.open(context, hub, CHANNEL_SETS[n], token=True) for n in range(3)]
+            for tab in tabs:
+                await tab.wait_open()
+            await wait_until(lambda: len(hub.streams) == 1)
+            expired_before = hub.expired
+            sent = []
+            # publish across at least two expiries: each closes the stream with token-expired
+            while hub.expired < expired_before + 2:
+                sent += await publish_round(hub, ["news", "room/1", "user/alice"], 3, pace=True)
+            sent += await publish_round(hub, ["news", "room/1", "user/alice"], 6)
+            for tab in tabs:
+                want = expected(tab, sent)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+            assert hub.refused == 0  # every reconnect came with a fresh token
+            assert len(hub.tokens) >= 3
+            leader = [tab for tab in tabs if await tab.leading()]
+            assert await leader[0].page.evaluate("window.expired") >= 2
+
+    run(scenario())
+
+
+NO_SHARING = """
+delete window.BroadcastChannel;
+Object.defineProperty(Navigator.prototype, 'locks', { get() { return undefined; } });
+"""
+
+
+def test_fallback_without_web_locks_or_broadcast_channel() -> None:
+    async def scenario() -> None:
+        async with browser_and_hub(token_lifetime=0.5, init_script=NO_SHARING) as (context, hub):
+            tabs = [await Tab.open(context, hub, CHANNEL_SETS[n], token=True) for n in range(3)]
+            for tab in tabs:
+                await tab.wait_open()
+            assert {await tab.mode() for tab in tabs} == {"fallback"}
+            await wait_until(lambda: len(hub.streams) == 3)
+            assert sorted(hub.channels()) == sorted(sorted(s) for s in CHANNEL_SETS)
+            expired_before = hub.expired
+            sent = []
+            while hub.expired < expired_before + 3:
+                sent += await publish_round(hub, ["news", "room/1", "user/alice"], 3, pace=True)
+            for tab in tabs:
+                want = expected(tab, sent)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+            assert hub.refused == 0
+
+    run(scenario())
