@@ -368,7 +368,7 @@ def test_eight_tabs_share_one_stream_and_each_gets_exactly_its_events() -> None:
                 await tab.wait_count(len(want))
                 assert await tab.received() == want
             assert len(hub.streams) == 1
-            assert sum(1 for tab in tabs if await tab.leading()) == 1
+            assert len([tab for tab in tabs if await tab.leading()]) == 1
             assert {await tab.mode() for tab in tabs} == {"shared"}
             assert [tab.errors for tab in tabs] == [[]] * 8
 
@@ -402,7 +402,7 @@ def test_closing_the_leading_tab_hands_over_without_loss_or_duplicates() -> None
                 want = expected(tab, sent)
                 await tab.wait_count(len(want))
                 assert await tab.received() == want
-            assert sum(1 for tab in rest if await tab.leading()) == 1
+            assert len([tab for tab in rest if await tab.leading()]) == 1
             assert len(hub.streams) == 1
 
     run(scenario())
