@@ -23,6 +23,10 @@ from tornado_sse.broker.framing import (
     HISTORY_PART,
     HUB_BOUND,
     MAX_ARRAY_LEN,
+    METRICS,
+    METRICS_QUERY,
+    METRICS_REPLY,
+    METRICS_RESULT,
     PEER_BOUND,
     PUBLISH,
     PUBLISH_OVERHEAD,
@@ -73,6 +77,8 @@ VALID_PEER_BOUND = [
     pack(HISTORY_END, 3, []),
     pack(GAP, 4, "k-6"),
     pack(CLOSING),
+    pack(METRICS_QUERY, 5),
+    pack(METRICS_RESULT, 5, [[["processes", "", 1], ["latency_sum", "", 0.5]], []]),
 ]
 VALID_HUB_BOUND = [
     pack(PUBLISH, 1, "news", "x", "name", 10, 1.0),
@@ -80,6 +86,8 @@ VALID_HUB_BOUND = [
     pack(SUBSCRIBE, 3, ["a", "b"]),
     pack(UNSUBSCRIBE, ["a"]),
     pack(HISTORY, 4, ["a"], "k-1"),
+    pack(METRICS, 5),
+    pack(METRICS_REPLY, 5, [["channel_subscribers", "news", 2]]),
 ]
 
 

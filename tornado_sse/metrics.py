@@ -9,10 +9,10 @@ users register the same collector in their own registry.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "merge_samples"]
 
 #: publish-to-write latency histogram buckets, seconds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -20,6 +20,11 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: at most this many channels are reported by name in per-channel metrics; the rest are summed
 #: under the label ``_other`` so that cardinality stays bounded
 MAX_CHANNEL_LABELS = 100
+#: the label under which the channels past the bound are summed
+OTHER_CHANNELS = "_other"
+#: channels one process reports by name in its `Metrics.samples` (more than are shown, so that
+#: the largest channels of the sum of several processes are still named)
+SAMPLED_CHANNELS = 500
 
 
 class Metrics:
@@ -90,8 +95,79 @@ class Metrics:
                     target[channel] = target.get(channel, 0) + value
         return merged
 
-    def collector(self) -> Any:
-        """A ``prometheus_client`` collector for these metrics (requires ``prometheus_client``)."""
+    def samples(self) -> list[tuple[str, str, float]]:
+        """These metrics as ``(name, label, value)`` samples that add up across processes.
+
+        What crosses processes when ``tornado-sse serve --processes N`` totals its workers'
+        metrics (`merge_samples`): counters and gauges by name, latency buckets (not cumulative)
+        labelled with their bound, per-channel gauges labelled with the channel (the
+        `SAMPLED_CHANNELS` largest; the rest summed under ``_other``), ``healthy`` 1 or 0, and
+        ``processes`` 1.
+        """
+        out: list[tuple[str, str, float]] = [
+            ("processes", "", 1),
+            ("healthy", "", 1 if all(check() for check in self.health_sources) else 0),
+            ("latency_sum", "", self.latency_sum),
+        ]
+        out += [(name, "", value) for name, _, value in self._values()]
+        bounds = [repr(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]
+        out += [
+            ("latency_bucket", bound, count)
+            for bound, count in zip(bounds, self.latency_buckets, strict=True)
+        ]
+        for name, values in self.channel_gauges().items():
+            ranked = sorted(values.items(), key=lambda item: -item[1])
+            out += [(name, channel, value) for channel, value in ranked[:SAMPLED_CHANNELS]]
+            other = sum(value for _, value in ranked[SAMPLED_CHANNELS:])
+            if other:
+                out.append((name, OTHER_CHANNELS, other))
+        return out
+
+    def _values(self) -> list[tuple[str, str, int]]:
+        """``(name, help, value)`` of the plain counters and gauges."""
+        return [
+            ("connections_open", "Event streams open now", self.connections_open),
+            ("connections", "Event streams opened", self.connections_total),
+            ("events_published", "Events published", self.published),
+            ("events_sent", "Event deliveries written to streams", self.events_sent),
+            ("heartbeats_sent", "Heartbeats written to idle streams", self.heartbeats_sent),
+            (
+                "slow_disconnects",
+                "Streams closed for exceeding the buffer bound",
+                self.slow_disconnects,
+            ),
+            ("connections_shed", "Subscribers shed by connection limits", self.connections_shed),
+            (
+                "connections_pruned",
+                "Half-open, failed or expired streams pruned",
+                self.connections_pruned,
+            ),
+            ("resumes", "Streams resumed from a Last-Event-ID", self.resumes),
+            ("stream_resets", "Resumes answered with stream-reset", self.stream_resets),
+            (
+                "idle_connections_closed",
+                "Idle non-stream connections closed (past the bound, or to make room)",
+                self.idle_closed,
+            ),
+            (
+                "accept_pauses",
+                "Pauses of accepting for want of file descriptors",
+                self.accept_pauses,
+            ),
+            (
+                "idle_connections",
+                "Non-stream connections waiting for a request now",
+                self.idle_connections,
+            ),
+        ]
+
+    def collector(self, source: Callable[[], Iterable[Iterable[Any]]] | None = None) -> Any:
+        """A ``prometheus_client`` collector for these metrics (requires ``prometheus_client``).
+
+        :param source: what to report instead of this process's own `samples`: a callable
+            returning the samples of several processes (one iterable each), which are added up
+            (`merge_samples`). ``tornado-sse serve --processes N`` passes its workers' samples.
+        """
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
@@ -99,70 +175,28 @@ class Metrics:
         )
 
         metrics = self
+        gauges = frozenset({"connections_open", "idle_connections"})
 
         class _Collector:
             def collect(self) -> Iterator[Any]:
-                yield GaugeMetricFamily(
-                    "tornado_sse_connections_open",
-                    "Event streams open now",
-                    value=metrics.connections_open,
-                )
-                for name, doc, value in (
-                    ("connections", "Event streams opened", metrics.connections_total),
-                    ("events_published", "Events published", metrics.published),
-                    ("events_sent", "Event deliveries written to streams", metrics.events_sent),
-                    (
-                        "heartbeats_sent",
-                        "Heartbeats written to idle streams",
-                        metrics.heartbeats_sent,
-                    ),
-                    (
-                        "slow_disconnects",
-                        "Streams closed for exceeding the buffer bound",
-                        metrics.slow_disconnects,
-                    ),
-                    (
-                        "connections_shed",
-                        "Subscribers shed by connection limits",
-                        metrics.connections_shed,
-                    ),
-                    (
-                        "connections_pruned",
-                        "Half-open, failed or expired streams pruned",
-                        metrics.connections_pruned,
-                    ),
-                    ("resumes", "Streams resumed from a Last-Event-ID", metrics.resumes),
-                    ("stream_resets", "Resumes answered with stream-reset", metrics.stream_resets),
-                    (
-                        "idle_connections_closed",
-                        "Idle non-stream connections closed (past the bound, or to make room)",
-                        metrics.idle_closed,
-                    ),
-                    (
-                        "accept_pauses",
-                        "Pauses of accepting for want of file descriptors",
-                        metrics.accept_pauses,
-                    ),
-                ):
-                    yield CounterMetricFamily(f"tornado_sse_{name}", doc, value=value)
-                yield GaugeMetricFamily(
-                    "tornado_sse_idle_connections",
-                    "Non-stream connections waiting for a request now",
-                    value=metrics.idle_connections,
-                )
+                totals = merge_samples(source() if source is not None else [metrics.samples()])
+                for name, doc, _ in metrics._values():
+                    value = totals.get((name, ""), 0)
+                    if name in gauges:
+                        yield GaugeMetricFamily(f"tornado_sse_{name}", doc, value=value)
+                    else:
+                        yield CounterMetricFamily(f"tornado_sse_{name}", doc, value=value)
                 buckets = []
-                running = 0
-                for bound, count in zip(LATENCY_BUCKETS, metrics.latency_buckets, strict=False):
-                    running += count
-                    buckets.append((repr(bound), running))
-                buckets.append(("+Inf", running + metrics.latency_buckets[-1]))
+                running = 0.0
+                for bound in [repr(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]:
+                    running += totals.get(("latency_bucket", bound), 0)
+                    buckets.append((bound, running))
                 yield HistogramMetricFamily(
                     "tornado_sse_publish_to_write_seconds",
-                    "Time from publish to the first write of an event in this process",
+                    "Time from publish to the first write of an event in its process",
                     buckets=buckets,
-                    sum_value=metrics.latency_sum,
+                    sum_value=totals.get(("latency_sum", ""), 0.0),
                 )
-                gauges = metrics.channel_gauges()
                 for name, doc in (
                     ("subscribers", "Local subscriptions per channel"),
                     ("history", "Events retained per channel"),
@@ -170,18 +204,53 @@ class Metrics:
                     family = GaugeMetricFamily(
                         f"tornado_sse_channel_{name}", doc, labels=["channel"]
                     )
-                    values = gauges.get(name, {})
+                    values = {
+                        label: value
+                        for (key, label), value in totals.items()
+                        if key == name and label != OTHER_CHANNELS
+                    }
                     ranked = sorted(values.items(), key=lambda item: -item[1])
-                    other = sum(v for _, v in ranked[MAX_CHANNEL_LABELS:])
+                    other = totals.get((name, OTHER_CHANNELS), 0)
+                    other += sum(v for _, v in ranked[MAX_CHANNEL_LABELS:])
                     for channel, value in ranked[:MAX_CHANNEL_LABELS]:
                         family.add_metric([channel], value)
                     if other:
-                        family.add_metric(["_other"], other)
+                        family.add_metric([OTHER_CHANNELS], other)
                     yield family
+                processes = totals.get(("processes", ""), 0)
                 yield GaugeMetricFamily(
                     "tornado_sse_healthy",
-                    "1 when every broker can deliver",
-                    value=1 if all(check() for check in metrics.health_sources) else 0,
+                    "1 when every broker of every process reporting can deliver",
+                    value=1 if processes and totals.get(("healthy", ""), 0) == processes else 0,
+                )
+                yield GaugeMetricFamily(
+                    "tornado_sse_processes",
+                    "Processes whose metrics these are (the workers of serve --processes)",
+                    value=processes,
                 )
 
         return _Collector()
+
+
+def merge_samples(reports: Iterable[Iterable[Any]]) -> dict[tuple[str, str], float]:
+    """Add up the `Metrics.samples` of several processes: ``{(name, label): total}``.
+
+    A malformed sample (not a ``[str, str, number]``) is skipped, whoever sent it.
+    """
+    totals: dict[tuple[str, str], float] = {}
+    for samples in reports:
+        for sample in samples:
+            try:
+                name, label, value = sample
+            except (TypeError, ValueError):
+                continue
+            if (
+                not isinstance(name, str)
+                or not isinstance(label, str)
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
+                continue
+            key = (name, label)
+            totals[key] = totals.get(key, 0) + value
+    return totals

@@ -41,7 +41,7 @@ from types import FrameType
 
 from .broker.bridge import default_socket_path
 
-__all__ = ["fork_processes", "group_socket_path", "task_id"]
+__all__ = ["fork_processes", "group_socket_path", "is_supervisor", "task_id"]
 
 log = logging.getLogger("tornado_sse.process")
 
@@ -55,6 +55,11 @@ _task_id: int | None = None
 def task_id() -> int | None:
     """This worker's index (0 .. N-1), or ``None`` outside a group of `fork_processes`."""
     return _task_id
+
+
+def is_supervisor() -> bool:
+    """Whether this process supervises a group of `fork_processes` (it is not a worker)."""
+    return _supervisor_pid == os.getpid()
 
 
 def group_socket_path(name: str = "tornado-sse") -> str:

@@ -30,6 +30,10 @@ Deliberate choices:
   the hub pauses accepting instead of spinning on ``accept()``, and connections that are not
   streams are bounded in time (``--idle-connection-timeout``) and number
   (``--max-idle-connections``).
+* **A scrape gets the whole hub's totals** (issue 12 item 14): under ``--processes N`` a scrape
+  lands on one worker, so that worker collects every worker's `.Metrics.samples` through the
+  bridge (`.BridgeBroker.collect_metrics`, at most about a second) and adds them up; counts of
+  one worker alone would be a random fraction. Log lines name their worker (`ProcessFilter`).
 * **No secret reaches a log**: the token is compared with `hmac.compare_digest` and never
   logged; the access log redacts query parameters that look like credentials.
 """
@@ -240,6 +244,9 @@ class _Hub:
         self.token = options.token.encode("utf-8")
         self.closing = False
         self._registry: Any = None
+        self._group_samples: list[Any] | None = None
+        if hasattr(broker, "metrics_source"):  # the bridge: answer the other workers' scrapes
+            broker.metrics_source = metrics.samples
 
     def allows_origin(self, origin: str, request: Any) -> bool:
         return (
@@ -254,6 +261,38 @@ class _Hub:
             and all(check() for check in self.metrics.health_sources)
         )
 
+    def _samples(self) -> list[Any]:
+        """What the registry reports: every worker's samples just collected, else ours."""
+        group = self._group_samples
+        return group if group is not None else [self.metrics.samples()]
+
+    async def collect_group(self) -> list[Any] | None:
+        """Under ``--processes N``: every worker's samples, collected through the bridge (a
+        worker that does not answer within a second is left out; ``tornado_sse_processes``
+        says how many did); ``None`` otherwise, or when the bridge cannot ask them now."""
+        collect = getattr(self.broker, "collect_metrics", None)
+        if collect is None or self.options.processes < 2 or self.options.redis is not None:
+            return None
+        try:
+            group: list[Any] = await collect()
+        except (BrokerError, asyncio.TimeoutError) as exc:
+            log.warning("metrics: cannot collect the other workers' (%s); this worker's only", exc)
+            return None
+        return group
+
+    def render(self, group: list[Any] | None) -> bytes:
+        """The exposition of the registry, totalled over *group* (each worker's samples) when
+        given, else of this process alone."""
+        from prometheus_client import generate_latest
+
+        registry = self.registry()
+        self._group_samples = group
+        try:
+            output: bytes = generate_latest(registry)
+        finally:
+            self._group_samples = None
+        return output
+
     def registry(self) -> Any:
         """The Prometheus registry of this hub (imports ``prometheus_client`` on first use)."""
         if self._registry is None:
@@ -261,7 +300,7 @@ class _Hub:
             from prometheus_client.process_collector import ProcessCollector
 
             registry = CollectorRegistry()
-            registry.register(self.metrics.collector())
+            registry.register(self.metrics.collector(self._samples))
             backend_collector = getattr(self.broker, "collector", None)
             if backend_collector is not None:  # the backend's own metrics (Redis, for one)
                 registry.register(backend_collector())
@@ -450,11 +489,11 @@ class HealthHandler(_HubHandler):
 class MetricsHandler(_HubHandler):
     """``GET /metrics``: Prometheus text exposition; 501 without ``prometheus_client``."""
 
-    def get(self) -> None:
+    async def get(self) -> None:
         try:
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            from prometheus_client import CONTENT_TYPE_LATEST
 
-            registry = self.hub.registry()
+            self.hub.registry()
         except ImportError:
             self.set_status(501)
             self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -463,8 +502,10 @@ class MetricsHandler(_HubHandler):
                 "pip install 'tornado-sse[metrics]'\n"
             )
             return
+        group = await self.hub.collect_group()
+        output = self.hub.render(group)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(registry))
+        self.finish(output)
 
 
 class NotFoundHandler(_HubHandler):
@@ -600,7 +641,7 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the access log's fields."""
 
-    FIELDS = ("status", "method", "path", "client", "duration_ms")
+    FIELDS = ("pid", "worker", "status", "method", "path", "client", "duration_ms")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -621,13 +662,36 @@ class JsonFormatter(logging.Formatter):
 JsonFormatter.converter = time.gmtime
 
 
+class ProcessFilter(logging.Filter):
+    """Says which process wrote a line: ``worker``, the worker's index under ``--processes``
+    (absent otherwise), and ``where`` for text lines: ``worker 1, pid 4242``, ``supervisor,
+    pid 4240`` or ``pid 4242``. (``pid`` is the record's own ``process``.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        group = sys.modules.get("tornado_sse.process")
+        worker = group.task_id() if group is not None else None
+        record.pid = record.process
+        record.worker = worker
+        if worker is not None:
+            record.where = f"worker {worker}, pid {record.process}"
+        elif group is not None and group.is_supervisor():
+            record.where = f"supervisor, pid {record.process}"
+        else:
+            record.where = f"pid {record.process}"
+        return True
+
+
 def configure_logging(level: str, json_lines: bool) -> None:
-    """Log to stderr at *level*, as text or one JSON object per line."""
+    """Log to stderr at *level*, as text or one JSON object per line; each line says which
+    process wrote it (`ProcessFilter`)."""
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(where)s]: %(message)s")
+        )
+    handler.addFilter(ProcessFilter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

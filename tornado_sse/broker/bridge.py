@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..errors import (
@@ -100,6 +100,10 @@ from .framing import (
     HISTORY_PART,
     HUB_BOUND,
     MAX_ARRAY_LEN,
+    METRICS,
+    METRICS_QUERY,
+    METRICS_REPLY,
+    METRICS_RESULT,
     PEER_BOUND,
     PUBLISH,
     PUBLISH_OVERHEAD,
@@ -420,6 +424,8 @@ class BridgeHub:
         self.closed = False
         self._followers: dict[str, dict[_Peer, None]] = {}
         self._dirty: list[_Peer] = []
+        self._queries: dict[int, _MetricsQuery] = {}
+        self._next_qid = 0
         self._claim: _Claim | None = None
         self._server: asyncio.AbstractServer | None = None
         self._pid = os.getpid()
@@ -471,6 +477,10 @@ class BridgeHub:
                 transport.abort()
         self.peers.clear()
         self._followers.clear()
+        for query in self._queries.values():
+            if query.timer is not None:
+                query.timer.cancel()
+        self._queries.clear()
         if self._claim is not None:
             self._claim.release()
             self._claim = None
@@ -536,6 +546,10 @@ class BridgeHub:
                     del followers[channel]
         peer.channels.clear()
         peer.out.clear()
+        for qid, query in list(self._queries.items()):
+            query.pending.pop(peer, None)
+            if not query.pending:
+                self._answer_metrics(qid)
         if not self.closed:
             log.info("bridge hub: peer pid=%d gone (%d peers)", peer.pid, len(self.peers))
 
@@ -582,6 +596,10 @@ class BridgeHub:
                 self._subscribe(peer, frame[2], frame[3])
             elif kind == UNSUBSCRIBE:
                 self._unsubscribe(peer, frame[2])
+            elif kind == METRICS:
+                self._collect_metrics(peer, frame[2])
+            elif kind == METRICS_REPLY:
+                self._metrics_reply(peer, frame[2], frame[3])
             else:
                 assert kind == HISTORY
                 self._history(peer, frame[2], frame[3], frame[4])
@@ -626,6 +644,58 @@ class BridgeHub:
                     if not members:
                         del followers[channel]
 
+    def _collect_metrics(self, peer: _Peer, rid: int) -> None:
+        """Ask every peer (the asker included) for its metric samples; answer the asker with
+        the replies once all have answered, or after `METRICS_TIMEOUT` with those that did."""
+        if len(self._queries) >= MAX_METRICS_QUERIES:
+            peer.send(pack(METRICS_RESULT, rid, []))
+            return
+        self._next_qid += 1
+        qid = self._next_qid
+        pending = {member: None for member in self.peers if not member.closed}
+        query = _MetricsQuery(peer, rid, pending)
+        self._queries[qid] = query
+        message = pack(METRICS_QUERY, qid)
+        for member in pending:
+            member.send(message)
+        query.timer = asyncio.get_running_loop().call_later(
+            METRICS_TIMEOUT, self._answer_metrics, qid
+        )
+
+    def _metrics_reply(self, peer: _Peer, qid: int, samples: list[list[Any]]) -> None:
+        query = self._queries.get(qid)
+        if query is None or peer not in query.pending:
+            return  # too late, or not asked
+        del query.pending[peer]
+        query.replies.append(samples)
+        if not query.pending:
+            self._answer_metrics(qid)
+
+    def _answer_metrics(self, qid: int) -> None:
+        query = self._queries.pop(qid, None)
+        if query is None:
+            return
+        if query.timer is not None:
+            query.timer.cancel()
+        if query.pending and not self.closed:
+            log.info(
+                "bridge hub: %d of %d processes did not send their metrics in time",
+                len(query.pending),
+                len(query.pending) + len(query.replies),
+            )
+        asker = query.asker
+        if not asker.closed:
+            budget = self.max_frame_size * EXPANSION
+            replies: list[list[list[Any]]] = []
+            size = 0
+            for samples in query.replies:  # a reply is a few kB; the frame stays bounded
+                size += 64 + sum(len(item[0]) + len(item[1]) + 16 for item in samples)
+                if size > budget:
+                    break
+                replies.append(samples)
+            asker.send(pack(METRICS_RESULT, query.rid, replies))
+        self._flush()
+
     def _history(self, peer: _Peer, rid: int, channels: list[str], after: str) -> None:
         for channel in channels:
             validate_channel(channel)
@@ -651,6 +721,25 @@ class BridgeHub:
             part.append(item)
             size += item_size
         peer.send(pack(HISTORY_END, rid, part))
+
+
+#: seconds the hub waits for the processes' metrics before answering with those it has
+METRICS_TIMEOUT = 1.0
+#: metrics collections in progress at once at most (more are answered with no replies)
+MAX_METRICS_QUERIES = 64
+
+
+class _MetricsQuery:
+    """A collection of every process's metrics, in progress at the hub."""
+
+    __slots__ = ("asker", "pending", "replies", "rid", "timer")
+
+    def __init__(self, asker: _Peer, rid: int, pending: dict[_Peer, None]) -> None:
+        self.asker = asker
+        self.rid = rid
+        self.pending = pending
+        self.replies: list[list[list[Any]]] = []
+        self.timer: asyncio.TimerHandle | None = None
 
 
 _live_hubs: weakref.WeakSet[BridgeHub] = weakref.WeakSet()
@@ -700,6 +789,7 @@ _ANSWERS = {
     PUBLISH: frozenset({PUBLISHED}),
     SUBSCRIBE: frozenset({SUBSCRIBED}),
     HISTORY: frozenset({HISTORY_PART, HISTORY_END, GAP}),
+    METRICS: frozenset({METRICS_RESULT}),
 }
 
 
@@ -771,6 +861,8 @@ class _HubConnection(asyncio.Protocol):
                     self.welcome.set_result(frame)
             elif kind == CLOSING:
                 self.hub_closing = True
+            elif kind == METRICS_QUERY:
+                self.send(pack(METRICS_REPLY, frame[2], broker._metric_samples()))
             else:
                 self._answer(kind, frame)
             if self.closed:
@@ -788,6 +880,10 @@ class _HubConnection(asyncio.Protocol):
             return
         del self.requests[rid]
         future = request.future
+        if kind == METRICS_RESULT:
+            if not future.done():
+                future.set_result(frame[3])
+            return
         if kind == HISTORY_END:
             request.frames.extend(frame[3])
             result: Any = request.frames
@@ -954,6 +1050,9 @@ class BridgeBroker(Broker):
         self._pid = os.getpid()
         self._forked_away = False
         self._hub_stopped = False  # the last hub we lost said it was stopping on purpose
+        #: this process's metric samples (`.Metrics.samples`), sent when any process of the
+        #: group collects them (`collect_metrics`); ``tornado-sse serve`` sets it
+        self.metrics_source: Callable[[], list[list[Any]]] | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -1259,6 +1358,26 @@ class BridgeBroker(Broker):
         futures = [conn.request(SUBSCRIBE, list(chunk)) for chunk in _chunks(channels)]
         positions = await asyncio.gather(*futures)
         return str(positions[-1])
+
+    async def collect_metrics(self) -> list[list[list[Any]]]:
+        """The metric samples of every process of the group that answers within about a
+        second (this one included), one list per process (see `.Metrics.samples`).
+
+        :raises BrokerUnavailableError: when not connected to a hub.
+        """
+        answer = self._connection().request(METRICS)
+        replies: list[list[list[Any]]] = await asyncio.wait_for(answer, METRICS_TIMEOUT + 2.0)
+        return replies
+
+    def _metric_samples(self) -> list[list[Any]]:
+        source = self.metrics_source
+        if source is None:
+            return []
+        try:
+            return [list(sample) for sample in source()]
+        except Exception:
+            log.exception("bridge: error collecting this process's metrics")
+            return []
 
     def collector(self) -> Any:
         """A ``prometheus_client`` collector for this broker's bridge (``serve`` registers it)."""

@@ -24,6 +24,10 @@ whatever that frame is. The fields of each kind::
     HISTORY_END     hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
     GAP             hub -> peer   rid: int, current_id: str
     CLOSING         hub -> peer   (none): the hub is closing on purpose (its process stops)
+    METRICS         peer -> hub   rid: int (collect every process's metrics)
+    METRICS_QUERY   hub -> peer   qid: int (send yours)
+    METRICS_REPLY   peer -> hub   qid: int, samples: [[name: str, label: str, value: number]]
+    METRICS_RESULT  hub -> peer   rid: int, replies: [samples]  (one per process that answered)
 
 ``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
 event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
@@ -66,6 +70,10 @@ __all__ = [
     "HISTORY_PART",
     "HUB_BOUND",
     "MAX_ARRAY_LEN",
+    "METRICS",
+    "METRICS_QUERY",
+    "METRICS_REPLY",
+    "METRICS_RESULT",
     "PEER_BOUND",
     "PUBLISH",
     "PUBLISHED",
@@ -111,12 +119,27 @@ HISTORY_PART = 8
 HISTORY_END = 9
 GAP = 10
 CLOSING = 11
+METRICS = 12
+METRICS_QUERY = 13
+METRICS_REPLY = 14
+METRICS_RESULT = 15
 
 #: kinds a hub accepts from its peers
-HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY})
+HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, METRICS, METRICS_REPLY})
 #: kinds a peer accepts from its hub
 PEER_BOUND = frozenset(
-    {WELCOME, EVENT, PUBLISHED, SUBSCRIBED, HISTORY_PART, HISTORY_END, GAP, CLOSING}
+    {
+        WELCOME,
+        EVENT,
+        PUBLISHED,
+        SUBSCRIBED,
+        HISTORY_PART,
+        HISTORY_END,
+        GAP,
+        CLOSING,
+        METRICS_QUERY,
+        METRICS_RESULT,
+    }
 )
 
 _NAMES = {
@@ -132,6 +155,10 @@ _NAMES = {
     HISTORY_END: "HISTORY_END",
     GAP: "GAP",
     CLOSING: "CLOSING",
+    METRICS: "METRICS",
+    METRICS_QUERY: "METRICS_QUERY",
+    METRICS_REPLY: "METRICS_REPLY",
+    METRICS_RESULT: "METRICS_RESULT",
 }
 
 
@@ -221,6 +248,25 @@ def _frames(value: Any) -> bool:
     return True
 
 
+def _samples(value: Any) -> bool:
+    if type(value) is not list:
+        return False
+    for item in value:
+        if (
+            type(item) is not list
+            or len(item) != 3
+            or type(item[0]) is not str
+            or type(item[1]) is not str
+            or not _number(item[2])
+        ):
+            return False
+    return True
+
+
+def _sample_lists(value: Any) -> bool:
+    return type(value) is list and all(_samples(item) for item in value)
+
+
 _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     WELCOME: (_str, _str, _rid, _rid),
     PUBLISH: (_rid, _str, _opt_str, _opt_str, _opt_int, _number),
@@ -234,6 +280,10 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     HISTORY_END: (_rid, _frames),
     GAP: (_rid, _str),
     CLOSING: (),
+    METRICS: (_rid,),
+    METRICS_QUERY: (_rid,),
+    METRICS_REPLY: (_rid, _samples),
+    METRICS_RESULT: (_rid, _sample_lists),
 }
 
 
