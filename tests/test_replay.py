@@ -236,7 +236,22 @@ async def test_channels_per_stream_default_to_100(port: int) -> None:
 # ---------------------------------------------------------------------- a real hub process
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "memory",
+        "redis",
+        pytest.param(
+            "bridge",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the bridge hub answers a HISTORY request whole (up to max_peer_buffer/2):"
+                " each worker-side resume holds its own copy of it until the bridge protocol"
+                " reads history in pages (issue 12, item 3: left to the bridge's owners)",
+            ),
+        ),
+    ],
+)
 @pytest.mark.gen_test(timeout=120)
 async def test_hub_memory_stays_bounded_under_never_reading_resumes(
     tmp_path: Path, backend: str
@@ -247,9 +262,17 @@ async def test_hub_memory_stays_bounded_under_never_reading_resumes(
         server = RedisServer(tmp_path)
         server.start()
         flags += ["--redis", server.url]
+    if backend == "bridge":
+        flags += ["--processes", "2"]
     hub = start_hub(tmp_path / "hub.log", *flags)
     try:
-        process = psutil.Process(hub.proc.pid)
+        supervisor = psutil.Process(hub.proc.pid)
+
+        def rss() -> int:
+            """The hub's resident memory, every process of it."""
+            processes = [supervisor, *supervisor.children(recursive=True)]
+            return sum(process.memory_info().rss for process in processes)
+
         channels = [f"h{n}" for n in range(8)]
         query = "&".join(f"channel={c}" for c in channels)
         path = f"/events?{query}"
@@ -272,19 +295,22 @@ async def test_hub_memory_stays_bounded_under_never_reading_resumes(
             reader.close()
 
         await read_all()  # the allocator has now seen one whole replay
-        before = process.memory_info().rss
+        before = rss()
+        opened = hub.log().count("stream open:")
         socks = [await never_reading(hub.port, path, ids[0]) for _ in range(8)]
-        await wait_until(lambda: hub.metrics()["tornado_sse_connections_open"] == 8, timeout=20)
-        peak = process.memory_info().rss
+        # every worker logs its streams (under --processes, /metrics is one worker's)
+        await wait_until(lambda: hub.log().count("stream open:") == opened + 8, timeout=20)
+        peak = rss()
         await read_all()  # a reader is served meanwhile, and the stalled ones stay bounded
-        peak = max(peak, process.memory_info().rss)
+        peak = max(peak, rss())
         growth = (peak - before) / (1 << 20)
         print(f"{backend}: hub RSS {before / (1 << 20):.1f} MiB, +{growth:.1f} MiB for 8 stalled")
         # before issue 12: each stalled resume held its own copy of the 10 MiB (+100 MiB here)
         assert growth < 16, f"8 never-reading resumes added {growth:.1f} MiB to the hub"
+        closed = hub.log().count("stream closed:")
         for sock in socks:
             sock.close()
-        await wait_until(lambda: hub.metrics()["tornado_sse_connections_open"] == 0, timeout=20)
+        await wait_until(lambda: hub.log().count("stream closed:") == closed + 8, timeout=20)
     finally:
         hub.stop()
         if server is not None:
