@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 import pytest
 import tornado.web
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 
 from tests.conftest import require
 from tests.helpers import RawStream, free_port, wait_until
@@ -137,6 +135,17 @@ def _playwright_available() -> bool:
     return True
 
 
+def _pyjwt_available() -> bool:
+    try:
+        import jwt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: the HMAC secret of the token tests (32 bytes, as tornado_sse.auth requires)
+SECRET = "shared-event-source-test-secret!"
+
 PAGE = """<!doctype html>
 <meta charset="utf-8">
 <title>tab</title>
@@ -164,48 +173,27 @@ window.source = source;
 
 
 class Feed(EventStreamHandler):
-    """The stream under test: records open streams; with ``tokens`` set, checks a bearer token
-    (header, or ``access_token`` for a plain EventSource) and closes the stream with
-    ``token-expired`` when it expires, as issue 13's mechanism does."""
-
-    _timer: object = None
+    """The stream under test: records open streams; with a token lifetime set, takes signed
+    tokens through `tornado_sse.auth` (the ``Authorization: Bearer`` header, or ``access_token``
+    for a plain EventSource), which closes each stream with ``token-expired`` at the token's
+    ``exp``."""
 
     def _hub(self) -> Hub:
         return self.application.settings["hub"]  # type: ignore[no-any-return]
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        hub = self._hub()
-        if hub.token_lifetime is not None:
-            header = self.request.headers.get("Authorization", "")
-            token = header[7:] if header.startswith("Bearer ") else None
-            if token is None:
-                token = (self.query_values("access_token") or [""])[-1]
-            expires = hub.tokens.get(token)
-            if expires is None or expires <= time.monotonic():
-                hub.refused += 1
-                self.set_status(401)
-                self.finish("invalid token\n")
-                return
-            self._expires = expires
-        await super().get(*args, **kwargs)
+    def get_current_user(self) -> Any:
+        verifier = self._hub().verifier
+        return None if verifier is None else verifier.authenticate(self)
+
+    def check_channel(self, channel: str) -> bool:
+        grants = self.current_user
+        return grants is None or bool(grants.may_subscribe(channel))
 
     def open(self) -> None:
-        hub = self._hub()
-        hub.streams.append(self)
-        hub.opened.append(sorted(set(self.query_values("channel"))))
-        if hub.token_lifetime is not None:
-            self._timer = IOLoop.current().call_later(
-                self._expires - time.monotonic(), self._expire
-            )
-
-    def _expire(self) -> None:
-        self._hub().expired += 1
-        self.close(Event(data="", event="token-expired"))
+        self._hub().streams.append(self)
 
     def on_close(self) -> None:
         self._hub().streams.remove(self)
-        if self._timer is not None:
-            IOLoop.current().remove_timeout(self._timer)
 
 
 class Page(tornado.web.RequestHandler):
@@ -215,25 +203,30 @@ class Page(tornado.web.RequestHandler):
 
 
 class Token(tornado.web.RequestHandler):
+    """Your backend's token endpoint: a short-lived token for the page's user."""
+
     def post(self) -> None:
+        from tornado_sse.auth import create_token
+
         hub: Hub = self.settings["hub"]
-        token = f"t{len(hub.tokens)}"
-        hub.tokens[token] = time.monotonic() + (hub.token_lifetime or 0.0)
-        self.finish(token)
+        hub.tokens_issued += 1
+        self.finish(create_token(SECRET, subscribe=["news", "room/*", "user/alice"], ttl=hub.ttl))
 
 
 class Hub:
     """The server of a browser test: a real Tornado application on loopback."""
 
-    def __init__(self, token_lifetime: float | None = None) -> None:
+    def __init__(self, ttl: int | None = None) -> None:
         self.broker = InProcessBroker(history_size=1000)
         self.connections = ConnectionSet(prune_interval=0.05)
-        self.token_lifetime = token_lifetime
-        self.tokens: dict[str, float] = {}
+        self.verifier: Any = None
+        if ttl is not None:
+            from tornado_sse.auth import TokenVerifier
+
+            self.verifier = TokenVerifier(secret=SECRET)
+        self.ttl = ttl
+        self.tokens_issued = 0
         self.streams: list[Feed] = []
-        self.opened: list[list[str]] = []
-        self.expired = 0
-        self.refused = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = tornado.web.Application(
@@ -263,14 +256,16 @@ class Hub:
 
 @asynccontextmanager
 async def browser_and_hub(
-    token_lifetime: float | None = None, init_script: str | None = None
+    ttl: int | None = None, init_script: str | None = None
 ) -> AsyncIterator[tuple[Any, Hub]]:
     """A running `Hub` and one Chromium context (whose pages share BroadcastChannel and locks)."""
     require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
     require(_playwright_available(), "the playwright package is missing (pip install playwright)")
     from playwright.async_api import async_playwright
 
-    hub = Hub(token_lifetime)
+    if ttl is not None:
+        require(_pyjwt_available(), "PyJWT is missing (pip install 'tornado-sse[jwt]')")
+    hub = Hub(ttl)
     hub.start()
     try:
         async with async_playwright() as pw:
@@ -429,25 +424,35 @@ def test_reloading_every_tab_keeps_one_stream() -> None:
     run(scenario())
 
 
+async def expiries(tabs: list[Tab]) -> int:
+    """``token-expired`` events the tabs have seen (the leader's, or each tab's own)."""
+    return sum([int(await tab.page.evaluate("window.expired")) for tab in tabs])
+
+
+async def publish_across_expiries(hub: Hub, tabs: list[Tab], count: int) -> list[Any]:
+    """Publish, paced, until the tabs have seen *count* ``token-expired`` events, and after."""
+    sent = []
+    while await expiries(tabs) < count:
+        sent += await publish_round(hub, ["news", "room/1", "user/alice"], 3, pace=True)
+    sent += await publish_round(hub, ["news", "room/1", "user/alice"], 6)
+    return sent
+
+
 def test_a_token_expiring_mid_stream_is_renewed_and_the_stream_resumes() -> None:
     async def scenario() -> None:
-        async with browser_and_hub(token_lifetime=0.4) as (context, hub):
+        async with browser_and_hub(ttl=2) as (context, hub):
             tabs = [await Tab.open(context, hub, CHANNEL_SETS[n], token=True) for n in range(3)]
             for tab in tabs:
                 await tab.wait_open()
             await wait_until(lambda: len(hub.streams) == 1)
-            expired_before = hub.expired
-            sent = []
-            # publish across at least two expiries: each closes the stream with token-expired
-            while hub.expired < expired_before + 2:
-                sent += await publish_round(hub, ["news", "room/1", "user/alice"], 3, pace=True)
-            sent += await publish_round(hub, ["news", "room/1", "user/alice"], 6)
+            # the server closes the stream at each token's exp with token-expired (issue 13)
+            sent = await publish_across_expiries(hub, tabs, 2)
             for tab in tabs:
                 want = expected(tab, sent)
                 await tab.wait_count(len(want))
                 assert await tab.received() == want
-            assert hub.refused == 0  # every reconnect came with a fresh token
-            assert len(hub.tokens) >= 3
+            assert hub.tokens_issued >= 3
+            assert len(hub.streams) == 1
             leader = [tab for tab in tabs if await tab.leading()]
             assert await leader[0].page.evaluate("window.expired") >= 2
 
@@ -462,21 +467,17 @@ Object.defineProperty(Navigator.prototype, 'locks', { get() { return undefined; 
 
 def test_fallback_without_web_locks_or_broadcast_channel() -> None:
     async def scenario() -> None:
-        async with browser_and_hub(token_lifetime=0.5, init_script=NO_SHARING) as (context, hub):
+        async with browser_and_hub(ttl=2, init_script=NO_SHARING) as (context, hub):
             tabs = [await Tab.open(context, hub, CHANNEL_SETS[n], token=True) for n in range(3)]
             for tab in tabs:
                 await tab.wait_open()
             assert {await tab.mode() for tab in tabs} == {"fallback"}
             await wait_until(lambda: len(hub.streams) == 3)
             assert sorted(hub.channels()) == sorted(sorted(s) for s in CHANNEL_SETS)
-            expired_before = hub.expired
-            sent = []
-            while hub.expired < expired_before + 3:
-                sent += await publish_round(hub, ["news", "room/1", "user/alice"], 3, pace=True)
+            sent = await publish_across_expiries(hub, tabs, 3)
             for tab in tabs:
                 want = expected(tab, sent)
                 await tab.wait_count(len(want))
                 assert await tab.received() == want
-            assert hub.refused == 0
 
     run(scenario())

@@ -213,10 +213,19 @@ export class SharedEventSource extends EventTarget {
     if (token !== null) url.searchParams.set('access_token', token);
     const source = new EventSource(url.href, { withCredentials: this.withCredentials });
     this._source = source;
-    source.onopen = () => this._setState(OPEN);
+    source.onopen = () => {
+      this._refused = false;
+      this._setState(OPEN);
+    };
     source.onerror = () => {
       if (this._source !== source || this.readyState === CLOSED) return;
-      if (source.readyState === EventSource.CLOSED) {
+      if (source.readyState === EventSource.CLOSED && this._token && !this._refused) {
+        // refused (EventSource's own reconnect carries the old token, or a fresh token expired
+        // on its way): one more try with a fresh token; a second refusal in a row is final
+        this._refused = true;
+        this._setState(CONNECTING);
+        setTimeout(() => this._openFallback(), 0);
+      } else if (source.readyState === EventSource.CLOSED) {
         this.readyState = CLOSED;
         this._emit('error');
       } else {
@@ -408,6 +417,13 @@ export class SharedEventSource extends EventTarget {
       return;
     }
     const type = response.headers.get('Content-Type') || '';
+    if (response.status === 401 && this._token && !this._refused) {
+      // a token may expire on its way: one more try with a fresh one
+      abort.abort();
+      this._refused = true;
+      this._lost(abort);
+      return;
+    }
     if (response.status !== 200 || !/^text\/event-stream/i.test(type)) {
       // as EventSource: another status or content type ends the stream for good
       abort.abort();
@@ -416,6 +432,7 @@ export class SharedEventSource extends EventTarget {
       this._emit('error');
       return;
     }
+    this._refused = false;
     this._streaming = union;
     this._post({ t: 'open', channels: union });
     this._streamingNow(union);
