@@ -306,6 +306,9 @@ def test_ten_tabs_over_one_http2_connection_through_nginx(
                 for page in pages:
                     await page.wait_for_function("() => window.errors >= 1")
                 assert hub.proc.wait(10) == 0
+                # each tab's reconnect then finds no hub: nginx answers 502, EventSource gives up
+                for page in pages:
+                    await page.wait_for_function("() => window.source.readyState === 2")
             finally:
                 await browser.close()
 

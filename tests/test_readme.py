@@ -5,7 +5,8 @@ documents must be the same in both. A test here saves the example to a file, run
 interpreter as a separate process, and probes what the documentation says it does, with real
 servers, a real ``redis-server`` and real signals. The one change made to an example is its port
 numbers (``8888`` ...), replaced by free ones. The Jupyter extensions (``builds_ext``,
-``progress_demo``) run inside a real Jupyter server in tests/jupyter/test_docs.py.
+``progress_demo``) run inside a real Jupyter server in tests/jupyter/test_docs.py, and the
+page of ``shared_feed`` in Chromium in tests/test_shared_event_source.py.
 
 The embedding example used to refuse every anonymous visitor (its channel ``user/None``) and to
 ``await`` at module level, which is a SyntaxError in a script (issue 12, item 16).
@@ -36,6 +37,8 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TIMEOUT = 15.0
 #: examples run by tests/jupyter/test_docs.py (they need a Jupyter server)
 RUN_IN_JUPYTER = {"builds_ext", "progress_demo"}
+#: examples run in Chromium by tests/test_shared_event_source.py
+RUN_IN_BROWSER = {"shared_feed"}
 #: examples run here
 RUN_HERE = {
     "feed",
@@ -75,7 +78,7 @@ def example(name: str, **ports: int) -> str:
 
 def test_every_example_is_run_and_printed_the_same_everywhere() -> None:
     found = examples()
-    assert set(found) == RUN_HERE | RUN_IN_JUPYTER
+    assert set(found) == RUN_HERE | RUN_IN_JUPYTER | RUN_IN_BROWSER
     for name, copies in found.items():
         assert len({source for _, source in copies}) == 1, (name, [where for where, _ in copies])
 

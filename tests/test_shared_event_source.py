@@ -13,6 +13,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -481,3 +482,53 @@ def test_fallback_without_web_locks_or_broadcast_channel() -> None:
                 assert await tab.received() == want
 
     run(scenario())
+
+
+def test_readme_page_opens_one_stream_for_three_tabs(tmp_path: Path) -> None:
+    """The README's complete page (``shared_feed.py``), run as written: three tabs, one request
+    to ``/events`` in the whole browser, the same ticks in every tab."""
+    from tests.test_readme import Example, example, listening
+
+    port = free_port()
+    item = Example(tmp_path, "shared_feed", example("shared_feed", p8888=port))
+
+    async def scenario() -> None:
+        await listening(item, port)
+        require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
+        require(_playwright_available(), "the playwright package is missing")
+        from playwright.async_api import async_playwright
+
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await browser.new_context()
+                context.set_default_timeout(WAIT)
+                streams: list[str] = []
+                context.on(
+                    "request", lambda r: streams.append(r.url) if "/events" in r.url else None
+                )
+                pages = [await context.new_page() for _ in range(3)]
+                for page in pages:
+                    await page.goto(f"http://127.0.0.1:{port}/")
+                for page in pages:
+                    await page.wait_for_function(
+                        "() => document.querySelectorAll('#log li').length >= 3"
+                    )
+                ids: dict[int, str] = {}
+                for page in pages:
+                    # "<id> tick <n>": consecutive ticks, each with the same id in every tab
+                    lines = [
+                        line.split() for line in await page.locator("#log li").all_text_contents()
+                    ]
+                    ticks = [int(n) for _, _, n in lines]
+                    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+                    for (event_id, _, _), tick in zip(lines, ticks, strict=True):
+                        assert ids.setdefault(tick, event_id) == event_id
+                assert len(streams) == 1, streams
+            finally:
+                await browser.close()
+
+    try:
+        run(scenario())
+    finally:
+        item.stop()

@@ -37,12 +37,15 @@ def client_script() -> bytes:
 
 
 class ClientScriptHandler(tornado.web.RequestHandler):
-    """``GET``: the ``SharedEventSource`` module as ``text/javascript``, revalidated by ETag."""
+    """``GET``: the ``SharedEventSource`` module as ``text/javascript``, revalidated by ETag,
+    importable from pages of any origin (it is public code, sent without credentials)."""
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "text/javascript; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Content-Type-Options", "nosniff")
+        # public code: pages of other origins may import it (module scripts load with CORS)
+        self.set_header("Access-Control-Allow-Origin", "*")
 
     def get(self) -> None:
         self.write(client_script())

@@ -25,8 +25,9 @@
 //
 // Where Web Locks or BroadcastChannel are missing, each tab falls back to a plain EventSource.
 //
-// Tokens. With `token: async () => "..."` the leader sends `Authorization: Bearer <token>` (the
-// fallback sends `?access_token=`, since EventSource cannot set headers). When the server ends a
+// Tokens. With `token: async () => "..."` the leader sends `Authorization: Bearer <token>` to its
+// own origin, and `?access_token=` to another (a header would need a CORS preflight) and in the
+// fallback (EventSource cannot set headers). When the server ends a
 // stream with an event named `token-expired`, a fresh token is fetched at once and the stream
 // resumes from its last id.
 
@@ -405,7 +406,11 @@ export class SharedEventSource extends EventTarget {
     try {
       const token = await this._freshToken();
       if (abort.signal.aborted) return;
-      if (token !== null) headers.Authorization = `Bearer ${token}`;
+      if (token !== null && url.origin === location.origin) {
+        headers.Authorization = `Bearer ${token}`;
+      } else if (token !== null) {
+        url.searchParams.set('access_token', token); // cross-origin: no preflight for a header
+      }
       response = await fetch(url.href, {
         headers,
         cache: 'no-store',
