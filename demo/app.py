@@ -42,6 +42,7 @@ from tornado_sse import Broker, ConnectionSet, Event, EventStreamHandler, InProc
 from tornado_sse.broker.bridge import BridgeBroker
 from tornado_sse.cli import HostName, RedisUrl, require_module
 from tornado_sse.process import fork_processes, group_socket_path
+from tornado_sse.ratelimit import address_key
 
 from .chat import (
     Chat,
@@ -195,7 +196,7 @@ class DropHandler(ChatHandler):
     async def post(self, room_name: str) -> None:
         name = validate_room(room_name)
         client = validate_client(self.get_body_argument("client", None))
-        wait = self.chat.address_limiter.take("drop:" + (self.request.remote_ip or ""))
+        wait = self.chat.address_limiter.take("drop:" + address_key(self.request.remote_ip or ""))
         if wait > 0:
             raise ChatError(429, "Too many requests: wait a moment.", retry_after=wait)
         room = await self.chat.room(name)

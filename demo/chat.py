@@ -47,15 +47,22 @@ from typing import Any, Protocol
 import tornado.web
 from tornado.ioloop import PeriodicCallback
 
-from tornado_sse import Broker, BrokerError, EventStreamParser, Frame, SSEError, Subscription
+from tornado_sse import (
+    Broker,
+    BrokerError,
+    EventStreamParser,
+    Frame,
+    RateLimiter,
+    SSEError,
+    Subscription,
+)
+from tornado_sse.ratelimit import address_key
 
 __all__ = [
     "Chat",
     "ChatConfig",
     "ChatError",
-    "RateLimiter",
     "Room",
-    "TokenBucket",
     "validate_client",
     "validate_message",
     "validate_nick",
@@ -154,55 +161,6 @@ def validate_message(value: str | None, limit: int) -> str:
             400, f"A message has at most {limit} characters (this one has {len(text)})."
         )
     return text
-
-
-# ---------------------------------------------------------------------- rate limits
-
-
-class TokenBucket:
-    """*burst* tokens, refilled at *rate* per second; :meth:`take` spends one if there is one."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, burst: int, rate: float, now: float) -> None:
-        self.burst = burst
-        self.rate = rate
-        self.tokens = float(burst)
-        self.stamp = now
-
-    def take(self, now: float) -> float:
-        """Spend a token and return 0, or return the seconds until one is available."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate if self.rate > 0 else math.inf
-
-
-class RateLimiter:
-    """Token buckets by key, least recently used forgotten past *max_keys* (bounded memory)."""
-
-    def __init__(self, burst: int, rate: float, max_keys: int = 10_000) -> None:
-        self.burst = burst
-        self.rate = rate
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def take(self, key: str, now: float | None = None) -> float:
-        """Spend a token of *key*'s bucket: 0, or the seconds to wait (nothing spent)."""
-        now = time.monotonic() if now is None else now
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(self.burst, self.rate, now)
-            if len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(key)
-        return bucket.take(now)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
 
 
 # ---------------------------------------------------------------------- rooms
@@ -501,8 +459,8 @@ class Chat:
         #: this process's id in presence leases
         self.proc = uuid.uuid4().hex[:12]
         self.rooms: dict[str, Room] = {}
-        self.nick_limiter = RateLimiter(self.config.nick_burst, self.config.nick_rate)
-        self.address_limiter = RateLimiter(self.config.address_burst, self.config.address_rate)
+        self.nick_limiter = RateLimiter(self.config.nick_rate, self.config.nick_burst)
+        self.address_limiter = RateLimiter(self.config.address_rate, self.config.address_burst)
         self._starting: dict[str, asyncio.Future[Room]] = {}
         self._anchors: OrderedDict[str, str] = OrderedDict()
         self._outbox: deque[tuple[str, str, str]] = deque()
@@ -565,12 +523,13 @@ class Chat:
             self._anchors.popitem(last=False)
 
     def check_rate(self, nick: str, address: str) -> None:
-        """Spend a token of *nick* and of *address*; raise 429 when either bucket is empty."""
+        """Spend a token of *nick* and of *address* (`.ratelimit.address_key`: IPv6 per /64);
+        raise 429 when either bucket is empty."""
         now = time.monotonic()
         config = self.config
         for limiter, key, burst, rate in (
             (self.nick_limiter, "n:" + nick.casefold(), config.nick_burst, config.nick_rate),
-            (self.address_limiter, "a:" + address, config.address_burst, config.address_rate),
+            (self.address_limiter, address_key(address), config.address_burst, config.address_rate),
         ):
             wait = limiter.take(key, now)
             if wait > 0:

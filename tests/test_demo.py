@@ -31,11 +31,11 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 from tornado_sse.demo.app import make_app
-from tornado_sse.demo.chat import Chat, ChatConfig, RateLimiter, TokenBucket
+from tornado_sse.demo.chat import Chat, ChatConfig
 
 from tests.helpers import RawStream, free_port, wait_until
 from tests.redis_server import redis_server, redis_url  # noqa: F401
-from tornado_sse import Event, InProcessBroker
+from tornado_sse import Event, InProcessBroker, RateLimiter
 from tornado_sse.cli import main
 
 BASE = ChatConfig(
@@ -244,19 +244,11 @@ async def test_rate_limit_per_nickname(port: int, config: ChatConfig) -> None:
     assert await client.say("lobby", "bob", "another nickname has its own bucket")
 
 
-def test_token_bucket_refills_at_its_rate() -> None:
-    bucket = TokenBucket(2, 0.5, now=0.0)
-    assert bucket.take(0.0) == 0.0
-    assert bucket.take(0.0) == 0.0
-    assert bucket.take(0.0) == pytest.approx(2.0)
-    assert bucket.take(1.0) == pytest.approx(1.0)
-    assert bucket.take(2.0) == 0.0
-    assert bucket.take(2.0) > 0
-    limiter = RateLimiter(1, 1.0, max_keys=3)
-    for key in "abcde":
-        assert limiter.take(key, 0.0) == 0.0
-    assert len(limiter) == 3
-    assert limiter.take("e", 0.0) > 0
+def test_the_chat_uses_the_core_token_bucket() -> None:
+    chat = Chat(InProcessBroker(), replace(BASE, nick_burst=2, nick_rate=0.5))
+    assert isinstance(chat.nick_limiter, RateLimiter)
+    assert (chat.nick_limiter.rate, chat.nick_limiter.burst) == (0.5, 2)
+    assert isinstance(chat.address_limiter, RateLimiter)
 
 
 # ---------------------------------------------------------------------- history and presence

@@ -26,6 +26,7 @@ from .errors import (
     InvalidChannelError,
     InvalidEventError,
     InvalidKeyError,
+    InvalidRateError,
     InvalidURLError,
     PublishError,
     SSEError,
@@ -34,6 +35,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .protocol import Event, EventStreamParser, encode_comment, encode_event, encode_retry
+from .ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from .client import EventSource
@@ -92,9 +94,11 @@ __all__ = [
     "InvalidChannelError",
     "InvalidEventError",
     "InvalidKeyError",
+    "InvalidRateError",
     "InvalidURLError",
     "Metrics",
     "PublishError",
+    "RateLimiter",
     "SSEError",
     "StreamIdleError",
     "StreamParseError",

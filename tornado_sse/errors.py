@@ -9,6 +9,7 @@
      +- InvalidURLError (also ValueError)       a stream URL the client cannot use
      +- PublishError (also ValueError)          a publish body (JSON over HTTP) we refuse
      +- InvalidKeyError (also ValueError)       a token key (or grant pattern) we cannot use
+ +- InvalidRateError (also ValueError)      a rate limit we cannot use ("RATE[/BURST]")
      +- StreamParseError                        the peer sent an event stream we refuse to buffer
      +- EventStreamError                        a URL did not answer with an event stream (.status)
      +- EventStreamClosedError                  sending to a stream whose client went away
@@ -22,11 +23,12 @@
          +- HistoryGapError                     a Last-Event-ID fell out of history (.current_id)
 
 "You asked for something illegal" (``InvalidEventError``, ``InvalidChannelError``,
-``InvalidURLError``, ``PublishError``, ``InvalidKeyError``) is kept apart from "the peer sent
-something bad" (``StreamParseError``, ``AccessError``), as h11 separates local and remote
-protocol errors. A hook of `.EventStreamHandler` (``get_channels``, ``check_channel``,
-``get_current_user`` called from them) may raise ``AuthenticationError`` or ``AccessDeniedError``:
-the request is answered 401 or 403 with the error's message; ``AccessUnavailableError`` sheds it.
+``InvalidURLError``, ``PublishError``, ``InvalidKeyError``, ``InvalidRateError``) is kept apart
+from "the peer sent something bad" (``StreamParseError``, ``AccessError``), as h11 separates
+local and remote protocol errors. A hook of `.EventStreamHandler` (``get_channels``,
+``check_channel``, ``get_current_user`` called from them) may raise ``AuthenticationError`` or
+``AccessDeniedError``: the request is answered 401 or 403 with the error's message;
+``AccessUnavailableError`` sheds it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "InvalidChannelError",
     "InvalidEventError",
     "InvalidKeyError",
+    "InvalidRateError",
     "InvalidURLError",
     "PublishError",
     "SSEError",
@@ -105,6 +108,11 @@ class PublishError(SSEError, ValueError):
 class InvalidKeyError(SSEError, ValueError):
     """A key `.auth.TokenVerifier` cannot verify tokens with (an HMAC secret too short, a PEM
     that is not a public key of a supported type), or a grant pattern that is not one."""
+
+
+class InvalidRateError(SSEError, ValueError):
+    """A rate limit `.ratelimit.RateLimiter` cannot use: not ``RATE[/BURST]``, a rate that is
+    not a finite positive number, or a burst below 1."""
 
 
 class AccessError(SSEError):
