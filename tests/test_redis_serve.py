@@ -34,12 +34,12 @@ PASSWORD = "redis-pass-4f9e2c"
 class Hub:
     """A ``tornado-sse serve --redis URL`` subprocess."""
 
-    def __init__(self, log_path: Path, redis_url: str) -> None:
+    def __init__(self, log_path: Path, redis_url: str, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500"]
+        command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500", *args]
         env = {**os.environ, "TORNADO_SSE_TOKEN": TOKEN}
         with log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(

@@ -160,6 +160,8 @@ class HubOptions:
     :param max_channels_per_stream: channels one stream may follow; ``None``: no limit.
     :param processes: worker processes sharing the port (``--processes``, bridge backend).
     :param redis: Redis URL (``--redis``, Redis backend); ``None``: in-process broker.
+    :param redis_durable: declare that Redis never loses an acknowledged write
+        (``--redis-durable``; `RedisBroker`'s ``durable``).
     :param idle_connection_timeout: seconds a non-stream connection may take to send a request's
         head (keep-alive connections between requests included).
     :param max_idle_connections: non-stream connections without a request kept at most (the one
@@ -180,6 +182,7 @@ class HubOptions:
     max_buffer_size: int = 1 << 20
     processes: int = 1
     redis: str | None = None
+    redis_durable: bool = False
     xheaders: bool = False
     idle_connection_timeout: float = 20.0
     max_idle_connections: int | None = 1000
@@ -200,7 +203,9 @@ def make_broker(options: HubOptions) -> Broker:
     """
     if options.redis is not None:
         module = importlib.import_module("tornado_sse.broker.redis")
-        broker: Broker = module.RedisBroker(options.redis, history_size=options.history)
+        broker: Broker = module.RedisBroker(
+            options.redis, history_size=options.history, durable=options.redis_durable
+        )
         return broker
     if options.processes > 1:
         bridge = importlib.import_module("tornado_sse.broker.bridge")
@@ -215,6 +220,8 @@ def _check_backends(options: HubOptions) -> None:
     asks for more than the backend carries."""
     if options.redis is not None:
         require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
+    elif options.redis_durable:
+        raise click.UsageError("--redis-durable needs --redis")
     if options.processes > 1:
         require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
         if options.redis is None:
@@ -961,6 +968,13 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     help="Redis URL (redis://host:6379/0): several hubs on several machines act as one.",
 )
 @click.option(
+    "--redis-durable",
+    is_flag=True,
+    help="Declare that Redis never loses an acknowledged write (appendfsync always, no "
+    "failover): a Redis restart alone then sends no stream-reset. Default: a restart is taken "
+    "as a possible loss.",
+)
+@click.option(
     "--idle-connection-timeout",
     type=click.FloatRange(min=1, max=3600),
     default=20.0,
@@ -1006,6 +1020,7 @@ def serve_command(
     max_buffer_size: int,
     processes: int,
     redis_url: str | None,
+    redis_durable: bool,
     idle_connection_timeout: float,
     max_idle_connections: int,
     xheaders: bool,
@@ -1043,6 +1058,7 @@ def serve_command(
         max_buffer_size=max_buffer_size,
         processes=processes,
         redis=redis_url,
+        redis_durable=redis_durable,
         xheaders=xheaders,
         idle_connection_timeout=idle_connection_timeout,
         max_idle_connections=max_idle_connections or None,
