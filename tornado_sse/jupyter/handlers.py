@@ -28,7 +28,7 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
 from ..broker.base import Broker
-from ..errors import BrokerError, InvalidEventError, PublishError
+from ..errors import BrokerError, EventTooLargeError, InvalidEventError, PublishError
 from ..handler import EventStreamHandler, default_broker
 from ..publish import parse_publish
 from ..script import client_script
@@ -159,7 +159,8 @@ class PublishHandler(APIHandler):
     Jupyter's XSRF token (``_xsrf`` cookie echoed in an ``X-XSRFToken`` header), a
     token-authenticated one does not. Errors are Jupyter's JSON errors: 400 for bad input, 403
     for an unauthenticated or unauthorized user, a missing XSRF token, or a reserved channel
-    (``jupyter-events/...``), 413 for data larger than ``max_data_size``, 503 while the broker
+    (``jupyter-events/...``), 413 for data larger than ``max_data_size`` or than the broker's
+    backend carries (`.EventTooLargeError`, e.g. the bridge's frame limit), 503 while the broker
     cannot take events.
     """
 
@@ -201,6 +202,8 @@ class PublishHandler(APIHandler):
             event_id = await self.broker.publish(
                 request.channel, request.data, event=request.event, retry=request.retry
             )
+        except EventTooLargeError as exc:
+            raise web.HTTPError(413, str(exc)) from None
         except InvalidEventError as exc:
             raise web.HTTPError(400, str(exc)) from None
         except BrokerError as exc:
