@@ -100,6 +100,25 @@ async def test_with_channel_adds_a_field_line_to_channel_events_only(
         stream.close()
 
 
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_until_ends_the_stream_after_the_replay_up_to_that_id(
+    port: int, broker: InProcessBroker
+) -> None:
+    ids = [await broker.publish("a" if n % 2 else "b", str(n)) for n in range(6)]
+    stream = await RawStream.open(port, f"/events?channel=a&last_event_id={ids[0]}&until={ids[4]}")
+    await stream.read_to_end()
+    assert [(e.data, e.id) for e in stream.events] == [("1", ids[1]), ("3", ids[3])]
+    assert stream.last_chunk  # ended by the server, cleanly
+    # nothing in history after it yet: the stream ends at once, with nothing
+    stream = await RawStream.open(port, f"/events?channel=a&last_event_id={ids[5]}&until={ids[5]}")
+    await stream.read_to_end()
+    assert stream.events == []
+    stream = await RawStream.open(port, "/events?channel=a&until=nonsense")
+    assert stream.status == 400
+    await stream.read_to_end()
+    assert b"invalid until" in stream.raw
+
+
 def test_with_channel_variant_is_encoded_once_per_event() -> None:
     from tornado_sse.broker.base import Frame
 
@@ -155,6 +174,7 @@ import { SharedEventSource } from '/sse/client.js';
 const params = new URLSearchParams(location.search);
 const url = new URL('/events', location.href);
 for (const channel of params.getAll('channel')) url.searchParams.append('channel', channel);
+if (params.has('last_event_id')) url.searchParams.set('last_event_id', params.get('last_event_id'));
 const init = {};
 if (params.has('token')) {
   init.token = async () => (await fetch('/token', { method: 'POST' })).text();
@@ -291,11 +311,22 @@ class Tab:
         page.on("pageerror", lambda error: self.errors.append(str(error)))
 
     @classmethod
-    async def open(cls, context: Any, hub: Hub, channels: list[str], token: bool = False) -> Tab:
+    async def open(
+        cls,
+        context: Any,
+        hub: Hub,
+        channels: list[str],
+        token: bool = False,
+        last_event_id: str | None = None,
+    ) -> Tab:
         page = await context.new_page()
         tab = cls(page, channels)
         query = "&".join(f"channel={channel}" for channel in channels)
-        await page.goto(f"{hub.url}/?{query}{'&token=1' if token else ''}")
+        if token:
+            query += "&token=1"
+        if last_event_id is not None:
+            query += f"&last_event_id={last_event_id}"
+        await page.goto(f"{hub.url}/?{query}")
         return tab
 
     async def wait_open(self) -> None:
@@ -456,6 +487,35 @@ def test_a_token_expiring_mid_stream_is_renewed_and_the_stream_resumes() -> None
             assert len(hub.streams) == 1
             leader = [tab for tab in tabs if await tab.leading()]
             assert await leader[0].page.evaluate("window.expired") >= 2
+
+    run(scenario())
+
+
+def test_a_tab_resumes_its_own_last_event_id_without_disturbing_the_others() -> None:
+    """A tab whose URL carries ``last_event_id`` gets its channels' events after it (the demo's
+    history on entry), whether it opens the shared stream, joins it on a new channel, or joins a
+    channel it already follows; the other tabs get none of it."""
+
+    async def scenario() -> None:
+        async with browser_and_hub() as (context, hub):
+            history = await publish_round(hub, ["news", "room/1"], 8)
+            ids = [event_id for _, _, event_id in history]
+            first = await Tab.open(context, hub, ["news"], last_event_id=ids[1])
+            await first.wait_open()
+            plain = await Tab.open(context, hub, ["news"])
+            await plain.wait_open()
+            joins = await Tab.open(context, hub, ["room/1"], last_event_id=ids[2])
+            await joins.wait_open()
+            later = await Tab.open(context, hub, ["news"], last_event_id=ids[5])
+            await later.wait_open()
+            live = await publish_round(hub, ["news", "room/1"], 6)
+            cases = [(first, ids[1]), (plain, None), (joins, ids[2]), (later, ids[5])]
+            for tab, after in cases:
+                since = [] if after is None else history[ids.index(after) + 1 :]
+                want = expected(tab, since + live)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+            await wait_until(lambda: len(hub.streams) == 1)  # the bounded reads ended
 
     run(scenario())
 

@@ -143,11 +143,14 @@ class EventStreamHandler(tornado.web.RequestHandler):
     ``GET`` answers ``200 text/event-stream`` and first sends a jittered ``retry:``, then either an
     id-only event (a fresh stream: the client now knows where to resume from), a
     ``stream-reset`` event (the requested Last-Event-ID is no longer in history), or the events
-    missed since Last-Event-ID; then live events. Refusals are plain-text 4xx responses: 400 for
-    a missing or invalid channel, 403 for a forbidden channel or origin. A stream beyond the
-    connection limits (or while the broker is unavailable, or during shutdown) is *shed*: a 200
-    stream carrying only a jittered ``retry:`` and a ``Retry-After`` header, then closed, so that
-    browsers' EventSource try again later (after a 503 or 204 they would give up for good).
+    missed since Last-Event-ID; then live events. Two query arguments change that for the
+    clients that ask: ``?with_channel=1`` (:attr:`with_channel`) and ``?until=<id>``, a bounded
+    read that ends after the replay up to that id (an id that is not the broker's answers 400).
+    Refusals are plain-text 4xx responses: 400 for a missing or invalid channel, 403 for a
+    forbidden channel or origin. A stream beyond the connection limits (or while the broker is
+    unavailable, or during shutdown) is *shed*: a 200 stream carrying only a jittered ``retry:``
+    and a ``Retry-After`` header, then closed, so that browsers' EventSource try again later
+    (after a 503 or 204 they would give up for good).
 
     Methods of the handler are for the event loop's thread only; publish through the broker
     (`.Broker.publish_threadsafe`) from other threads.
@@ -184,6 +187,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _detached = False
     #: the stream asked for ``channel:`` fields (:attr:`with_channel`)
     _with_channel = False
+    #: the id key of ``?until=``: the stream ends after the replay up to that id
+    _until_key: Any = None
     #: (time.time() value, final event) set by close_at; its timer runs while the stream is open
     _deadline: tuple[float, Event | None] | None = None
     _deadline_timer: object | None = None
@@ -580,6 +585,14 @@ class EventStreamHandler(tornado.web.RequestHandler):
         connections.watch(self)  # until the first pruning pass sees its output drained
         last_event_id = self.get_last_event_id()
         self._with_channel = self.with_channel
+        until = self.query_values("until")
+        if until:
+            self._until_key = self.broker.id_key(until[-1])
+            if self._until_key is None:
+                connections.discard(self)
+                self._queue = None
+                self._refuse(400, f"invalid until {until[-1]!r}: not an event id of this stream")
+                return
         try:
             subscription = await self.broker.subscribe(
                 channels,
@@ -633,6 +646,9 @@ class EventStreamHandler(tornado.web.RequestHandler):
         )
         if not await self._replay(subscription):
             return
+        if self._until_key is not None:
+            self.close()  # a bounded read: the replay up to ``until`` was all it asked for
+            return
         if self._deadline is not None:
             self._start_deadline()  # a deadline already past closes the stream after the replay
         self._opened = True
@@ -655,7 +671,14 @@ class EventStreamHandler(tornado.web.RequestHandler):
         limit = params.max_buffer
         frames = subscription.replay
         page_size = REPLAY_PAGE
+        past_until = False
         while True:
+            until = self._until_key
+            if until is not None:
+                key = self.broker.id_key
+                kept = [frame for frame in frames if key(frame.id) <= until]
+                past_until = len(kept) < len(frames)  # nothing more to read
+                frames = kept
             if self._with_channel:
                 frames = [frame.with_channel() for frame in frames]
             if frames:
@@ -675,7 +698,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 if not await self._write_drained(b"".join(parts)):
                     return False
                 start = end
-            if subscription.complete:
+            if subscription.complete or past_until:
                 return True
             try:
                 frames = await subscription.next_page(page_size)

@@ -138,10 +138,12 @@ export class SharedEventSource extends EventTarget {
     }
     this._token = typeof init.token === 'function' ? init.token : null;
     this._channels = full.searchParams.getAll('channel');
+    this._resumeFrom = full.searchParams.get('last_event_id');
     const base = new URL(full.href);
     base.searchParams.delete('channel');
     base.searchParams.delete('last_event_id');
     base.searchParams.delete('with_channel');
+    base.searchParams.delete('until');
     this._base = base;
     /** 'shared' or 'fallback': how this tab receives its events */
     this.mode = shareable() ? 'shared' : 'fallback';
@@ -305,7 +307,7 @@ export class SharedEventSource extends EventTarget {
       case 'here':
         this._tabs.set(msg.tab, msg.channels);
         if (!this.lastEventId && msg.id) this.lastEventId = msg.id;
-        if (msg.streaming) this._streamingNow(msg.streaming);
+        if (msg.streaming) this._streamingNow(msg.streaming, msg.id);
         if (this._leading) this._followChanged();
         break;
       case 'bye':
@@ -313,7 +315,7 @@ export class SharedEventSource extends EventTarget {
         if (this._leading) this._followChanged();
         break;
       case 'open':
-        this._streamingNow(msg.channels);
+        this._streamingNow(msg.channels, msg.from);
         break;
       case 'down':
         this._streaming = null;
@@ -327,9 +329,69 @@ export class SharedEventSource extends EventTarget {
     }
   }
 
-  _streamingNow(channels) {
+  // The stream now follows *channels*; this tab receives every event after the id *from* ('':
+  // after the id-only event that primes the fresh stream).
+  _streamingNow(channels, from) {
     this._streaming = channels;
-    if (this._channels.every((channel) => channels.includes(channel))) this._setState(OPEN);
+    if (!this._channels.every((channel) => channels.includes(channel))) return;
+    const first = this.readyState === CONNECTING && this._resumeFrom !== null && !this._catchUp;
+    this._setState(OPEN);
+    if (!first) return;
+    // the first time: what this tab's URL asked for (last_event_id) up to there, on its own
+    this._catchUp = { buffer: [], ids: new Set(), until: from || null };
+    if (from) this._catchUpRead();
+  }
+
+  // A bounded read of this tab's channels from its URL's last_event_id up to where the shared
+  // stream took over (`?until=`), dispatched before the shared events held back meanwhile.
+  async _catchUpRead() {
+    const catchUp = this._catchUp;
+    const url = new URL(this._base.href);
+    for (const channel of this._channels) url.searchParams.append('channel', channel);
+    url.searchParams.set('last_event_id', this._resumeFrom);
+    url.searchParams.set('until', catchUp.until);
+    this._resumeFrom = null;
+    const headers = { Accept: 'text/event-stream' };
+    try {
+      const token = await this._freshToken();
+      if (token !== null && url.origin === location.origin) {
+        headers.Authorization = `Bearer ${token}`;
+      } else if (token !== null) {
+        url.searchParams.set('access_token', token);
+      }
+      const response = await fetch(url.href, {
+        headers,
+        cache: 'no-store',
+        credentials: this.withCredentials ? 'include' : 'same-origin',
+      });
+      if (response.status === 200) {
+        const parser = new StreamParser(
+          (event) => {
+            if (event.data === null || this.readyState === CLOSED) return;
+            if (event.id !== null) catchUp.ids.add(event.id);
+            this._emit(event.type, {
+              data: event.data,
+              lastEventId: event.id || '',
+              origin: this._base.origin,
+            });
+          },
+          () => {},
+        );
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          parser.feed(decoder.decode(value, { stream: true }));
+        }
+      }
+    } catch (err) {
+      // the history is lost to this tab; the shared stream goes on
+    }
+    this._catchUp = null;
+    for (const msg of catchUp.buffer) {
+      if (msg.id === null || !catchUp.ids.has(msg.id)) this._dispatch(msg);
+    }
   }
 
   _union() {
@@ -353,13 +415,23 @@ export class SharedEventSource extends EventTarget {
       }
       this.lastEventId = msg.id;
     }
-    if (msg.data === null) return; // an id-only event: the stream's position
+    const catchUp = this._catchUp;
+    if (msg.data === null) {
+      // an id-only event: the stream's position (where a fresh stream starts)
+      if (catchUp && catchUp.until === null && msg.id) {
+        catchUp.until = msg.id;
+        this._catchUpRead();
+      }
+      return;
+    }
     if (msg.channel !== null && !this._channels.includes(msg.channel)) return;
-    this._emit(msg.type, {
-      data: msg.data,
-      lastEventId: this.lastEventId,
-      origin: this._base.origin,
-    });
+    if (catchUp) catchUp.buffer.push({ ...msg, lastEventId: this.lastEventId });
+    else this._dispatch({ ...msg, lastEventId: this.lastEventId });
+  }
+
+  _dispatch(msg) {
+    if (this.readyState === CLOSED) return;
+    this._emit(msg.type, { data: msg.data, lastEventId: msg.lastEventId, origin: this._base.origin });
   }
 
   // ---------------------------------------------------------------- the leading tab
@@ -400,7 +472,8 @@ export class SharedEventSource extends EventTarget {
     const url = new URL(this._base.href);
     for (const channel of union) url.searchParams.append('channel', channel);
     url.searchParams.set('with_channel', '1');
-    if (this.lastEventId) url.searchParams.set('last_event_id', this.lastEventId);
+    const from = this.lastEventId;
+    if (from) url.searchParams.set('last_event_id', from);
     const headers = { Accept: 'text/event-stream' };
     let response;
     try {
@@ -439,8 +512,8 @@ export class SharedEventSource extends EventTarget {
     }
     this._refused = false;
     this._streaming = union;
-    this._post({ t: 'open', channels: union });
-    this._streamingNow(union);
+    this._post({ t: 'open', channels: union, from });
+    this._streamingNow(union, from);
     let expired = false;
     const parser = new StreamParser(
       (event) => {
