@@ -52,6 +52,8 @@ from .peers import nchan
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
+#: the HMAC secret of the signed-token peer (a benchmark's, not a secret)
+JWT_SECRET = "bench-secret-not-a-secret-0123456789"
 
 
 # ---------------------------------------------------------------------- configuration
@@ -125,6 +127,15 @@ class Peer:
     #: socket) or "redis" (a redis-server of its own, on the server's core)
     backend: str = "memory"
 
+    @property
+    def path(self) -> str:
+        """The stream's path: with ``auth=jwt``, carrying a signed token (`JWT_SECRET`)."""
+        if "auth=jwt" not in self.options:
+            return "/events"
+        from tornado_sse.auth import create_token
+
+        return "/events?access_token=" + create_token(JWT_SECRET, subscribe=["bench"], ttl=None)
+
     def unavailable(self) -> str | None:
         """``None`` if this peer can run here, else why not."""
         if self.module is None:
@@ -168,6 +179,15 @@ PEERS: dict[str, Peer] = {
             "tornado_sse_peer",
             requires=("redis",),
             backend="redis",
+        ),
+        Peer(
+            "tornado_sse_jwt",
+            "tornado_sse, a signed token (HS256) verified per stream",
+            "tornado_sse_peer",
+            requires=("jwt",),
+            options=("auth=jwt", f"secret={JWT_SECRET}"),
+            why="what verifying a token costs a new stream (compare tornado_sse's connect time)",
+            scenarios=("idle",),
         ),
         Peer("tornado_plain", "plain Tornado (queue per client, write + flush)", "tornado_plain"),
         Peer(
@@ -608,7 +628,7 @@ class PeerRun:
                     "n": shares[i],
                     "host": HOST,
                     "port": self.server.port,
-                    "path": "/events",
+                    "path": self.peer.path,
                     "src": self.workers.source(i),
                     "concurrency": 1000,
                 }
@@ -855,7 +875,7 @@ class PeerRun:
                 "cmd": "churn",
                 "host": HOST,
                 "port": self.server.port,
-                "path": "/events",
+                "path": self.peer.path,
                 "src": self.workers.source(i),
                 "duration": plan.churn_duration,
                 "clients": shares[i],

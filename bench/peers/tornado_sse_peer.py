@@ -4,6 +4,10 @@ The route follows the channel ``bench``; the driver publishes through the broker
 server's own event loop. ``--option gc=freeze`` calls `gc.freeze()` once the server is up
 (see docs/benchmarks.md).
 
+``--option auth=jwt --option secret=SECRET``: each stream carries a signed token
+(``?access_token=``) that `tornado_sse.auth.TokenVerifier` checks, as an application with private
+channels would.
+
 ``--option broker=bridge --option socket=PATH``: a `BridgeBroker` instead; alone on its socket,
 the process runs the hub and its own broker talks to it over the unix socket, so every event
 crosses the bridge to the hub and back. ``--option broker=redis --option redis=URL``: a
@@ -32,6 +36,16 @@ class Events(EventStreamHandler):
         return ["bench"]
 
 
+class PrivateEvents(Events):
+    """The stream of a signed token's grants (its ``exp`` would close it: none here)."""
+
+    def get_current_user(self) -> object:
+        return self.settings["verifier"].authenticate(self)
+
+    def check_channel(self, channel: str) -> bool:
+        return bool(self.current_user.may_subscribe(channel))  # type: ignore[attr-defined]
+
+
 def make_broker(settings: dict[str, str]) -> Broker:
     kind = settings.get("broker", "memory")
     if kind == "bridge":
@@ -46,10 +60,18 @@ def make_broker(settings: dict[str, str]) -> Broker:
 
 
 async def main(args: argparse.Namespace) -> None:
-    broker = make_broker(options(args))
+    settings = options(args)
+    broker = make_broker(settings)
     connections = ConnectionSet()
+    handler: type[Events] = Events
+    verifier = None
+    if settings.get("auth") == "jwt":
+        from tornado_sse.auth import TokenVerifier
+
+        handler, verifier = PrivateEvents, TokenVerifier(secret=settings["secret"])
     app = tornado.web.Application(
-        [(r"/events", Events)],
+        [(r"/events", handler)],
+        verifier=verifier,
         sse_broker=broker,
         sse_connections=connections,
         sse_heartbeat_interval=args.heartbeat,
