@@ -398,6 +398,87 @@ class BrokerContract:
         await wait_until(lambda: got2.data == ["missed"], TIMEOUT)
         sub2.close()
 
+    # ------------------------------------------------------------------ start positions
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_history_starts_with_the_last_events_merged_in_id_order(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        ids = [await broker.publish("ha" if n % 2 else "hb", str(n)) for n in range(7)]
+        await broker.publish("hother", "not followed")
+        got = Collector()
+        sub = await broker.subscribe(["ha", "hb"], got, history=4)
+        assert not sub.reset
+        assert [frame.id for frame in sub.replay] == ids[3:]
+        assert broker.id_key(sub.position) < broker.id_key(ids[3])
+        assert broker.id_key(sub.position) >= broker.id_key(ids[2])
+        got.frames.extend(sub.replay)
+        sub.start()
+        live = await broker.publish("ha", "live")
+        await wait_until(lambda: len(got.frames) == 5, TIMEOUT)
+        assert [frame.id for frame in got.frames] == [*ids[3:], live]
+        sub.close()
+        # the position resumes exactly: the same events again, none before them
+        again, got_again = await subscribe(broker, ["ha", "hb"], sub.position)
+        assert [frame.id for frame in got_again.frames] == [*ids[3:], live]
+        again.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_history_beyond_what_is_retained_gets_what_is_retained(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker(history_size=5)
+        early = await broker.publish("hkeep", "early")
+        ids = [await broker.publish("hlong", str(n)) for n in range(10)]
+        late = await broker.publish("hkeep", "late")
+        got = Collector()
+        sub = await broker.subscribe(["hlong", "hkeep"], got, history=1000)
+        assert not sub.reset
+        # cut where hlong's history ends: "early" is older than that, so it is not replayed
+        assert [frame.id for frame in sub.replay] == [*ids[5:], late]
+        assert early not in [frame.id for frame in sub.replay]
+        sub.close()
+        empty = await broker.subscribe(["hnothing"], Collector(), history=10)
+        assert not empty.reset
+        assert empty.replay == []
+        assert broker.id_key(empty.position) is not None
+        empty.close()
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_last_event_id_takes_precedence_over_history(
+        self, make_broker: MakeBroker
+    ) -> None:
+        broker = await make_broker()
+        ids = [await broker.publish("hprec", str(n)) for n in range(6)]
+        sub = await broker.subscribe(["hprec"], Collector(), ids[4], history=5)
+        assert not sub.reset
+        assert [frame.id for frame in sub.replay] == ids[5:]
+        assert sub.position == ids[4]
+        sub.close()
+        with pytest.raises(ValueError):
+            await broker.subscribe(["hprec"], Collector(), history=-1)
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_history_is_read_in_pages_while_publishing(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        channels = ["hpa", "hpb"]
+        await broker.publish("hpa", "too early")
+        ids = [await broker.publish(channels[n % 2], str(n)) for n in range(30)]
+        got = Collector()
+        sub = await broker.subscribe(channels, got, page_size=4, history=30, max_pending=1 << 20)
+        replayed = list(sub.replay)
+        live: list[str] = []
+        while not sub.complete:
+            live.append(await broker.publish(channels[len(live) % 2], f"live {len(live)}"))
+            replayed.extend(await sub.next_page())
+        got.frames.extend(replayed)
+        sub.start()
+        live.append(await broker.publish("hpb", "after"))
+        await wait_until(lambda: len(got.frames) >= len(ids) + len(live), TIMEOUT)
+        assert [frame.id for frame in got.frames] == ids + live
+        sub.close()
+
     @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_close_is_idempotent_and_final(self, make_broker: MakeBroker) -> None:
         broker = await make_broker()

@@ -261,6 +261,9 @@ class EventSource:
         `.InvalidURLError` at once (see `validate_url`).
     :param last_event_id: resume after this id on the first connection (sent as
         ``Last-Event-ID``); ``None`` or ``""`` for none.
+    :param history: start with the last this many events of the stream's channels (sent as
+        ``?history=N``; the server must support it, as `.EventStreamHandler` and the hub do);
+        reconnections resume after the last id received instead. ``None``: from now.
     :param headers: extra request headers (cookies, authorization ...).
     :param retry: initial reconnection delay in seconds, until the server sends ``retry:``.
     :param max_retry: the exponential backoff of repeated failures stops growing here (seconds);
@@ -304,6 +307,7 @@ class EventSource:
         url: str,
         *,
         last_event_id: str | None = None,
+        history: int | None = None,
         headers: Mapping[str, str] | None = None,
         retry: float = 3.0,
         max_retry: float = 60.0,
@@ -317,6 +321,12 @@ class EventSource:
         token: TokenSource | None = None,
     ) -> None:
         url = validate_url(url)
+        if history is not None:
+            if type(history) is not int or history < 0:
+                raise ValueError("history must be a whole number of events (or None)")
+            split = urllib.parse.urlsplit(url)
+            query = f"{split.query}&history={history}" if split.query else f"history={history}"
+            url = urllib.parse.urlunsplit(split._replace(query=query))
         if token is not None:
             if isinstance(token, str):
                 _check_token(token)

@@ -6,10 +6,11 @@
      +- InvalidEventError (also ValueError)     an event we were asked to send is illegal
      |   +- EventTooLargeError                  larger than the backend carries (.size, .limit)
      +- InvalidChannelError (also ValueError)   a channel name is not allowed
+     +- InvalidArgumentError (also ValueError)  a stream argument we refuse (?history=x): 400
      +- InvalidURLError (also ValueError)       a stream URL the client cannot use
      +- PublishError (also ValueError)          a publish body (JSON over HTTP) we refuse
      +- InvalidKeyError (also ValueError)       a token key (or grant pattern) we cannot use
- +- InvalidRateError (also ValueError)      a rate limit we cannot use ("RATE[/BURST]")
+     +- InvalidRateError (also ValueError)      a rate limit we cannot use ("RATE[/BURST]")
      +- StreamParseError                        the peer sent an event stream we refuse to buffer
      +- EventStreamError                        a URL did not answer with an event stream (.status)
      +- EventStreamClosedError                  sending to a stream whose client went away
@@ -23,12 +24,12 @@
          +- HistoryGapError                     a Last-Event-ID fell out of history (.current_id)
 
 "You asked for something illegal" (``InvalidEventError``, ``InvalidChannelError``,
-``InvalidURLError``, ``PublishError``, ``InvalidKeyError``, ``InvalidRateError``) is kept apart
-from "the peer sent something bad" (``StreamParseError``, ``AccessError``), as h11 separates
-local and remote protocol errors. A hook of `.EventStreamHandler` (``get_channels``,
-``check_channel``, ``get_current_user`` called from them) may raise ``AuthenticationError`` or
-``AccessDeniedError``: the request is answered 401 or 403 with the error's message;
-``AccessUnavailableError`` sheds it.
+``InvalidArgumentError``, ``InvalidURLError``, ``PublishError``, ``InvalidKeyError``,
+``InvalidRateError``) is kept apart from "the peer sent something bad" (``StreamParseError``,
+``AccessError``), as h11 separates local and remote protocol errors. A hook of
+`.EventStreamHandler` (``get_channels``, ``check_channel``, ``get_current_user`` called from
+them) may raise ``AuthenticationError`` or ``AccessDeniedError``: the request is answered 401 or
+403 with the error's message; ``AccessUnavailableError`` sheds it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "EventStreamError",
     "EventTooLargeError",
     "HistoryGapError",
+    "InvalidArgumentError",
     "InvalidChannelError",
     "InvalidEventError",
     "InvalidKeyError",
@@ -85,6 +87,11 @@ class EventTooLargeError(InvalidEventError):
 
 class InvalidChannelError(SSEError, ValueError):
     """A channel name is empty, too long, or holds characters channel names may not hold."""
+
+
+class InvalidArgumentError(SSEError, ValueError):
+    """A stream argument we refuse, such as ``?history=`` that is not a whole number from 0 to
+    `.handler.MAX_HISTORY`: `.EventStreamHandler` answers ``400`` with this message."""
 
 
 class InvalidURLError(SSEError, ValueError):

@@ -42,12 +42,13 @@ from .errors import (
     BrokerError,
     EventStreamClosedError,
     HistoryGapError,
+    InvalidArgumentError,
     InvalidChannelError,
 )
 from .metrics import Metrics
 from .protocol import Event, encode_comment, encode_event, encode_retry
 
-__all__ = ["EventStreamHandler", "default_broker"]
+__all__ = ["MAX_HISTORY", "EventStreamHandler", "default_broker", "parse_history"]
 
 log = logging.getLogger("tornado_sse")
 
@@ -56,6 +57,9 @@ _HEARTBEAT = encode_comment("")
 #: (its size follows the size of the frames read so far) and is written in pieces of at most
 #: max_buffer bytes
 REPLAY_PAGE = 500
+#: the most past events a fresh stream may ask for (``?history=N``); more than its channels
+#: retain gets what they retain
+MAX_HISTORY = 100_000
 _RELEASED_UI: types.MappingProxyType[str, Any] = types.MappingProxyType({})
 _default_lock = threading.Lock()
 _default: InProcessBroker | None = None
@@ -80,6 +84,18 @@ def default_broker() -> InProcessBroker:
         if broker is None or broker.closed or (loop is not None and loop.is_closed()):
             broker = _default = InProcessBroker()
         return broker
+
+
+def parse_history(value: str) -> int:
+    """The number of past events a ``history`` argument asks for.
+
+    :raises InvalidArgumentError: unless *value* is a whole number from 0 to `MAX_HISTORY`.
+    """
+    if not (value.isascii() and value.isdigit()) or len(value) > 7 or int(value) > MAX_HISTORY:
+        raise InvalidArgumentError(
+            f"history must be a whole number of events from 0 to {MAX_HISTORY}, not {value!r}"
+        )
+    return int(value)
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -344,6 +360,22 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return True
         return origin == f"{self.request.protocol}://{self.request.host}"
 
+    def get_history(self) -> int | Awaitable[int]:
+        """How many past events a fresh stream (one without a Last-Event-ID) starts with: the
+        last that many events of its channels, merged in id order. May be a coroutine.
+
+        Default: the ``history`` query argument (``?history=50``), else the setting
+        ``sse_history`` (default 0: a fresh stream starts from now). A value that is not a whole
+        number from 0 to `MAX_HISTORY` raises `.InvalidArgumentError` (answered 400). Asking
+        for more than is retained gets what is retained, never ``stream-reset``. Ignored when
+        the request has a Last-Event-ID: a reconnecting browser sends one, and resumes after
+        what it got instead of receiving the first replay again.
+        """
+        values = self.query_values("history")
+        if not values:
+            return int(self.settings.get("sse_history", 0) or 0)
+        return parse_history(values[-1])
+
     def get_last_event_id(self) -> str | None:
         """The id to resume after: the ``Last-Event-ID`` header, else the ``last_event_id`` query
         argument (for clients that cannot set headers), else ``None``. The header wins."""
@@ -559,7 +591,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
             for channel in dict.fromkeys(channels):
                 if not await _maybe_await(self.check_channel(channel)):
                     raise AccessDeniedError(channel)
-        except InvalidChannelError as exc:
+            history = int(await _maybe_await(self.get_history()))
+            if not 0 <= history <= MAX_HISTORY:
+                raise InvalidArgumentError(
+                    f"history must be a whole number of events from 0 to {MAX_HISTORY}"
+                )
+        except (InvalidChannelError, InvalidArgumentError) as exc:
             self._refuse(400, str(exc))
             return
         except AuthenticationError as exc:
@@ -601,6 +638,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 page_size=min(REPLAY_PAGE, max(16, params.max_buffer // 1024)),
                 max_pending=params.max_buffer,
                 on_overflow=self._overflow,
+                history=history,
             )
         except BrokerError as exc:
             log.warning("shedding stream: broker unavailable: %s", exc)

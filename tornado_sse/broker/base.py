@@ -2,7 +2,7 @@
 
 A broker takes publishes, assigns event ids, keeps a bounded history per channel and delivers
 events to the local subscriptions of this process. The public half of the contract lives here
-and is the same for every backend; a backend implements five coroutines:
+and is the same for every backend; a backend implements these coroutines:
 
 ``_publish(channel, event)``
     Assign the id (locally or remotely), store the event in history, arrange for it to reach
@@ -23,6 +23,10 @@ and is the same for every backend; a backend implements five coroutines:
     `_history` as one page, which suits backends whose history is already in this process's
     memory (the frames are shared, a page costs a list of references); a backend that must copy
     history out of a server (Redis) reads it in bounded pages.
+``_tail(channels, count)``
+    Where the last *count* retained events of *channels* begin: an id such that `_history`
+    after it returns them (and whatever was published since), never older than the history
+    retained of any of the channels (so that reading after it is no gap).
 ``id_key(event_id)``
     A sortable key for an id of this broker, or ``None`` if the id is not one of ours.
 
@@ -42,6 +46,14 @@ that bound the subscription closes itself with ``overflowed`` set, and the strea
 any slow consumer, resumes later from the last id it got. A page that finds history trimmed
 after the replay began raises `.HistoryGapError`: end the stream, and its resume gets
 ``stream-reset``.
+
+A fresh subscription may start with the last N events of its channels instead of "from now"
+(``subscribe(..., history=N)``, issue 14): the backend says where they begin (`_tail`), and
+from there on it is a resume like any other, through the same pages and the same buffering of
+live events. The window is the last N events merged in id order, cut where the history of one
+of the channels ends (a merged replay never has a hole in one channel that it fills in another);
+asking for more than is retained gets what is retained, never ``stream-reset``. A Last-Event-ID
+takes precedence: the browser sends one on reconnect, so the first replay is never repeated.
 
 Ids are short strings of ``[A-Za-z0-9._~-]`` (they travel in a ``Last-Event-ID`` header, where
 ``:`` would force a CORS preflight), strictly increasing within a broker and comparable across
@@ -470,6 +482,7 @@ class Broker(abc.ABC):
         page_size: int | None = None,
         max_pending: int | None = None,
         on_overflow: Callable[[], None] | None = None,
+        history: int = 0,
     ) -> Subscription:
         """Subscribe *subscriber* to *channels*, resuming after *last_event_id* if given.
 
@@ -481,9 +494,14 @@ class Broker(abc.ABC):
         :param max_pending: bytes of live events held back before `Subscription.start`; past
             it the subscription closes with ``overflowed`` set, and calls *on_overflow* (from
             the fan-out: it must not block). ``None``: no bound.
+        :param history: without *last_event_id*, start with the last *history* events of the
+            channels, merged in id order (fewer if fewer are retained; never a reset): they are
+            the replay, and ``position`` is the id before them. Ignored with *last_event_id*.
         """
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1")
+        if history < 0:
+            raise ValueError("history must not be negative")
         names = tuple(dict.fromkeys(validate_channel(c) for c in channels))
         if not names:
             raise InvalidChannelError("subscribe to at least one channel")
@@ -506,28 +524,30 @@ class Broker(abc.ABC):
             position = await self._follow_grouped(new)
             sub.position = position
             sub._last_key = self.id_key(position)
-            if last_event_id is not None:
+            start = last_event_id
+            if start is None and history:
+                start = await self._tail(names, history)
+            if start is not None:
                 try:
                     if page_size is None:
-                        sub.replay = await self._history(names, last_event_id)
+                        sub.replay = await self._history(names, start)
                     else:
-                        sub.replay, more = await self._history_page(
-                            names, last_event_id, page_size, True
-                        )
+                        sub.replay, more = await self._history_page(names, start, page_size, True)
                         sub.complete = not more or not sub.replay
                 except HistoryGapError as gap:
-                    sub.reset = True
                     sub.complete = True
-                    sub.position = gap.current_id
-                    sub._last_key = self.id_key(gap.current_id)
                     sub.replay = []
+                    if last_event_id is not None:
+                        sub.reset = True
+                        sub.position = gap.current_id
+                        sub._last_key = self.id_key(gap.current_id)
+                    # else history was trimmed between _tail and the read: start from now
                 else:
-                    start_key = self.id_key(last_event_id)
                     if sub.replay:
                         sub._last_key = self.id_key(sub.replay[-1].id)
                     else:
-                        sub._last_key = start_key
-                    sub.position = last_event_id
+                        sub._last_key = self.id_key(start)
+                    sub.position = start
         except BaseException:
             sub.close()
             raise
@@ -654,6 +674,9 @@ class Broker(abc.ABC):
         """About *limit* frames of `_history` after *after* and whether more may follow; *first*
         is true for the page right after the client's Last-Event-ID. Default: all of it."""
         return await self._history(channels, after), False
+
+    @abc.abstractmethod
+    async def _tail(self, channels: Sequence[str], count: int) -> str: ...
 
     @abc.abstractmethod
     def id_key(self, event_id: str) -> Any:

@@ -110,6 +110,8 @@ from .framing import (
     PUBLISHED,
     SUBSCRIBE,
     SUBSCRIBED,
+    TAIL,
+    TAIL_START,
     UNSUBSCRIBE,
     VERSION,
     WELCOME,
@@ -600,6 +602,8 @@ class BridgeHub:
                 self._collect_metrics(peer, frame[2])
             elif kind == METRICS_REPLY:
                 self._metrics_reply(peer, frame[2], frame[3])
+            elif kind == TAIL:
+                self._tail(peer, frame[2], frame[3], frame[4])
             else:
                 assert kind == HISTORY
                 self._history(peer, frame[2], frame[3], frame[4])
@@ -696,6 +700,12 @@ class BridgeHub:
             asker.send(pack(METRICS_RESULT, query.rid, replies))
         self._flush()
 
+    def _tail(self, peer: _Peer, rid: int, channels: list[str], count: int) -> None:
+        for channel in channels:
+            validate_channel(channel)
+        seq = self.history.tail(channels, count) if channels else self.ids.seq
+        peer.send(pack(TAIL_START, rid, f"{self.ids.epoch}-{seq}"))
+
     def _history(self, peer: _Peer, rid: int, channels: list[str], after: str) -> None:
         for channel in channels:
             validate_channel(channel)
@@ -790,6 +800,7 @@ _ANSWERS = {
     SUBSCRIBE: frozenset({SUBSCRIBED}),
     HISTORY: frozenset({HISTORY_PART, HISTORY_END, GAP}),
     METRICS: frozenset({METRICS_RESULT}),
+    TAIL: frozenset({TAIL_START}),
 }
 
 
@@ -880,7 +891,7 @@ class _HubConnection(asyncio.Protocol):
             return
         del self.requests[rid]
         future = request.future
-        if kind == METRICS_RESULT:
+        if kind == METRICS_RESULT or kind == TAIL_START:
             if not future.done():
                 future.set_result(frame[3])
             return
@@ -1433,6 +1444,13 @@ class BridgeBroker(Broker):
             return  # the hub forgot us with the connection
         for chunk in _chunks(channels):
             conn.send(pack(UNSUBSCRIBE, list(chunk)))
+
+    async def _tail(self, channels: Sequence[str], count: int) -> str:
+        conn = self._connection()
+        starts = await asyncio.gather(
+            *(conn.request(TAIL, list(chunk), count) for chunk in _chunks(channels))
+        )
+        return str(max(starts, key=lambda start: _parse_id(start) or (0, 0)))
 
     async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
         return await self._history_on(self._connection(), channels, after)

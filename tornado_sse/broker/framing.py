@@ -28,6 +28,8 @@ whatever that frame is. The fields of each kind::
     METRICS_QUERY   hub -> peer   qid: int (send yours)
     METRICS_REPLY   peer -> hub   qid: int, samples: [[name: str, label: str, value: number]]
     METRICS_RESULT  hub -> peer   rid: int, replies: [samples]  (one per process that answered)
+    TAIL            peer -> hub   rid: int, channels: [str], count: int
+    TAIL_START      hub -> peer   rid: int, after: str  (the last *count* events follow it)
 
 ``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
 event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
@@ -80,6 +82,8 @@ __all__ = [
     "PUBLISH_OVERHEAD",
     "SUBSCRIBE",
     "SUBSCRIBED",
+    "TAIL",
+    "TAIL_START",
     "UNSUBSCRIBE",
     "VERSION",
     "WELCOME",
@@ -123,9 +127,11 @@ METRICS = 12
 METRICS_QUERY = 13
 METRICS_REPLY = 14
 METRICS_RESULT = 15
+TAIL = 16
+TAIL_START = 17
 
 #: kinds a hub accepts from its peers
-HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, METRICS, METRICS_REPLY})
+HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, METRICS, METRICS_REPLY, TAIL})
 #: kinds a peer accepts from its hub
 PEER_BOUND = frozenset(
     {
@@ -139,6 +145,7 @@ PEER_BOUND = frozenset(
         CLOSING,
         METRICS_QUERY,
         METRICS_RESULT,
+        TAIL_START,
     }
 )
 
@@ -159,6 +166,8 @@ _NAMES = {
     METRICS_QUERY: "METRICS_QUERY",
     METRICS_REPLY: "METRICS_REPLY",
     METRICS_RESULT: "METRICS_RESULT",
+    TAIL: "TAIL",
+    TAIL_START: "TAIL_START",
 }
 
 
@@ -284,6 +293,8 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     METRICS_QUERY: (_rid,),
     METRICS_REPLY: (_rid, _samples),
     METRICS_RESULT: (_rid, _sample_lists),
+    TAIL: (_rid, _str_list, _rid),
+    TAIL_START: (_rid, _str),
 }
 
 

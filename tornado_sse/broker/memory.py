@@ -8,6 +8,8 @@ id from an earlier incarnation (whose history is gone) is recognised and answere
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -155,6 +157,19 @@ class History(Generic[T]):
             found.sort(key=lambda entry: entry[0])
         return found
 
+    def tail(self, channels: Sequence[str], count: int) -> int:
+        """The seq after which the last *count* items of *channels* (merged) begin, cut at the
+        latest ``since`` of the channels, so that `since` after it is never a gap."""
+        start = max(self._since(channel) for channel in channels)
+        seqs: list[int] = []
+        for channel in channels:
+            kept = self._channels.get(channel)
+            if kept is not None:
+                seqs.extend(seq for seq, _ in itertools.islice(reversed(kept.items), count))
+        if len(seqs) >= count > 0:
+            start = max(start, heapq.nlargest(count, seqs)[-1] - 1)
+        return start
+
     def sizes(self) -> dict[str, int]:
         """Retained items per channel (for metrics)."""
         return {channel: len(kept.items) for channel, kept in self._channels.items()}
@@ -205,6 +220,9 @@ class InProcessBroker(Broker):
         if found is None:
             raise HistoryGapError(self.ids.current, "Last-Event-ID is older than the history kept")
         return [frame for _, frame in found]
+
+    async def _tail(self, channels: Sequence[str], count: int) -> str:
+        return f"{self.ids.epoch}-{self.history.tail(channels, count)}"
 
     def id_key(self, event_id: str) -> int | None:
         return self.ids.key(event_id)

@@ -115,6 +115,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import random
@@ -565,6 +566,39 @@ class RedisBroker(Broker):
         if len(channels) > 1:
             found.sort(key=lambda item: item[0])
         return [frame for _, frame in found], bound is not None
+
+    async def _tail(self, channels: Sequence[str], count: int) -> str:
+        # The last entries of each stream, newest first, up to the window of history_size; a
+        # stream that filled it may hold older entries outside the window, so the start is cut
+        # at the entry before its oldest one read (its ``p``).
+        reach = min(count, self.history_size)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._last_key)
+        pipe.get(self._floor_key)
+        if reach:
+            for channel in channels:
+                pipe.xrevrange(self._stream_prefix + channel, max="+", min="-", count=reach)
+        results = await self._call(pipe.execute())
+        if results[0] is None:
+            last, _ = await self._check()
+            return _format(last)
+        last = _parse(results[0]) or _ZERO
+        start = _parse(results[1] or b"0-0") or _ZERO
+        if not reach:
+            return _format(last)
+        keys: list[Key] = []
+        for entries in results[2:]:
+            for entry_id, _ in entries:
+                key = _parse(entry_id)
+                if key is not None:
+                    keys.append(key)
+            if entries and len(entries) >= reach:
+                before = _parse(entries[-1][1].get(b"p") or b"0-0") or _ZERO
+                start = max(start, before)
+        if len(keys) >= count:
+            ms, seq = heapq.nlargest(count, keys)[-1]
+            start = max(start, (ms, seq - 1) if seq else (ms - 1, _MAX_PART))
+        return _format(min(start, last))
 
     def id_key(self, event_id: str) -> Key | None:
         return _parse(event_id)
