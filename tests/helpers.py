@@ -85,8 +85,12 @@ class RawStream:
         method: str = "GET",
         timeout: float = DEFAULT_TIMEOUT,
         rcvbuf: int | None = None,
+        source: str | None = None,
     ) -> RawStream:
+        """*source*: the client's own address (``127.0.0.2``: any of 127.0.0.0/8 is local)."""
         sock = socket.socket()
+        if source is not None:
+            sock.bind((source, 0))
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)

@@ -48,6 +48,7 @@ RUN_HERE = {
     "redis_feed",
     "metrics_setup",
     "private_feed",
+    "ratelimit_example",
 }
 TOKEN = "readme-test-token-0123456789abcdef"
 
@@ -302,3 +303,13 @@ def test_private_feed(run: Callable[[str, str], Example]) -> None:
     item = run("private_feed", example("private_feed", p8888=free_port()))
     assert item.process.wait(TIMEOUT) == 0, item.text()
     assert item.text() == "welcome, alice\n"
+
+
+def test_ratelimit_example(tmp_path: Path) -> None:
+    path = tmp_path / "ratelimit_example.py"
+    path.write_text(example("ratelimit_example"), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "2001:db8::/64: try again in 1.0 s\n"

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import socket
 import threading
 import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -47,6 +49,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .protocol import Event, encode_comment, encode_event, encode_retry
+from .ratelimit import RateLimiter, address_key
 
 __all__ = ["MAX_HISTORY", "EventStreamHandler", "default_broker", "parse_history"]
 
@@ -63,6 +66,10 @@ MAX_HISTORY = 100_000
 _RELEASED_UI: types.MappingProxyType[str, Any] = types.MappingProxyType({})
 _default_lock = threading.Lock()
 _default: InProcessBroker | None = None
+#: the limiter of each application's ``sse_stream_rate`` given as text or a number, with it
+_stream_limiters: weakref.WeakKeyDictionary[Any, tuple[Any, RateLimiter | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def default_broker() -> InProcessBroker:
@@ -163,10 +170,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
     clients that ask: ``?with_channel=1`` (:attr:`with_channel`) and ``?until=<id>``, a bounded
     read that ends after the replay up to that id (an id that is not the broker's answers 400).
     Refusals are plain-text 4xx responses: 400 for a missing or invalid channel, 403 for a
-    forbidden channel or origin. A stream beyond the connection limits (or while the broker is
-    unavailable, or during shutdown) is *shed*: a 200 stream carrying only a jittered ``retry:``
-    and a ``Retry-After`` header, then closed, so that browsers' EventSource try again later
-    (after a 503 or 204 they would give up for good).
+    forbidden channel or origin. A stream beyond the connection limits or its address's
+    :attr:`stream_rate` (or while the broker is unavailable, or during shutdown) is *shed*: a 200
+    stream carrying only a jittered ``retry:`` and a ``Retry-After`` header, then closed, so that
+    browsers' EventSource try again later (after a 429, 503 or 204 they would give up for good).
+    A shed stream loses nothing: its next attempt resumes from the same Last-Event-ID.
 
     Methods of the handler are for the event loop's thread only; publish through the broker
     (`.Broker.publish_threadsafe`) from other threads.
@@ -323,6 +331,28 @@ class EventStreamHandler(tornado.web.RequestHandler):
         Default ``None``: no limit."""
         value = self.settings.get("sse_max_connections_per_address")
         return int(value) if value else None
+
+    @property
+    def stream_rate(self) -> RateLimiter | None:
+        """Setting ``sse_stream_rate``: new streams one client address may open, as
+        ``"RATE[/BURST]"`` (per second, *BURST* at once; `.ratelimit.parse_rate`) or a
+        `.RateLimiter` (to share one between routes or applications). Default ``None``: no
+        limit.
+
+        Over the rate a stream is shed, with a ``retry:`` no shorter than the time until the
+        address has a token again. Resumes count like any new stream. Addresses are keyed by
+        `.ratelimit.address_key` (IPv6 per /64). Off by default because an embedded application
+        often sits behind a reverse proxy: unless it trusts the proxy's header (Tornado's
+        ``xheaders=True``), every client has the proxy's address and would share one bucket.
+        The hub turns it on (``--stream-rate``)."""
+        value = self.settings.get("sse_stream_rate")
+        if value is None or isinstance(value, RateLimiter):
+            return value
+        known = _stream_limiters.get(self.application)
+        if known is None or known[0] != value:
+            known = (value, RateLimiter.parse(value))
+            _stream_limiters[self.application] = known
+        return known[1]
 
     @property
     def cors_origins(self) -> Sequence[str]:
@@ -574,9 +604,18 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if origin is not None:
             self._set_cors_headers(origin)
         connections = self.connections
-        if self._over_limits(connections):
-            self._shed()
+        reason = self._over_limits(connections)
+        if reason is not None:
+            self._shed(reason)
             return
+        limiter = self.stream_rate
+        if limiter is not None:
+            self.metrics.add_limiter("stream", limiter)
+            wait = limiter.take(address_key(self.address))
+            if wait > 0:
+                log.debug("shedding stream: over the stream rate: client=%s", self.address)
+                self._shed("rate", wait)
+                return
         try:
             channels = list(await _maybe_await(self.get_channels()))
             if not channels:
@@ -608,12 +647,13 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return
         except AccessUnavailableError as exc:
             log.debug("shedding stream: %s", exc)  # who raised it logs the outage, once
-            self._shed()
+            self._shed("unavailable")
             return
         if self._closed_once or self.request.connection is None or self._finished:
             return  # the client left while a hook was pending (issue 12): nothing to undo
-        if self._over_limits(connections):
-            self._shed()  # other streams took the last slots while the hooks ran
+        reason = self._over_limits(connections)
+        if reason is not None:
+            self._shed(reason)  # other streams took the last slots while the hooks ran
             return
         params = self._params = _StreamParams(self)
         self._connections = connections
@@ -644,7 +684,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
             log.warning("shedding stream: broker unavailable: %s", exc)
             connections.discard(self)
             self._queue = None
-            self._shed()
+            self._shed("unavailable")
             return
         if self._closed_once:  # the client left while we subscribed
             subscription.close()
@@ -652,7 +692,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if subscription.overflowed:  # live events passed the bound before the first byte
             connections.discard(self)
             self._queue = None
-            self._shed()
+            self._shed("overflow")
             return
         self._subscription = subscription
         metrics = params.metrics
@@ -828,27 +868,36 @@ class EventStreamHandler(tornado.web.RequestHandler):
         self.ui = _RELEASED_UI  # type: ignore[assignment]
         self._headers.clear()
 
-    def _over_limits(self, connections: ConnectionSet) -> bool:
-        """Whether a new stream must be shed: shutdown, or a connection limit reached."""
+    def _over_limits(self, connections: ConnectionSet) -> str | None:
+        """Why a new stream must be shed (a `.Metrics.streams_shed` reason: ``"shutdown"``,
+        ``"connections"``, ``"address"``), or ``None``."""
+        if connections.closing:
+            return "shutdown"
         limit = self.max_connections
+        if limit is not None and len(connections) >= limit:
+            return "connections"
         per_address = self.max_connections_per_address
-        return (
-            connections.closing
-            or (limit is not None and len(connections) >= limit)
-            or (per_address is not None and connections.count(self.address) >= per_address)
-        )
+        if per_address is not None and connections.count(self.address) >= per_address:
+            return "address"
+        return None
 
-    def _jittered_retry(self) -> int:
-        return int(self.retry_interval * 1000 * (1.0 + random.random() * self.retry_jitter))
+    def _jittered_retry(self, least: float = 0.0) -> int:
+        """The ``retry:`` to announce, in milliseconds: :attr:`retry_interval` (or *least*
+        seconds, if longer) jittered upwards."""
+        base = max(self.retry_interval, least)
+        return int(base * 1000 * (1.0 + random.random() * self.retry_jitter))
 
-    def _shed(self) -> None:
-        self.metrics.connections_shed += 1
-        retry = self._jittered_retry()
+    def _shed(self, reason: str, wait: float = 0.0) -> None:
+        """Answer a stream that cannot be served now: ``retry:`` at least *wait* seconds."""
+        metrics = self.metrics
+        metrics.connections_shed += 1
+        metrics.streams_shed[reason] = metrics.streams_shed.get(reason, 0) + 1
+        retry = self._jittered_retry(wait)
         self._transforms = []
         self.set_status(200)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
-        self.set_header("Retry-After", str(max(1, round(retry / 1000))))
+        self.set_header("Retry-After", str(max(1, math.ceil(retry / 1000))))
         self.clear_header("Connection")
         self.finish(encode_retry(retry))
 

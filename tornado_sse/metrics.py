@@ -49,6 +49,15 @@ class Metrics:
         self.idle_connections = 0
         self.idle_closed = 0
         self.accept_pauses = 0
+        #: streams shed, by reason (each also counts in ``connections_shed``): ``"rate"`` (the
+        #: address is over ``sse_stream_rate``), ``"connections"``, ``"address"`` (connection
+        #: limits), ``"unavailable"`` (the broker, or who decides access), ``"shutdown"``,
+        #: ``"overflow"`` (live events passed the buffer bound before the stream started)
+        self.streams_shed: dict[str, int] = {}
+        #: publishes refused, by reason: ``"rate"`` (the credential is over ``--publish-rate``)
+        self.publishes_refused: dict[str, int] = {}
+        #: the rate limiters reported (`add_limiter`): ``(name, limiter)``
+        self._limiters: list[tuple[str, Any]] = []
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -67,6 +76,19 @@ class Metrics:
             lambda: {"subscribers": broker.subscriber_counts(), "history": broker.history_sizes()}
         )
         self.health_sources.append(lambda: bool(broker.healthy))
+
+    def add_limiter(self, name: str, limiter: Any) -> None:
+        """Report the size of *limiter*'s table (a `.RateLimiter`) as
+        ``tornado_sse_rate_limit_keys{limit=name}``. Idempotent."""
+        if not any(known is limiter for _, known in self._limiters):
+            self._limiters.append((name, limiter))
+
+    def rate_limit_keys(self) -> dict[str, int]:
+        """Live buckets of the reported limiters, by name."""
+        keys: dict[str, int] = {}
+        for name, limiter in self._limiters:
+            keys[name] = keys.get(name, 0) + len(limiter)
+        return keys
 
     @property
     def published(self) -> int:
@@ -115,6 +137,9 @@ class Metrics:
             ("latency_bucket", bound, count)
             for bound, count in zip(bounds, self.latency_buckets, strict=True)
         ]
+        out += [("streams_shed", reason, n) for reason, n in self.streams_shed.items()]
+        out += [("publishes_refused", reason, n) for reason, n in self.publishes_refused.items()]
+        out += [("rate_limit_keys", name, n) for name, n in self.rate_limit_keys().items()]
         for name, values in self.channel_gauges().items():
             ranked = sorted(values.items(), key=lambda item: -item[1])
             out += [(name, channel, value) for channel, value in ranked[:SAMPLED_CHANNELS]]
@@ -136,7 +161,11 @@ class Metrics:
                 "Streams closed for exceeding the buffer bound",
                 self.slow_disconnects,
             ),
-            ("connections_shed", "Subscribers shed by connection limits", self.connections_shed),
+            (
+                "connections_shed",
+                "Subscribers shed (told to retry later); by reason in streams_shed",
+                self.connections_shed,
+            ),
             (
                 "connections_pruned",
                 "Half-open, failed or expired streams pruned",
@@ -217,6 +246,21 @@ class Metrics:
                     if other:
                         family.add_metric([OTHER_CHANNELS], other)
                     yield family
+                for name, doc, label, kind in (
+                    ("streams_shed", "Subscribers shed, by reason", "reason", CounterMetricFamily),
+                    (
+                        "publishes_refused",
+                        "Publishes refused, by reason",
+                        "reason",
+                        CounterMetricFamily,
+                    ),
+                    ("rate_limit_keys", "Live token buckets, by limit", "limit", GaugeMetricFamily),
+                ):
+                    labelled = kind(f"tornado_sse_{name}", doc, labels=[label])
+                    for (key, value_label), value in sorted(totals.items()):
+                        if key == name:
+                            labelled.add_metric([value_label], value)
+                    yield labelled
                 processes = totals.get(("processes", ""), 0)
                 yield GaugeMetricFamily(
                     "tornado_sse_healthy",
