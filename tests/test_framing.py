@@ -335,6 +335,11 @@ SCHEMA: dict[int, tuple[str, ...]] = {
     HISTORY_PART: ("rid", "frames"),
     HISTORY_END: ("rid", "frames"),
     GAP: ("rid", "str"),
+    CLOSING: (),
+    METRICS: ("rid",),
+    METRICS_QUERY: ("rid",),
+    METRICS_REPLY: ("rid", "samples"),
+    METRICS_RESULT: ("rid", "[samples]"),
 }
 
 
@@ -362,6 +367,17 @@ def matches(spec: str, value: Any) -> bool:
         return isinstance(value, bytes)
     if spec == "[str]":
         return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    if spec == "samples":
+        return isinstance(value, list) and all(
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and isinstance(item[1], str)
+            and _is_number(item[2])
+            for item in value
+        )
+    if spec == "[samples]":
+        return isinstance(value, list) and all(matches("samples", item) for item in value)
     assert spec == "frames"
     return isinstance(value, list) and all(
         isinstance(item, list)
@@ -398,6 +414,15 @@ FIELD_VALUES = {
         ),
         max_size=3,
     ),
+    "samples": st.lists(
+        st.tuples(st.text(max_size=5), st.text(max_size=5), numbers).map(list), max_size=3
+    ),
+    "[samples]": st.lists(
+        st.lists(
+            st.tuples(st.text(max_size=5), st.text(max_size=5), numbers).map(list), max_size=2
+        ),
+        max_size=2,
+    ),
 }
 
 
@@ -411,7 +436,8 @@ def near_frames(draw: st.DrawFn) -> list[Any]:
     type or value, or a field too few or too many."""
     kind = draw(st.sampled_from(sorted(SCHEMA)))
     fields = [draw(FIELD_VALUES[spec]) for spec in SCHEMA[kind]]
-    change = draw(st.sampled_from(["none", "field", "field", "field", "fewer", "more"]))
+    changes = ["none", "field", "field", "field", "fewer", "more"] if fields else ["none", "more"]
+    change = draw(st.sampled_from(changes))
     if change == "field":
         fields[draw(st.integers(0, len(fields) - 1))] = draw(EDGES | msgpack_values)
     elif change == "fewer":
@@ -446,6 +472,8 @@ TYPICAL = {
     "bytes": b"data: x\n\n",
     "[str]": ["a", "b"],
     "frames": [["c", "x-1", b"data: x\n\n", 1.5]],
+    "samples": [["events_sent", "", 3]],
+    "[samples]": [[["events_sent", "", 3]], []],
 }
 #: values at or past the edge of some field type (a frame's item takes them too)
 EDGE_VALUES = [-1, 2**63, 2**64 - 1, True, 0.5, "", b"", None, [], [b"x"], [1], ["c", "x-1", b""]]
@@ -468,6 +496,14 @@ def test_every_field_at_every_edge() -> None:
                         item = list(TYPICAL["frames"][0])
                         item[part] = value
                         variants.append([*base[:index], [item], *base[index + 1 :]])
+                if schema[index - 2] == "samples":
+                    sample = TYPICAL["samples"][0]
+                    variants.append([*base[:index], [sample[:2]], *base[index + 1 :]])
+                    variants.append([*base[:index], [[*sample, 0]], *base[index + 1 :]])
+                    for part in range(3):
+                        sample = list(TYPICAL["samples"][0])
+                        sample[part] = value
+                        variants.append([*base[:index], [sample], *base[index + 1 :]])
         for frame in variants:
             try:
                 FrameDecoder(HUB_BOUND | PEER_BOUND).feed(msgpack.packb(frame, use_bin_type=True))
