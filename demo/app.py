@@ -9,6 +9,8 @@ Endpoints (all JSON errors carry ``{"error": message}``, shown as is by the page
 ``POST /api/rooms/<room>/drop``    close the stream of ``client`` from the server side
 ``POST /api/rooms/<room>/leave``   the page of ``client`` left: close its stream, absent at once
 ``GET /healthz``                   ``ok`` while the broker is healthy
+``GET /sse/client.js``             the browser's ``SharedEventSource``: a browser's tabs in one room
+                                   under one nickname share one stream
 
 Production choices made visible: Tornado's ``xsrf_cookies`` on every POST; a strict Content
 Security Policy (no inline script or style, nothing from other origins), so even a rendering
@@ -38,7 +40,15 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from tornado_sse import Broker, ConnectionSet, Event, EventStreamHandler, InProcessBroker, Metrics
+from tornado_sse import (
+    Broker,
+    ConnectionSet,
+    Event,
+    EventStreamHandler,
+    InProcessBroker,
+    Metrics,
+    client_script_route,
+)
 from tornado_sse.broker.bridge import BridgeBroker
 from tornado_sse.cli import HostName, RedisUrl, require_module
 from tornado_sse.process import fork_processes, group_socket_path
@@ -143,18 +153,22 @@ class HealthHandler(ChatHandler):
 
 
 class RoomHandler(ChatHandler):
-    """``GET /api/rooms/<room>?nick=N``: check the nickname, follow the room, say how to listen.
+    """``GET /api/rooms/<room>?nick=N[&client=C]``: check the nickname, follow the room, say how
+    to listen.
 
     The stream URL carries the room's history anchor as ``last_event_id``: the first connection
-    replays the room's recent events from the broker; the browser's own ``Last-Event-ID`` header
-    overrides it on every reconnect (see `demo.chat`).
+    replays the room's recent events from the broker; the stream's own last id takes over on
+    every reconnect (see `demo.chat`). A page may bring its own ``client`` id (the one its
+    browser used for this nickname before): the tabs of one browser in one room under one
+    nickname then have the same stream URL, and share one stream (``SharedEventSource``).
     """
 
     async def get(self, room_name: str) -> None:
         name = validate_room(room_name)
         nick = validate_nick(self.get_query_argument("nick", None))
         room = await self.chat.room(name)
-        client = secrets.token_urlsafe(12)
+        given = self.get_query_argument("client", None)
+        client = validate_client(given) if given else secrets.token_urlsafe(12)
         query = urllib.parse.urlencode(
             {"nick": nick, "client": client, "last_event_id": room.anchor}
         )
@@ -296,6 +310,7 @@ def make_app(
             (r"/api/rooms/([^/]+)/messages", MessagesHandler),
             (r"/api/rooms/([^/]+)/drop", DropHandler),
             (r"/api/rooms/([^/]+)/leave", LeaveHandler),
+            client_script_route(),
         ],
         **options,
     )

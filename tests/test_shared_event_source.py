@@ -592,3 +592,85 @@ def test_readme_page_opens_one_stream_for_three_tabs(tmp_path: Path) -> None:
         run(scenario())
     finally:
         item.stop()
+
+
+def test_demo_tabs_of_one_browser_share_one_stream() -> None:
+    """The chat demo: three tabs of one browser in one room under one nickname hold one stream;
+    each shows the room's history and every message once; the nickname stays present until the
+    last of them closes."""
+    require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
+    require(_playwright_available(), "the playwright package is missing")
+    from tornado_sse.demo.app import make_app
+
+    async def scenario() -> None:
+        from playwright.async_api import async_playwright
+
+        connections = ConnectionSet(prune_interval=0.05)
+        app = make_app(connections=connections, sse_retry_interval=0.2)
+        port = free_port()
+        server = app.listen(port, address="127.0.0.1")
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            async with async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                try:
+                    alice_browser = await browser.new_context()
+                    bob_browser = await browser.new_context()
+                    for context in (alice_browser, bob_browser):
+                        context.set_default_timeout(WAIT)
+
+                    async def join(context: Any, nick: str) -> Any:
+                        page = await context.new_page()
+                        await page.goto(url + "?room=tea")
+                        await page.fill("#nick", nick)
+                        await page.click("#join")
+                        await page.wait_for_function(
+                            "() => document.getElementById('status').dataset.state === 'connected'"
+                        )
+                        return page
+
+                    bob = await join(bob_browser, "bob")
+                    alice = [await join(alice_browser, "alice") for _ in range(3)]
+                    await wait_until(lambda: len(connections) == 2)  # bob's, and alice's one
+                    for page in [bob, *alice]:
+                        await page.wait_for_function(
+                            "() => [...document.querySelectorAll('#members li')]"
+                            ".map((n) => n.textContent).join() === 'alice,bob'"
+                        )
+                    await bob.fill("#text", "hello alice")
+                    await bob.press("#text", "Enter")
+                    for page in alice:
+                        await page.wait_for_function(
+                            "() => document.querySelectorAll('#log .msg').length === 1"
+                        )
+                        # the history on entry (bob's and alice's arrival), then the message
+                        assert await page.locator("#log li").all_text_contents() == [
+                            "bob joined",
+                            "alice joined",
+                            await page.locator("#log .msg").text_content(),
+                        ]
+                    await alice[0].close()
+                    await alice[1].close()
+                    await alice[2].wait_for_function(
+                        "() => document.getElementById('status').dataset.state !== 'connecting'"
+                    )
+                    await bob.fill("#text", "still there?")
+                    await bob.press("#text", "Enter")
+                    await alice[2].wait_for_function(
+                        "() => document.querySelectorAll('#log .msg').length === 2"
+                    )
+                    assert "alice left" not in await bob.locator("#log .notice").all_text_contents()
+                    await alice[2].close()
+                    await bob.wait_for_function(
+                        "() => [...document.querySelectorAll('#log .notice')]"
+                        ".some((n) => n.textContent === 'alice left')"
+                    )
+                finally:
+                    await browser.close()
+        finally:
+            server.stop()
+            await connections.close(timeout=2)
+            app.settings["demo_chat"].close()
+            await app.settings["demo_chat"].broker.close()
+
+    run(scenario())

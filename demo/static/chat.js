@@ -1,17 +1,23 @@
-// The chat page. Plain JavaScript, no build step, no dependencies.
+// The chat page. Plain JavaScript (an ES module), no build step, no dependencies.
+//
+// The stream is a SharedEventSource (tornado_sse's /sse/client.js): the tabs of this browser in
+// one room under one nickname share one connection (they use the same client id, kept in
+// localStorage per nickname), which a plain EventSource per tab would not: past 6 tabs, HTTP/1.1
+// would leave the 7th hanging.
 //
 // Rules this file keeps:
 // * user text is only ever put in the page with textContent (never innerHTML);
 // * the page does no de-duplication of its own: EventSource resumes with Last-Event-ID and the
 //   server sends each missed event exactly once; each message keeps its event id (data-id) and
 //   the number of the connection that delivered it (data-conn) so that this can be checked.
-'use strict';
+import { SharedEventSource } from '/sse/client.js';
 
 (() => {
   const $ = (id) => document.getElementById(id);
   const xsrf = document.querySelector('meta[name="xsrf-token"]').content;
   const maxMessage = Number(document.querySelector('meta[name="max-message"]').content) || 500;
   const NICK_KEY = 'tornado-sse-demo-nick';
+  const CLIENT_KEY = 'tornado-sse-demo-client:';
 
   let session = null; // {room, nick, client, es, opens}
 
@@ -102,7 +108,7 @@
   // ------------------------------------------------------------------ entering and leaving
 
   function listen(url) {
-    const es = new EventSource(url);
+    const es = new SharedEventSource(url);
     session.es = es;
     es.addEventListener('open', () => {
       if (session.es !== es) return;
@@ -112,7 +118,7 @@
     });
     es.addEventListener('error', () => {
       if (session.es !== es) return;
-      if (es.readyState === EventSource.CLOSED) {
+      if (es.readyState === SharedEventSource.CLOSED) {
         setStatus('offline', 'disconnected: reload the page to retry');
       } else {
         setStatus('reconnecting', 'reconnecting…');
@@ -156,9 +162,12 @@
     if (session && session.es) {
       // Tell the server at once (the request outlives the page), so the others see us leave
       // now; a connection that is merely lost keeps us present for a grace period instead.
-      api('POST', `/api/rooms/${encodeURIComponent(session.room)}/leave`, {
-        client: session.client,
-      }, true);
+      // While another tab of ours shares the stream, we are still in the room.
+      if (session.es.tabs <= 1) {
+        api('POST', `/api/rooms/${encodeURIComponent(session.room)}/leave`, {
+          client: session.client,
+        }, true);
+      }
       session.es.close();
     }
     session = null;
@@ -176,10 +185,15 @@
       return;
     }
     $('join').disabled = true;
-    const result = await api(
-      'GET',
-      `/api/rooms/${encodeURIComponent(room)}?nick=${encodeURIComponent(nick)}`,
-    );
+    let client = '';
+    try {
+      client = window.localStorage.getItem(CLIENT_KEY + nick) || '';
+    } catch (err) {
+      client = '';
+    }
+    const query = new URLSearchParams({ nick });
+    if (client) query.set('client', client);
+    const result = await api('GET', `/api/rooms/${encodeURIComponent(room)}?${query}`);
     $('join').disabled = false;
     if (!result.ok) {
       $('join-error').textContent = result.error;
@@ -188,6 +202,7 @@
     $('join-error').textContent = '';
     try {
       window.localStorage.setItem(NICK_KEY, result.body.nick);
+      window.localStorage.setItem(CLIENT_KEY + result.body.nick, result.body.client);
     } catch (err) {
       // storage may be disabled; the nickname is then asked again next time
     }

@@ -155,6 +155,12 @@ export class SharedEventSource extends EventTarget {
     }
   }
 
+  /** How many tabs share this stream, this one included (1 in fallback mode). A tab that
+   * crashed is counted until it is replaced. */
+  get tabs() {
+    return this.mode === 'shared' && this.readyState !== CLOSED ? this._tabs.size : 1;
+  }
+
   /** Whether this tab holds the stream for all the others (always false in fallback mode). */
   get leading() {
     return Boolean(this._leading);
@@ -424,9 +430,15 @@ export class SharedEventSource extends EventTarget {
       }
       return;
     }
-    if (msg.channel !== null && !this._channels.includes(msg.channel)) return;
+    if (!this._follows(msg.channel)) return;
     if (catchUp) catchUp.buffer.push({ ...msg, lastEventId: this.lastEventId });
     else this._dispatch({ ...msg, lastEventId: this.lastEventId });
+  }
+
+  // Whether this tab takes events of *channel* (null: an event of the stream itself). A URL
+  // without channel arguments leaves the choice to the server: its tabs take every event.
+  _follows(channel) {
+    return channel === null || this._channels.length === 0 || this._channels.includes(channel);
   }
 
   _dispatch(msg) {
