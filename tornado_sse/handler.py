@@ -655,6 +655,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if reason is not None:
             self._shed(reason)  # other streams took the last slots while the hooks ran
             return
+        until = self.query_values("until")
+        if until:
+            self._until_key = self.broker.id_key(until[-1])
+            if self._until_key is None:
+                self._refuse(400, f"invalid until {until[-1]!r}: not an event id of this stream")
+                return
         params = self._params = _StreamParams(self)
         self._connections = connections
         self._queue = []
@@ -662,14 +668,6 @@ class EventStreamHandler(tornado.web.RequestHandler):
         connections.watch(self)  # until the first pruning pass sees its output drained
         last_event_id = self.get_last_event_id()
         self._with_channel = self.with_channel
-        until = self.query_values("until")
-        if until:
-            self._until_key = self.broker.id_key(until[-1])
-            if self._until_key is None:
-                connections.discard(self)
-                self._queue = None
-                self._refuse(400, f"invalid until {until[-1]!r}: not an event id of this stream")
-                return
         try:
             subscription = await self.broker.subscribe(
                 channels,
