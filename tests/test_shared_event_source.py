@@ -435,6 +435,53 @@ def test_closing_the_leading_tab_hands_over_without_loss_or_duplicates() -> None
     run(scenario())
 
 
+def test_tabs_coming_and_going_while_events_flow_lose_nothing() -> None:
+    """A tab joining with a new channel, then leaving, makes the leader reconnect twice, with
+    its last id: the other tabs get every event once, in order."""
+
+    async def scenario() -> None:
+        async with browser_and_hub() as (context, hub):
+            tabs = [await Tab.open(context, hub, ["news"]) for _ in range(2)]
+            for tab in tabs:
+                await tab.wait_open()
+            publishing = asyncio.ensure_future(
+                publish_round(hub, ["news", "room/1"], 80, pace=True)
+            )
+            await wait_until(lambda: hub.broker.published_count > 10)
+            visitor = await Tab.open(context, hub, ["room/1"])
+            await visitor.wait_open()
+            await wait_until(lambda: hub.channels() == [["news", "room/1"]])
+            await visitor.page.close()
+            await wait_until(lambda: hub.channels() == [["news"]])
+            sent = await publishing
+            for tab in tabs:
+                want = expected(tab, sent)
+                await tab.wait_count(len(want))
+                assert await tab.received() == want
+
+    run(scenario())
+
+
+def test_a_tab_gone_without_goodbye_is_forgotten_at_the_next_handover() -> None:
+    async def scenario() -> None:
+        async with browser_and_hub() as (context, hub):
+            tabs = [await Tab.open(context, hub, CHANNEL_SETS[n]) for n in range(3)]
+            for tab in tabs:
+                await tab.wait_open()
+            await wait_until(lambda: hub.channels() == [["news", "room/1", "user/alice"]])
+            (leader,) = [tab for tab in tabs if await tab.leading()]
+            mute, last = [tab for tab in tabs if tab is not leader]
+            # as if its process died: it goes without telling the others
+            await mute.page.evaluate("() => { window.source._post = () => {}; }")
+            await mute.page.close()
+            await leader.page.close()
+            await wait_until(lambda: hub.channels() == [sorted(last.channels)])
+            assert await last.leading()
+            assert await last.page.evaluate("window.source.tabs") == 1
+
+    run(scenario())
+
+
 def test_reloading_every_tab_keeps_one_stream() -> None:
     async def scenario() -> None:
         async with browser_and_hub() as (context, hub):

@@ -36,6 +36,8 @@ const OPEN = 1;
 const CLOSED = 2;
 const REMEMBERED_IDS = 4096;
 const RECONNECT_SETTLE_MS = 20;
+// how long a new leader waits for the other tabs to answer before it forgets the silent ones
+const ROLL_CALL_MS = 1000;
 
 function shareable() {
   return (
@@ -301,6 +303,9 @@ export class SharedEventSource extends EventTarget {
     switch (msg.t) {
       case 'hello':
         this._tabs.set(msg.tab, msg.channels);
+        if (this._answered) this._answered.add(msg.tab);
+      // falls through: a newcomer, or a new leader calling the roll, learns who is here
+      case 'who':
         this._post({
           t: 'here',
           tab: this._tab,
@@ -308,10 +313,11 @@ export class SharedEventSource extends EventTarget {
           streaming: this._leading ? this._streaming : null,
           id: this.lastEventId,
         });
-        if (this._leading) this._followChanged();
+        if (this._leading && msg.t === 'hello') this._followChanged();
         break;
       case 'here':
         this._tabs.set(msg.tab, msg.channels);
+        if (this._answered) this._answered.add(msg.tab);
         if (!this.lastEventId && msg.id) this.lastEventId = msg.id;
         if (msg.streaming) this._streamingNow(msg.streaming, msg.id);
         if (this._leading) this._followChanged();
@@ -455,7 +461,19 @@ export class SharedEventSource extends EventTarget {
       this._releaseLock = resolve;
     });
     this._connect();
+    // A tab that crashed said no goodbye: whoever does not answer the roll call is forgotten
+    // (and its channels with it), once the stream is back.
+    this._answered = new Set([this._tab]);
+    this._post({ t: 'who' });
+    const rollCall = setTimeout(() => {
+      const answered = this._answered;
+      this._answered = null;
+      for (const tab of [...this._tabs.keys()]) if (!answered.has(tab)) this._tabs.delete(tab);
+      if (this._leading) this._followChanged();
+    }, ROLL_CALL_MS);
     await released;
+    clearTimeout(rollCall);
+    this._answered = null;
     this._leading = false;
   }
 
