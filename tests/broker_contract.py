@@ -21,7 +21,8 @@ import pytest
 
 from tests.helpers import wait_until
 from tornado_sse.broker.base import Broker, Frame, Subscription
-from tornado_sse.errors import InvalidChannelError, InvalidEventError
+from tornado_sse.broker.presence import Presence
+from tornado_sse.errors import InvalidArgumentError, InvalidChannelError, InvalidEventError
 from tornado_sse.protocol import Event, parse
 
 MakeBroker = Callable[..., Awaitable[Broker]]
@@ -478,6 +479,59 @@ class BrokerContract:
         await wait_until(lambda: len(got.frames) >= len(ids) + len(live), TIMEOUT)
         assert [frame.id for frame in got.frames] == ids + live
         sub.close()
+
+    # ------------------------------------------------------------------ presence
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_presence_counts_streams_and_identities_everywhere(
+        self, make_broker: MakeBroker
+    ) -> None:
+        one = await make_broker()
+        two = await make_broker()
+        empty = Presence("who", 0, {})
+        assert await one.presence("who") == empty
+        subs = [
+            await one.subscribe(["who", "other"], Collector(), identity="alice"),
+            await one.subscribe(["who"], Collector(), identity="alice"),
+            await one.subscribe(["who"], Collector(), identity="bob"),
+            await one.subscribe(["who"], Collector()),
+            await two.subscribe(["who"], Collector(), identity="alice"),
+            await two.subscribe(["elsewhere"], Collector(), identity="carol"),
+        ]
+        expected = Presence("who", 5, {"alice": 3, "bob": 1})
+        # a subscription counts as soon as subscribe returned, seen from every process
+        assert await one.presence("who") == expected
+        assert await two.presence("who") == expected
+        assert await two.presence("other") == Presence("other", 1, {"alice": 1})
+        subs[0].close()
+        subs[0].close()  # idempotent: counted once
+        subs[4].close()
+        expected = Presence("who", 3, {"alice": 1, "bob": 1})
+
+        async def seen(broker: Broker, want: Presence) -> bool:
+            return await broker.presence(want.channel) == want
+
+        await wait_until(lambda: seen(one, expected), TIMEOUT)
+        await wait_until(lambda: seen(two, expected), TIMEOUT)
+        await wait_until(lambda: seen(one, Presence("other", 0, {})), TIMEOUT)
+        for sub in subs:
+            sub.close()
+        await wait_until(lambda: seen(two, empty), TIMEOUT)
+        assert expected.as_json() == {
+            "channel": "who",
+            "subscribers": 3,
+            "users": {"alice": 1, "bob": 1},
+        }
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_presence_refuses_bad_input(self, make_broker: MakeBroker) -> None:
+        broker = await make_broker()
+        for identity in ["", "x" * 201, "tab\there", "line\n"]:
+            with pytest.raises(InvalidArgumentError):
+                await broker.subscribe(["bad-identity"], Collector(), identity=identity)
+        assert await broker.presence("bad-identity") == Presence("bad-identity", 0, {})
+        with pytest.raises(InvalidChannelError):
+            await broker.presence("has space")
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_close_is_idempotent_and_final(self, make_broker: MakeBroker) -> None:

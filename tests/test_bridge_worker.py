@@ -54,7 +54,10 @@ async def _serve(args: argparse.Namespace) -> None:
             if op == "subscribe":
                 collector = _Collector()
                 sub = await broker.subscribe(
-                    command["channels"], collector, command.get("last_event_id")
+                    command["channels"],
+                    collector,
+                    command.get("last_event_id"),
+                    identity=command.get("identity"),
                 )
                 collector.frames.extend(sub.replay)
                 replayed = len(sub.replay)
@@ -72,6 +75,9 @@ async def _serve(args: argparse.Namespace) -> None:
             elif op == "unsubscribe":
                 subs.pop(command["name"])[0].close()
                 reply({})
+            elif op == "presence":
+                found = await broker.presence(command["channel"])
+                reply({"subscribers": found.subscribers, "users": dict(found.users)})
             elif op == "publish":
                 event_id = await broker.publish(command["channel"], command["data"])
                 reply({"id": event_id})

@@ -10,7 +10,7 @@ sans-I/O wire format, does not import Tornado (tests/test_import_boundary.py).
 
 from typing import TYPE_CHECKING, Any
 
-from .broker import Broker, Frame, InProcessBroker, Subscription, validate_channel
+from .broker import Broker, Frame, InProcessBroker, Presence, Subscription, validate_channel
 from .errors import (
     AccessDeniedError,
     AccessError,
@@ -99,6 +99,7 @@ __all__ = [
     "InvalidRateError",
     "InvalidURLError",
     "Metrics",
+    "Presence",
     "PublishError",
     "RateLimiter",
     "SSEError",

@@ -36,6 +36,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from .broker.base import Broker, Frame, Subscription, validate_channel
 from .broker.memory import InProcessBroker
+from .broker.presence import validate_identity
 from .connections import ConnectionSet
 from .errors import (
     AccessDeniedError,
@@ -406,6 +407,25 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return int(self.settings.get("sse_history", 0) or 0)
         return parse_history(values[-1])
 
+    def get_identity(self) -> str | Awaitable[str | None] | None:
+        """Who this stream's user is, for presence (`.Broker.presence`): counted per identity
+        on every channel the stream follows. May be a coroutine; asked once per stream, after
+        :meth:`check_channel`.
+
+        Default: from ``self.current_user`` (Tornado's `get_current_user`): a string as is; a
+        verified token's ``sub`` (`.auth.Grants.subject`); a Jupyter user's ``username``;
+        else ``None`` (the stream counts without identity). An identity is 1-200 printable
+        characters; another value raises `.InvalidArgumentError` (answered 400).
+        """
+        user = self.current_user
+        if user is None or isinstance(user, str):
+            return user
+        for name in ("subject", "username"):
+            value = getattr(user, name, None)
+            if isinstance(value, str) and value:
+                return value
+        return None
+
     def get_last_event_id(self) -> str | None:
         """The id to resume after: the ``Last-Event-ID`` header, else the ``last_event_id`` query
         argument (for clients that cannot set headers), else ``None``. The header wins."""
@@ -635,6 +655,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 raise InvalidArgumentError(
                     f"history must be a whole number of events from 0 to {MAX_HISTORY}"
                 )
+            identity = validate_identity(await _maybe_await(self.get_identity()))
         except (InvalidChannelError, InvalidArgumentError) as exc:
             self._refuse(400, str(exc))
             return
@@ -677,6 +698,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 max_pending=params.max_buffer,
                 on_overflow=self._overflow,
                 history=history,
+                identity=identity,
             )
         except BrokerError as exc:
             log.warning("shedding stream: broker unavailable: %s", exc)

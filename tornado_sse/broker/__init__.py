@@ -6,6 +6,7 @@ used, so that ``import tornado_sse`` needs none of their dependencies.
 
 from .base import CHANNEL_PATTERN, Broker, Frame, Subscriber, Subscription, validate_channel
 from .memory import History, IdSequence, InProcessBroker
+from .presence import Presence
 
 __all__ = [
     "CHANNEL_PATTERN",
@@ -14,6 +15,7 @@ __all__ = [
     "History",
     "IdSequence",
     "InProcessBroker",
+    "Presence",
     "Subscriber",
     "Subscription",
     "validate_channel",

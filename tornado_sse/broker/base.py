@@ -29,6 +29,10 @@ and is the same for every backend; a backend implements these coroutines:
     retained of any of the channels (so that reading after it is no gap).
 ``id_key(event_id)``
     A sortable key for an id of this broker, or ``None`` if the id is not one of ours.
+``_share_presence(channels)`` and ``_presence(channel)`` (backends that span processes)
+    Write this process's counts of subscriptions of *channels* (`presence_table`) where the
+    other processes read them; answer `Broker.presence` for the whole deployment. The rules
+    (absolute counts, leases, who forgets a dead process) are in `tornado_sse.broker.presence`.
 
 Resume, the part that is easy to get wrong, is done once, here, for every backend
 (:meth:`Broker.subscribe`): the subscription is registered locally *first*, so live events
@@ -72,6 +76,7 @@ from typing import Any, Protocol
 
 from ..errors import BrokerClosedError, HistoryGapError, InvalidChannelError
 from ..protocol import Event, encode_event
+from .presence import Presence, PresenceTable, merge_presence, validate_identity
 
 __all__ = [
     "CHANNEL_PATTERN",
@@ -196,6 +201,7 @@ class Subscription:
 
     __slots__ = (
         "_broker",
+        "_counted",
         "_floor",
         "_last_key",
         "_max_pending",
@@ -206,6 +212,7 @@ class Subscription:
         "channels",
         "closed",
         "complete",
+        "identity",
         "overflowed",
         "position",
         "replay",
@@ -232,6 +239,9 @@ class Subscription:
         self._page_size = 0
         self._last_key: Any = None
         self._floor: Any = None
+        #: who the subscriber is, for presence (``None``: counted without identity)
+        self.identity: str | None = None
+        self._counted = False
 
     def _deliver(self, frame: Frame) -> None:
         pending = self._pending
@@ -343,6 +353,8 @@ class Broker(abc.ABC):
     #: whether :meth:`_unfollow` must hear of channels no local subscription follows any more
     #: (backends that fan in remotely); the in-process broker turns it off
     follows_remotely = True
+    #: whether the backend shares presence beyond this process (`_share_presence`)
+    shares_presence = False
 
     def __init__(self, *, history_size: int = 1000) -> None:
         if history_size < 0:
@@ -366,6 +378,11 @@ class Broker(abc.ABC):
         self._start_lock: asyncio.Lock | None = None
         self._follow_lock: asyncio.Lock | None = None
         self._follow_group: _FollowGroup | None = None
+        #: this process's subscriptions per channel and identity (presence)
+        self.presence_table = PresenceTable()
+        self._presence_dirty: set[str] = set()
+        self._presence_next: asyncio.Future[None] | None = None
+        self._presence_writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -401,6 +418,8 @@ class Broker(abc.ABC):
         self._subscriptions.clear()
         self._targets.clear()
         self._version += 1
+        self.presence_table.clear()
+        self._presence_dirty.clear()
         await self._close()
 
     async def _close(self) -> None:
@@ -483,6 +502,7 @@ class Broker(abc.ABC):
         max_pending: int | None = None,
         on_overflow: Callable[[], None] | None = None,
         history: int = 0,
+        identity: str | None = None,
     ) -> Subscription:
         """Subscribe *subscriber* to *channels*, resuming after *last_event_id* if given.
 
@@ -497,11 +517,15 @@ class Broker(abc.ABC):
         :param history: without *last_event_id*, start with the last *history* events of the
             channels, merged in id order (fewer if fewer are retained; never a reset): they are
             the replay, and ``position`` is the id before them. Ignored with *last_event_id*.
+        :param identity: who the subscriber is, counted in :meth:`presence` (1-200 printable
+            characters; ``None``: counted as a subscriber without identity).
+        :raises InvalidArgumentError: for an invalid *identity* (also a `ValueError`).
         """
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1")
         if history < 0:
             raise ValueError("history must not be negative")
+        validate_identity(identity)
         names = tuple(dict.fromkeys(validate_channel(c) for c in channels))
         if not names:
             raise InvalidChannelError("subscribe to at least one channel")
@@ -548,6 +572,13 @@ class Broker(abc.ABC):
                     else:
                         sub._last_key = self.id_key(start)
                     sub.position = start
+            if not sub.closed:
+                sub.identity = identity
+                sub._counted = True
+                self.presence_table.add(names, identity)
+                shared = self._presence_touched(names)
+                if shared is not None:
+                    await asyncio.shield(shared)
         except BaseException:
             sub.close()
             raise
@@ -557,6 +588,11 @@ class Broker(abc.ABC):
         """End *subscription* (same as `Subscription.close`). Idempotent."""
         subscription.closed = True
         self._changed(subscription.channels)
+        if subscription._counted:
+            subscription._counted = False
+            self.presence_table.remove(subscription.channels, subscription.identity)
+            if not self.closed:
+                self._presence_touched(subscription.channels)
         gone: list[str] = []
         for name in subscription.channels:
             subs = self._subscriptions.get(name)
@@ -608,6 +644,63 @@ class Broker(abc.ABC):
             still_gone = [c for c in channels if c not in self._subscriptions]
             if still_gone and not self.closed:
                 await self._unfollow(still_gone)
+
+    # ------------------------------------------------------------------ presence
+
+    async def presence(self, channel: str) -> Presence:
+        """Who follows *channel* in the whole deployment: every process behind the bridge,
+        every host behind Redis (see `tornado_sse.broker.presence`).
+
+        :raises InvalidChannelError: for an invalid channel name.
+        :raises BrokerUnavailableError: when the backend cannot be asked now.
+        """
+        validate_channel(channel)
+        if self.closed:
+            raise BrokerClosedError("broker is closed")
+        await self.start()
+        return await self._presence(channel)
+
+    async def _presence(self, channel: str) -> Presence:
+        """Backend hook for :meth:`presence`; default: this process's subscriptions."""
+        return merge_presence(channel, [self.presence_table.counts(channel)])
+
+    async def _share_presence(self, channels: Sequence[str]) -> None:
+        """Backend hook: write this process's counts of *channels* (`presence_table`) where the
+        other processes read them; counts are absolute, so a write may be repeated."""
+
+    def _presence_touched(self, channels: Iterable[str]) -> asyncio.Future[None] | None:
+        """The counts of *channels* changed: have them shared (by a single writer, coalescing
+        the changes that come during a write into the next one). Returns the future of the
+        write that will include them, or ``None`` when the backend shares nothing."""
+        if not self.shares_presence or self._loop is None:
+            return None
+        self._presence_dirty.update(channels)
+        future = self._presence_next
+        if future is None:
+            future = self._presence_next = self._loop.create_future()
+            writer = self._presence_writer
+            if writer is None or writer.done():
+                self._presence_writer = self._loop.create_task(self._write_presence())
+        return future
+
+    async def _write_presence(self) -> None:
+        while self._presence_next is not None and not self.closed:
+            future, self._presence_next = self._presence_next, None
+            dirty, self._presence_dirty = self._presence_dirty, set()
+            try:
+                await self._share_presence(list(dirty))
+            except Exception as exc:
+                self._presence_dirty |= dirty  # written with the next change, or on reconnect
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: an unsubscribe does not wait for it
+            else:
+                if not future.done():
+                    future.set_result(None)
+        left = self._presence_next
+        if left is not None and not left.done():
+            left.set_exception(BrokerClosedError("broker is closed"))
+            left.exception()
 
     def subscriber_counts(self) -> dict[str, int]:
         """Local subscriptions per channel (for metrics)."""

@@ -85,6 +85,7 @@ from ..errors import (
     BrokerUnavailableError,
     EventTooLargeError,
     HistoryGapError,
+    InvalidArgumentError,
     InvalidChannelError,
     InvalidEventError,
 )
@@ -105,6 +106,10 @@ from .framing import (
     METRICS_REPLY,
     METRICS_RESULT,
     PEER_BOUND,
+    PRESENCE,
+    PRESENCE_ANSWER,
+    PRESENCE_ASK,
+    PRESENCE_TAKEN,
     PUBLISH,
     PUBLISH_OVERHEAD,
     PUBLISHED,
@@ -121,6 +126,7 @@ from .framing import (
     publish_size,
 )
 from .memory import History, IdSequence
+from .presence import Presence, merge_presence, validate_identity
 
 __all__ = [
     "BridgeBroker",
@@ -320,6 +326,8 @@ class _Peer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pid = 0
         self.closed = False
+        #: this peer's streams per channel, and per identity (its absolute counts)
+        self.presence: dict[str, tuple[int, dict[str, int]]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -348,7 +356,7 @@ class _Peer(asyncio.Protocol):
             return
         try:
             hub._handle(self, frames)
-        except (FrameError, InvalidChannelError, InvalidEventError) as exc:
+        except (FrameError, InvalidChannelError, InvalidEventError, InvalidArgumentError) as exc:
             hub.drop(self, f"bad request: {exc}")
         except Exception:
             log.exception("bridge hub: error handling peer pid=%s; dropping it", self.pid)
@@ -425,6 +433,8 @@ class BridgeHub:
         self.dropped = 0
         self.closed = False
         self._followers: dict[str, dict[_Peer, None]] = {}
+        #: per channel, the peers that have streams of it (their counts are in `_Peer.presence`)
+        self._present: dict[str, dict[_Peer, None]] = {}
         self._dirty: list[_Peer] = []
         self._queries: dict[int, _MetricsQuery] = {}
         self._next_qid = 0
@@ -548,6 +558,14 @@ class BridgeHub:
                     del followers[channel]
         peer.channels.clear()
         peer.out.clear()
+        present = self._present
+        for channel in peer.presence:
+            peers = present.get(channel)
+            if peers is not None:
+                peers.pop(peer, None)
+                if not peers:
+                    del present[channel]
+        peer.presence.clear()
         for qid, query in list(self._queries.items()):
             query.pending.pop(peer, None)
             if not query.pending:
@@ -604,6 +622,10 @@ class BridgeHub:
                 self._metrics_reply(peer, frame[2], frame[3])
             elif kind == TAIL:
                 self._tail(peer, frame[2], frame[3], frame[4])
+            elif kind == PRESENCE:
+                self._set_presence(peer, frame[2], frame[3])
+            elif kind == PRESENCE_ASK:
+                self._ask_presence(peer, frame[2], frame[3])
             else:
                 assert kind == HISTORY
                 self._history(peer, frame[2], frame[3], frame[4])
@@ -699,6 +721,38 @@ class BridgeHub:
                 replies.append(samples)
             asker.send(pack(METRICS_RESULT, query.rid, replies))
         self._flush()
+
+    def _set_presence(self, peer: _Peer, rid: int, entries: list[list[Any]]) -> None:
+        for channel, _, identities in entries:
+            validate_channel(channel)
+            for identity, _ in identities:
+                validate_identity(identity)
+        present = self._present
+        for channel, count, identities in entries:
+            if count:
+                peer.presence[channel] = (count, dict(identities))
+                present.setdefault(channel, {})[peer] = None
+            elif peer.presence.pop(channel, None) is not None:
+                peers = present.get(channel)
+                if peers is not None:
+                    peers.pop(peer, None)
+                    if not peers:
+                        del present[channel]
+        peer.send(pack(PRESENCE_TAKEN, rid))
+
+    def _ask_presence(self, peer: _Peer, rid: int, channel: str) -> None:
+        validate_channel(channel)
+        found = merge_presence(
+            channel, [member.presence[channel] for member in self._present.get(channel, ())]
+        )
+        users = [[identity, count] for identity, count in found.users.items()]
+        peer.send(pack(PRESENCE_ANSWER, rid, found.subscribers, users))
+
+    def presence(self, channel: str) -> Presence:
+        """Who follows *channel* in every process connected to this hub."""
+        return merge_presence(
+            channel, [member.presence[channel] for member in self._present.get(channel, ())]
+        )
 
     def _tail(self, peer: _Peer, rid: int, channels: list[str], count: int) -> None:
         for channel in channels:
@@ -801,6 +855,8 @@ _ANSWERS = {
     HISTORY: frozenset({HISTORY_PART, HISTORY_END, GAP}),
     METRICS: frozenset({METRICS_RESULT}),
     TAIL: frozenset({TAIL_START}),
+    PRESENCE: frozenset({PRESENCE_TAKEN}),
+    PRESENCE_ASK: frozenset({PRESENCE_ANSWER}),
 }
 
 
@@ -894,6 +950,10 @@ class _HubConnection(asyncio.Protocol):
         if kind == METRICS_RESULT or kind == TAIL_START:
             if not future.done():
                 future.set_result(frame[3])
+            return
+        if kind == PRESENCE_TAKEN or kind == PRESENCE_ANSWER:
+            if not future.done():
+                future.set_result(frame[3:])
             return
         if kind == HISTORY_END:
             request.frames.extend(frame[3])
@@ -1015,6 +1075,8 @@ class BridgeBroker(Broker):
     :param reconnect_delay: first delay (seconds) before reconnecting; doubles per failed
         attempt up to *max_reconnect_delay*, each jittered by ±50%.
     """
+
+    shares_presence = True
 
     def __init__(
         self,
@@ -1287,6 +1349,8 @@ class BridgeBroker(Broker):
             self._resync_buffer = []
             try:
                 await self._subscribe_on(conn, channels)
+                # A new connection is a new table at the hub: write all of ours again.
+                await self._share_presence_on(conn, self.presence_table.channels())
                 reset_id: str | None = None
                 try:
                     found = await self._history_on(conn, channels, after)
@@ -1444,6 +1508,34 @@ class BridgeBroker(Broker):
             return  # the hub forgot us with the connection
         for chunk in _chunks(channels):
             conn.send(pack(UNSUBSCRIBE, list(chunk)))
+
+    async def _share_presence(self, channels: Sequence[str]) -> None:
+        await self._share_presence_on(self._connection(), channels)
+
+    async def _share_presence_on(self, conn: _HubConnection, channels: Sequence[str]) -> None:
+        table = self.presence_table
+        entries: list[list[Any]] = []
+        for channel in channels:
+            count, identities = table.counts(channel)
+            entries.append([channel, count, [[name, n] for name, n in identities.items()]])
+        futures = []
+        size = 0
+        part: list[list[Any]] = []
+        budget = conn.max_frame_size // 2
+        for entry in entries:
+            entry_size = 64 + len(entry[0]) + sum(len(pair[0]) + 16 for pair in entry[2])
+            if part and (size + entry_size > budget or len(part) >= MAX_ARRAY_LEN // 2):
+                futures.append(conn.request(PRESENCE, part))
+                part, size = [], 0
+            part.append(entry)
+            size += entry_size
+        if part:
+            futures.append(conn.request(PRESENCE, part))
+        await asyncio.gather(*futures)
+
+    async def _presence(self, channel: str) -> Presence:
+        streams, users = await self._connection().request(PRESENCE_ASK, channel)
+        return Presence(channel, streams, {identity: count for identity, count in users})
 
     async def _tail(self, channels: Sequence[str], count: int) -> str:
         conn = self._connection()

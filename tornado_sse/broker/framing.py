@@ -30,6 +30,11 @@ whatever that frame is. The fields of each kind::
     METRICS_RESULT  hub -> peer   rid: int, replies: [samples]  (one per process that answered)
     TAIL            peer -> hub   rid: int, channels: [str], count: int
     TAIL_START      hub -> peer   rid: int, after: str  (the last *count* events follow it)
+    PRESENCE        peer -> hub   rid: int, entries: [[channel, streams: int, [[identity, n]]]]
+                                  (the peer's absolute counts of those channels; 0 forgets one)
+    PRESENCE_TAKEN  hub -> peer   rid: int
+    PRESENCE_ASK    peer -> hub   rid: int, channel: str
+    PRESENCE_ANSWER hub -> peer   rid: int, streams: int, users: [[identity, n]]  (all peers)
 
 ``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
 event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
@@ -77,6 +82,10 @@ __all__ = [
     "METRICS_REPLY",
     "METRICS_RESULT",
     "PEER_BOUND",
+    "PRESENCE",
+    "PRESENCE_ANSWER",
+    "PRESENCE_ASK",
+    "PRESENCE_TAKEN",
     "PUBLISH",
     "PUBLISHED",
     "PUBLISH_OVERHEAD",
@@ -129,9 +138,15 @@ METRICS_REPLY = 14
 METRICS_RESULT = 15
 TAIL = 16
 TAIL_START = 17
+PRESENCE = 18
+PRESENCE_TAKEN = 19
+PRESENCE_ASK = 20
+PRESENCE_ANSWER = 21
 
 #: kinds a hub accepts from its peers
-HUB_BOUND = frozenset({PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, METRICS, METRICS_REPLY, TAIL})
+HUB_BOUND = frozenset(
+    {PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, METRICS, METRICS_REPLY, TAIL, PRESENCE, PRESENCE_ASK}
+)
 #: kinds a peer accepts from its hub
 PEER_BOUND = frozenset(
     {
@@ -146,6 +161,8 @@ PEER_BOUND = frozenset(
         METRICS_QUERY,
         METRICS_RESULT,
         TAIL_START,
+        PRESENCE_TAKEN,
+        PRESENCE_ANSWER,
     }
 )
 
@@ -168,6 +185,10 @@ _NAMES = {
     METRICS_RESULT: "METRICS_RESULT",
     TAIL: "TAIL",
     TAIL_START: "TAIL_START",
+    PRESENCE: "PRESENCE",
+    PRESENCE_TAKEN: "PRESENCE_TAKEN",
+    PRESENCE_ASK: "PRESENCE_ASK",
+    PRESENCE_ANSWER: "PRESENCE_ANSWER",
 }
 
 
@@ -272,6 +293,32 @@ def _samples(value: Any) -> bool:
     return True
 
 
+def _pairs(value: Any) -> bool:
+    if type(value) is not list:
+        return False
+    for item in value:
+        if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
+            return False
+        if not _rid(item[1]):
+            return False
+    return True
+
+
+def _presence_entries(value: Any) -> bool:
+    if type(value) is not list:
+        return False
+    for item in value:
+        if (
+            type(item) is not list
+            or len(item) != 3
+            or type(item[0]) is not str
+            or not _rid(item[1])
+            or not _pairs(item[2])
+        ):
+            return False
+    return True
+
+
 def _sample_lists(value: Any) -> bool:
     return type(value) is list and all(_samples(item) for item in value)
 
@@ -295,6 +342,10 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     METRICS_RESULT: (_rid, _sample_lists),
     TAIL: (_rid, _str_list, _rid),
     TAIL_START: (_rid, _str),
+    PRESENCE: (_rid, _presence_entries),
+    PRESENCE_TAKEN: (_rid,),
+    PRESENCE_ASK: (_rid, _str),
+    PRESENCE_ANSWER: (_rid, _rid, _pairs),
 }
 
 

@@ -20,6 +20,14 @@ Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
     ``index_length`` entries. Readers that follow many channels read this first.
 ``<prefix>wake:<token>``
     A short stream per broker object, used to interrupt its own blocked reader.
+``<prefix>presence``
+    Presence leases (issue 14): a sorted set of broker tokens, each scored with the time (Redis's
+    clock, ms) its lease ends. A broker renews its lease every third of ``presence_lease``.
+``<prefix>presence:<token>``
+    A broker's presence: a hash of channel -> JSON ``[streams, {identity: streams}]``, the
+    absolute counts of its subscriptions, rewritten per changed channel (changes coalesced) and
+    whole when Redis lost it. Read only while the token's lease is live, so the streams of a
+    host that vanished stop counting within the lease; the hash expires two leases later.
 
 Deliberate choices, and why:
 
@@ -135,6 +143,7 @@ from redis.exceptions import RedisError
 from ..errors import BrokerUnavailableError, HistoryGapError
 from ..protocol import Event, encode_event
 from .base import Broker, Frame, Subscription
+from .presence import Presence, merge_presence
 
 __all__ = ["RedisBroker"]
 
@@ -244,6 +253,41 @@ return {last, floor, run and '1' or '0'}
 )
 
 
+# KEYS: the lease set, this broker's presence hash. ARGV: lease ms, token, then channel, value
+# pairs (value '' forgets the channel). Writes the values, renews the lease; returns whether the
+# hash existed before (if not, and the caller has more than it wrote, it writes everything).
+_SHARE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local existed = redis.call('EXISTS', KEYS[2])
+for i = 3, #ARGV, 2 do
+  if ARGV[i + 1] == '' then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+  else
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - lease)
+redis.call('PEXPIRE', KEYS[2], 2 * lease)
+return existed
+"""
+
+# KEYS: the lease set. ARGV: the prefix of presence hashes, the channel. Returns the values of
+# the channel in the hashes of every live lease.
+_ASK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local found = {}
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  local value = redis.call('HGET', ARGV[1] .. token, ARGV[2])
+  if value then found[#found + 1] = value end
+end
+return found
+"""
+
+
 def _parse(event_id: str | bytes) -> Key | None:
     text = event_id.decode("ascii", "replace") if isinstance(event_id, bytes) else event_id
     match = _ID.fullmatch(text)
@@ -320,6 +364,9 @@ class RedisBroker(Broker):
         id this broker saw). Default ``False``: a different Redis process behind the URL (a
         restart, a failover) may have lost events, so every client is sent ``stream-reset``.
         Brokers sharing a key prefix should agree on it.
+    :param presence_lease: seconds this broker's presence counts without a renewal (default
+        15.0; renewed every third of it): the streams of a host that vanished stop counting in
+        `presence` within this time.
     :param redis_options: further keyword arguments for `redis.asyncio.from_url` (options in
         the URL's query take precedence over them).
     """
@@ -338,11 +385,12 @@ class RedisBroker(Broker):
         index_length: int = 10_000,
         reconnect_backoff: tuple[float, float] = (0.1, 5.0),
         durable: bool = False,
+        presence_lease: float = 15.0,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(history_size=history_size)
-        if timeout <= 0 or read_block <= 0:
-            raise ValueError("timeout and read_block must be positive")
+        if timeout <= 0 or read_block <= 0 or presence_lease <= 0:
+            raise ValueError("timeout, read_block and presence_lease must be positive")
         if read_count < 1 or min_stream_length < 1 or index_length < 1:
             raise ValueError("read_count, min_stream_length and index_length must be at least 1")
         if index_threshold < 0:
@@ -357,6 +405,7 @@ class RedisBroker(Broker):
         self.index_length = index_length
         self.reconnect_backoff = reconnect_backoff
         self.durable = durable
+        self.presence_lease = presence_lease
         #: entries each stream keeps (``XADD MAXLEN ~``)
         self.stream_length = max(history_size, min_stream_length)
         #: where Redis is, without credentials (for logs and errors)
@@ -390,6 +439,13 @@ class RedisBroker(Broker):
         self._index_key = f"{key_prefix}index"
         self._wake_key = f"{key_prefix}wake:{secrets.token_hex(8)}"
         self._wake_pos = "0-0"
+        self._token = self._wake_key.rpartition(":")[2]
+        self._leases_key = f"{key_prefix}presence"
+        self._presence_prefix = f"{key_prefix}presence:"
+        self._presence_key = self._presence_prefix + self._token
+        self._share_script = self._redis.register_script(_SHARE)
+        self._ask_script = self._redis.register_script(_ASK)
+        self._renewer: asyncio.Task[None] | None = None
 
         # The largest id this broker saw issued (published, or read as ``last``) and the latest
         # floor it saw: evidence of a loss when Redis comes back with less (module docstring).
@@ -425,6 +481,7 @@ class RedisBroker(Broker):
     async def _start(self) -> None:
         self._connected = asyncio.Event()
         self._reader = asyncio.get_running_loop().create_task(self._read_forever())
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
         try:
             await asyncio.wait_for(self._connected.wait(), self.timeout)
         except asyncio.TimeoutError:
@@ -432,6 +489,15 @@ class RedisBroker(Broker):
             log.warning("redis at %s not reachable yet; retrying in the background", self.address)
 
     async def _close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.wait([self._renewer], timeout=1.0)
+        with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+            # a broker that stops on purpose stops counting at once, not after its lease
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.zrem(self._leases_key, self._token)
+            pipe.delete(self._presence_key)
+            await asyncio.wait_for(pipe.execute(), self.timeout)
         reader = self._reader
         # Cancel until it ends: on Python 3.11 a cancellation that lands while redis-py is
         # inside asyncio.wait_for (sending a command) can be swallowed.
@@ -602,6 +668,47 @@ class RedisBroker(Broker):
 
     def id_key(self, event_id: str) -> Key | None:
         return _parse(event_id)
+
+    # ------------------------------------------------------------------ presence
+
+    shares_presence = True
+
+    async def _share_presence(self, channels: Sequence[str]) -> None:
+        table = self.presence_table
+        args: list[Any] = [int(self.presence_lease * 1000), self._token]
+        for channel in channels:
+            count, identities = table.counts(channel)
+            args += [channel, json.dumps([count, identities]) if count else ""]
+        existed = await self._call(
+            self._share_script(keys=[self._leases_key, self._presence_key], args=args)
+        )
+        if not existed:
+            rest = set(table.channels()) - set(channels)
+            if rest:  # Redis lost our hash (or it expired): write all of it again
+                await self._share_presence(sorted(rest))
+
+    async def _presence(self, channel: str) -> Presence:
+        values = await self._call(
+            self._ask_script(keys=[self._leases_key], args=[self._presence_prefix, channel])
+        )
+        parts: list[tuple[int, dict[str, int]]] = []
+        for value in values:
+            try:
+                count, identities = json.loads(value)
+                parts.append((int(count), {str(k): int(v) for k, v in identities.items()}))
+            except (ValueError, TypeError, AttributeError):
+                log.warning("redis: a presence entry of %r is not ours; ignored", channel)
+        return merge_presence(channel, parts)
+
+    async def _renew_forever(self) -> None:
+        """Renew this broker's presence lease every third of it (and write the whole table
+        again if Redis lost it)."""
+        while not self.closed:
+            await asyncio.sleep(self.presence_lease / 3)
+            try:
+                await self._share_presence([])
+            except BrokerUnavailableError as exc:
+                log.debug("redis: presence lease not renewed: %s", exc)
 
     # ------------------------------------------------------------------ metrics
 

@@ -1,0 +1,135 @@
+"""Presence: who follows a channel, counted for the whole deployment (issue 14).
+
+Every subscription may carry an *identity* (a token's ``sub``, Jupyter's user, whatever an
+application's `.EventStreamHandler.get_identity` says). Each broker counts its own
+subscriptions per channel in a `PresenceTable`: streams, and streams per identity. The counts
+change on subscribe and unsubscribe only; the per-event fan-out never touches them.
+
+`.Broker.presence` answers for the whole deployment, so a backend that spans processes shares
+its table: after a change, the broker hands the *absolute* counts of the channels that changed
+to its backend (``_share_presence``), coalescing changes that come while a write is under way
+into the next write. Absolute counts make every write idempotent: a process that reconnects
+(to the same bridge hub, a new one, or a Redis that lost its data) writes its whole table
+again, and nothing is ever counted twice or driven negative by a lost delta.
+
+Who forgets a process that vanished:
+
+* **bridge**: the hub keeps each worker's table with that worker's connection, and drops it when
+  the connection ends (the kernel closes it when the process dies, even by ``kill -9``);
+* **Redis**: each broker holds a *lease* (default 15 s, refreshed every third of it); its table
+  counts only while the lease is live, so a host that vanishes stops counting within the lease,
+  and its keys expire on their own.
+
+A subscription counts from the end of `.Broker.subscribe` (before its stream's first byte; the
+subscribe waits until the count is shared) until it is closed (the stream ended, was pruned as
+half-open or cut off as slow); the share of a close is written without waiting, within a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["Presence", "PresenceTable", "merge_presence", "validate_identity"]
+
+#: identities are 1-200 characters, none of them a control character
+MAX_IDENTITY = 200
+
+
+def validate_identity(identity: object) -> str | None:
+    """Return *identity* (``None``, or a string of 1-200 characters without control
+    characters); raise `.InvalidArgumentError` (a `ValueError`) otherwise."""
+    if identity is None:
+        return None
+    if (
+        not isinstance(identity, str)
+        or not 0 < len(identity) <= MAX_IDENTITY
+        or not identity.isprintable()
+    ):
+        raise InvalidArgumentError(
+            f"invalid identity {identity!r}: use 1-{MAX_IDENTITY} printable characters"
+        )
+    return identity
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Who follows a channel, in the whole deployment.
+
+    :ivar channel: the channel.
+    :ivar subscribers: streams following it.
+    :ivar users: streams per identity, for the streams that have one (a stream without identity
+        counts in ``subscribers`` only).
+    """
+
+    channel: str
+    subscribers: int = 0
+    users: Mapping[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        """The value the hub's ``GET /presence`` answers."""
+        return {"channel": self.channel, "subscribers": self.subscribers, "users": dict(self.users)}
+
+
+#: the counts of one channel in one process: (streams, streams per identity)
+Counts = tuple[int, dict[str, int]]
+
+
+class PresenceTable:
+    """The subscriptions of one process, counted per channel and per identity."""
+
+    __slots__ = ("_channels",)
+
+    def __init__(self) -> None:
+        self._channels: dict[str, tuple[list[int], dict[str, int]]] = {}
+
+    def add(self, channels: Iterable[str], identity: str | None) -> None:
+        for channel in channels:
+            entry = self._channels.get(channel)
+            if entry is None:
+                entry = self._channels[channel] = ([0], {})
+            entry[0][0] += 1
+            if identity is not None:
+                entry[1][identity] = entry[1].get(identity, 0) + 1
+
+    def remove(self, channels: Iterable[str], identity: str | None) -> None:
+        for channel in channels:
+            entry = self._channels.get(channel)
+            if entry is None:
+                continue
+            entry[0][0] -= 1
+            if identity is not None:
+                left = entry[1].get(identity, 0) - 1
+                if left > 0:
+                    entry[1][identity] = left
+                else:
+                    entry[1].pop(identity, None)
+            if entry[0][0] <= 0:
+                del self._channels[channel]
+
+    def counts(self, channel: str) -> Counts:
+        """This process's streams of *channel*, and streams per identity (copies)."""
+        entry = self._channels.get(channel)
+        if entry is None:
+            return 0, {}
+        return entry[0][0], dict(entry[1])
+
+    def channels(self) -> list[str]:
+        """Channels with at least one stream here."""
+        return list(self._channels)
+
+    def clear(self) -> None:
+        self._channels.clear()
+
+
+def merge_presence(channel: str, parts: Iterable[Counts]) -> Presence:
+    """The `Presence` of *channel* from the counts of every process."""
+    subscribers = 0
+    users: dict[str, int] = {}
+    for count, identities in parts:
+        subscribers += count
+        for identity, streams in identities.items():
+            users[identity] = users.get(identity, 0) + streams
+    return Presence(channel, subscribers, dict(sorted(users.items())))
