@@ -27,7 +27,7 @@ from tornado_sse import (
     StreamIdleError,
     StreamParseError,
 )
-from tornado_sse.client import EventSource, validate_url
+from tornado_sse.client import EventSource, retry_after, validate_url
 from tornado_sse.errors import EventStreamError, InvalidEventError, InvalidURLError
 
 TIMEOUT = 15
@@ -691,3 +691,45 @@ async def test_idle_timeout_does_not_count_a_slow_consumer(
 def test_idle_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="idle_timeout"):
         EventSource("http://127.0.0.1:1/events", idle_timeout=0)
+
+
+class ShedByRate(tornado.web.RequestHandler):
+    """Sheds every stream as a rate limit does: 200, a short retry:, a longer Retry-After."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Retry-After", "2")
+        self.finish("retry: 10\n\n")
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_shed_streams_retry_after_is_a_floor_of_the_delay() -> None:
+    port = free_port()
+    server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/events", ShedByRate)]))
+    server.listen(port, "127.0.0.1")
+    try:
+        source = Watched(f"http://127.0.0.1:{port}/events", retry=0.01)
+        async with source:
+            await wait_until(lambda: source.reconnects)
+            error, delay = source.reconnects[0]
+            assert error is None and source.retry == 0.01
+            assert 2.0 <= delay <= 2.0 * 1.25
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, 0.0),
+        ("3", 3.0),
+        (" 1.5 ", 1.5),
+        ("-1", 0.0),
+        ("nan", 0.0),
+        ("inf", 0.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("99999", 3600.0),
+    ],
+)
+def test_retry_after_values(value: str | None, seconds: float) -> None:
+    assert retry_after(value) == seconds

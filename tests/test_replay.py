@@ -375,6 +375,8 @@ async def test_hub_limit_flags_and_xheaders(tmp_path: Path) -> None:
         "0",
         "--max-channels-per-stream",
         "0",
+        "--stream-rate",
+        "0",
     )
     try:
         query = "&".join(f"channel=c{n}" for n in range(150))

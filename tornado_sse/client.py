@@ -64,6 +64,7 @@ import asyncio
 import datetime
 import functools
 import logging
+import math
 import random
 import socket
 import ssl
@@ -555,6 +556,8 @@ class EventSource:
                 # refused connection, a shed stream carrying only retry:) backs off further.
                 failures = 0 if attempt.progressed else failures + 1
                 delay = self._delay(failures)
+                if not attempt.progressed:  # a shed stream: its Retry-After is a floor (issue 20)
+                    delay = max(delay, retry_after(attempt.headers.get("Retry-After")))
                 if attempt.token_expired and callable(self._token_source):
                     self._token = None
                     delay = 0.0
@@ -802,6 +805,20 @@ class EventSource:
             self._items.append(event)
             self.stream_events = (self.stream_events or 0) + 1
             _wake(self._readable)
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds of a ``Retry-After`` header given in seconds; ``0.0`` when absent or not a
+    non-negative number (an HTTP date is not honoured: clocks differ), at most an hour."""
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return 0.0
+    if not math.isfinite(seconds) or seconds < 0:
+        return 0.0
+    return min(seconds, 3600.0)
 
 
 def _origin(url: str) -> tuple[str, str, int]:

@@ -67,6 +67,14 @@ from .connections import ConnectionSet
 from .errors import BrokerError, EventTooLargeError, InvalidEventError
 from .handler import EventStreamHandler
 from .httpserver import HubHTTPServer
+from .hub.limits import (
+    DEFAULT_PUBLISH_RATE,
+    DEFAULT_STREAM_RATE,
+    RateType,
+    make_limiter,
+    publish_key,
+    retry_after_header,
+)
 from .metrics import Metrics
 from .publish import PublishError, PublishRequest, parse_publish
 from .script import client_script_route
@@ -166,6 +174,9 @@ class HubOptions:
         head (keep-alive connections between requests included).
     :param max_idle_connections: non-stream connections without a request kept at most (the one
         idle for longest is closed past it); ``None``: no bound.
+    :param stream_rate: new streams per client address, ``"RATE[/BURST]"`` (`.hub.limits`);
+        ``None``: no limit.
+    :param publish_rate: publishes per credential, ``"RATE[/BURST]"``; ``None``: no limit.
     """
 
     token: str
@@ -184,6 +195,8 @@ class HubOptions:
     redis: str | None = None
     redis_durable: bool = False
     xheaders: bool = False
+    stream_rate: str | None = DEFAULT_STREAM_RATE
+    publish_rate: str | None = None
     idle_connection_timeout: float = 20.0
     max_idle_connections: int | None = 1000
     log_level: str = "info"
@@ -249,6 +262,8 @@ class _Hub:
         self.connections = connections
         self.metrics = metrics
         self.token = options.token.encode("utf-8")
+        self.stream_limiter = make_limiter(options.stream_rate, "stream", metrics)
+        self.publish_limiter = make_limiter(options.publish_rate, "publish", metrics)
         self.closing = False
         self._registry: Any = None
         self._group_samples: list[Any] | None = None
@@ -358,6 +373,8 @@ class PublishHandler(_HubHandler):
     _chunks: list[bytes]
     _received = 0
     _refusal: tuple[int, str] | None = None
+    #: seconds until the publisher's bucket has a token again (a 429's Retry-After)
+    _retry_after = 0.0
     _limit = 0
 
     def prepare(self) -> None:
@@ -378,6 +395,8 @@ class PublishHandler(_HubHandler):
                 self._refusal = (403, f"origin {origin!r} is not allowed to publish")
         if self._refusal is None and not self._authorized():
             self._refusal = (401, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
+        if self._refusal is None:
+            self._check_rate(None)
         declared = _content_length(self.request.headers.get("Content-Length"))
         if self._refusal is None and declared is not None and declared > self._limit:
             self._refusal = (413, self._too_large())
@@ -394,6 +413,22 @@ class PublishHandler(_HubHandler):
             return False
         presented = credentials.strip().encode("latin-1", "replace")
         return hmac.compare_digest(presented, self.hub.token)
+
+    def _check_rate(self, grants: Any) -> None:
+        """Spend a token of this publisher's bucket (`.hub.limits.publish_key`), or refuse 429."""
+        limiter = self.hub.publish_limiter
+        if limiter is None:
+            return
+        wait = limiter.take(publish_key(grants, self.request.remote_ip or ""))
+        if wait > 0:
+            metrics = self.hub.metrics
+            metrics.publishes_refused["rate"] = metrics.publishes_refused.get("rate", 0) + 1
+            self._retry_after = wait
+            self._refusal = (
+                429,
+                f"publishing too fast: at most {limiter.burst} at once, then {limiter.rate:g} per"
+                f" second; try again in {math.ceil(wait * 10) / 10:g} s",
+            )
 
     def _too_large(self) -> str:
         return f"body larger than {self._limit} bytes"
@@ -419,6 +454,10 @@ class PublishHandler(_HubHandler):
             if "Authorization" in self.request.headers:
                 scheme += ', error="invalid_token"'
             self.set_header("WWW-Authenticate", scheme)
+        if status == 429:
+            self.set_header("Retry-After", retry_after_header(self._retry_after))
+            self.reply(status, {"error": message, "retry_after": round(self._retry_after, 3)})
+            return
         self.reply(status, {"error": message})
 
     async def post(self) -> None:
@@ -563,6 +602,7 @@ def make_app(
         sse_retry_interval=options.retry / 1000.0,
         sse_max_connections=options.max_connections,
         sse_max_connections_per_address=options.max_connections_per_address,
+        sse_stream_rate=hub.stream_limiter,
         sse_max_channels=options.max_channels_per_stream or 0,
         sse_max_buffer_size=options.max_buffer_size,
         sse_cors_origins=options.cors_origins,
@@ -772,13 +812,16 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
     address = sockets[0].getsockname()
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
     log.info(
-        "hub listening on http://%s:%d (history=%d heartbeat=%gs retry=%dms max_connections=%s)",
+        "hub listening on http://%s:%d (history=%d heartbeat=%gs retry=%dms max_connections=%s"
+        " stream_rate=%s publish_rate=%s)",
         host,
         address[1],
         options.history,
         options.heartbeat,
         options.retry,
         options.max_connections or "unlimited",
+        options.stream_rate or "unlimited",
+        options.publish_rate or "unlimited",
     )
     try:
         await stop.wait()
@@ -928,6 +971,24 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     "client shares the proxy's address.",
 )
 @click.option(
+    "--stream-rate",
+    type=RateType(),
+    default=DEFAULT_STREAM_RATE,
+    show_default=True,
+    help="New streams one client address may open (per worker process): BURST at once, then "
+    "RATE per second; resumes count. Beyond, a subscriber is told to retry once it has a token "
+    "again. 0: no limit. Behind a reverse proxy, pass --xheaders, or every client shares the "
+    "proxy's address.",
+)
+@click.option(
+    "--publish-rate",
+    type=RateType(),
+    default=DEFAULT_PUBLISH_RATE,
+    show_default=True,
+    help="Publishes one credential may make (per worker process): the master token is one, a "
+    "signed token's sub another. Beyond, 429 with Retry-After. 0: no limit.",
+)
+@click.option(
     "--max-channels-per-stream",
     type=click.IntRange(min=0),
     default=100,
@@ -995,7 +1056,9 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
 @click.option(
     "--xheaders",
     is_flag=True,
-    help="Trust X-Real-IP / X-Forwarded-For (behind a reverse proxy only).",
+    help="Trust X-Real-IP / X-Forwarded-For for the client address (limits, logs): only behind "
+    "a reverse proxy that overwrites them, reachable only through it (else a client forges its "
+    "address and goes around every per-address limit).",
 )
 @click.option(
     "--log-level",
@@ -1015,6 +1078,8 @@ def serve_command(
     cors_origins: tuple[str, ...],
     max_connections: int | None,
     max_connections_per_address: int,
+    stream_rate: str | None,
+    publish_rate: str | None,
     max_channels_per_stream: int,
     max_body_size: int,
     max_buffer_size: int,
@@ -1053,6 +1118,8 @@ def serve_command(
         cors_origins=tuple(dict.fromkeys(cors_origins)),
         max_connections=max_connections,
         max_connections_per_address=max_connections_per_address or None,
+        stream_rate=stream_rate,
+        publish_rate=publish_rate,
         max_channels_per_stream=max_channels_per_stream or None,
         max_body_size=max_body_size,
         max_buffer_size=max_buffer_size,

@@ -27,7 +27,7 @@ import click
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError, SimpleAsyncHTTPClient
 
-from .client import EventSource, validate_url
+from .client import EventSource, retry_after, validate_url
 from .errors import EventStreamError, InvalidURLError, StreamIdleError, StreamParseError
 from .protocol import Event
 
@@ -275,6 +275,22 @@ async def _post(url: str, body: bytes, token: str, timeout: float) -> HTTPRespon
         client.close()
 
 
+async def _post_within(url: str, body: bytes, token: str, timeout: float) -> HTTPResponse:
+    """POST, and after a 429 wait its ``Retry-After`` (at least 0.1 s) and POST again, as long
+    as the answer can still come within *timeout* seconds; the last answer is returned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        response = await _post(url, body, token, max(0.001, deadline - loop.time()))
+        if response.code != 429:
+            return response
+        wait = max(0.1, retry_after(response.headers.get("Retry-After")))
+        if loop.time() + wait >= deadline:
+            return response
+        click.echo(f"rate limited by the hub: trying again in {wait:g} s", err=True)
+        await asyncio.sleep(wait)
+
+
 #: status -> (what happened, a hint shown instead of the server's message)
 _REFUSALS: dict[int, tuple[str, str | None]] = {
     400: ("the hub rejected the event", None),
@@ -282,6 +298,7 @@ _REFUSALS: dict[int, tuple[str, str | None]] = {
     403: ("forbidden", None),
     404: ("not found", "is this the URL of a tornado-sse hub?"),
     413: ("the event is larger than the hub accepts", None),
+    429: ("the hub is limiting this publisher's rate", None),
     503: ("the hub cannot deliver right now", None),
 }
 
@@ -329,7 +346,9 @@ def publish_command(
 ) -> None:
     """Publish one event to the hub at URL and print its id.
 
-    URL is the hub (http://127.0.0.1:8000); /publish is appended unless already there.
+    URL is the hub (http://127.0.0.1:8000); /publish is appended unless already there. Over the
+    hub's --publish-rate (429), it waits as long as Retry-After says and tries again, within
+    --timeout.
     """
     target = publish_url(url)
     if not token:
@@ -343,7 +362,7 @@ def publish_command(
         payload["retry"] = retry
     body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     try:
-        response = asyncio.run(_post(target, body, token, timeout))
+        response = asyncio.run(_post_within(target, body, token, timeout))
     except (OSError, HTTPClientError) as exc:
         raise click.ClickException(_network_error(target, exc, timeout)) from None
     message = server_message(response.body or b"")
