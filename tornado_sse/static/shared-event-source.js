@@ -158,7 +158,7 @@ export class SharedEventSource extends EventTarget {
   }
 
   /** How many tabs share this stream, this one included (1 in fallback mode). A tab that
-   * crashed is counted until it is replaced. */
+   * crashed is counted until the roll call of the next leader. */
   get tabs() {
     return this.mode === 'shared' && this.readyState !== CLOSED ? this._tabs.size : 1;
   }
