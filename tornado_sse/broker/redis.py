@@ -14,6 +14,9 @@ Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
 ``<prefix>floor``
     The first id of this incarnation of the data: written when ``last`` is found missing (a new
     Redis, or one that restarted without its data). An id below it is from lost history.
+``<prefix>tops``
+    A hash: for each channel, the id of the newest entry its stream has had (and, under the
+    empty field, the floor of the incarnation that made the hash). Written with every event.
 ``<prefix>index``
     One small entry per event, whatever its channel, with the event's id: the channel (``c``)
     and the id of the event before it (``p``). Trimmed with ``XADD MAXLEN ~`` to about
@@ -60,6 +63,15 @@ Deliberate choices, and why:
   ``stream-reset``) when it does not parse, is later than ``last`` (from the future, or from
   data Redis lost), is below ``floor``, or when an entry after it has left the window; the
   ``p`` field of the oldest entry read says whether one was trimmed.
+* **A channel's stream that loses entries says so** (issue 12 follow-up). One stream can go
+  while the rest stays: ``DEL``, eviction under an ``allkeys-*`` ``maxmemory-policy``, a
+  ``RESTORE`` of an older copy. Its next entry would start a new chain of ``p`` and hide the
+  loss, so ``p`` is the newer of the stream's top and what ``tops`` says the stream had, and
+  every entry read (by a resume or the reader), not only the first, must name the one read
+  before it. A resume that reads a stream to its end checks that it reaches the stream's
+  ``tops`` id, so a loss is a gap even before anything is published again. ``tops`` itself
+  gone is a loss of everything (a new incarnation, below). Every broker warns once when Redis's
+  ``maxmemory-policy`` may evict our keys.
 * **History is read in pages** (issue 12): one transaction per page, ``XRANGE ... COUNT n`` per
   stream (n about the page size divided among the channels), never the whole history in one
   ``EXEC``. Every page checks ``last``, ``floor`` and the ``p`` of each stream's first entry
@@ -91,12 +103,16 @@ Deliberate choices, and why:
     the process it talks to. Not per publish: ``INFO`` in a script costs Redis about 7 us,
     against about 40 us for the whole publish script. A proxy that carries one client
     connection to several Redis servers in turn defeats this check: connect to Redis itself.
-  - *No data*: ``last`` or ``floor`` missing (``FLUSHALL``, an empty restart), in any script.
+  - *No data*: ``last``, ``floor`` or ``tops`` missing (``FLUSHALL``, an empty restart,
+    eviction), in any script.
   - *Evidence*: each broker passes its high-water mark (the largest id it published or read as
     ``last``) and the floor it knows. ``last`` below the mark proves a rollback, restart or
     not; a floor it does not know, at or below the mark, means that a new incarnation is
     reissuing ids it saw (the promoted replica's clock was behind), so the script starts
-    another above the mark. New ids are ``max(now, last + 1, floor, mark + 1)``.
+    another above the mark. New ids are ``max(now, last + 1, floor, mark + 1)``. Each history
+    page runs this check first, in its transaction, so a rollback in place (``DEBUG RELOAD``,
+    ``RESTORE`` of ``last``: no restart, nothing missing) is a gap for a resume on any broker
+    that saw a later id, as long as no broker unaware of it has published past that id first.
 
   The reader reads ``last`` and ``floor`` in the same round trip as each blocking ``XREAD``
   (Redis runs that read after the ``XREAD`` returns): an entry of a new incarnation comes with
@@ -163,8 +179,9 @@ MIN_PAGE_PER_STREAM = 1
 _MAX_PART = (1 << 64) - 1
 _ZERO: Key = (0, 0)
 
-# The part of both scripts that finds a loss of Redis data and starts a new incarnation: KEYS
-# last, floor; ARGV[1] the caller's high-water mark, ARGV[2] the floor it knows ('' for none).
+# The part of every script that finds a loss of Redis data and starts a new incarnation: KEYS
+# last, floor, tops; ARGV[1] the caller's high-water mark, ARGV[2] the floor it knows ('' for
+# none).
 # Leaves `lost`, `last` and `floor`, the time (`ms`) and the helpers for the rest. Ids are
 # compared as (ms, seq) pairs of numbers; no tables, no closures made per call on the publish
 # path (they cost Redis several microseconds per publish).
@@ -180,7 +197,9 @@ local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local last = redis.call('GET', KEYS[1])
 local floor = redis.call('GET', KEYS[2])
-local lost = not last or not floor
+-- `tops` is written with every event: gone (evicted, deleted), it cannot say which streams lost
+-- entries, so everything before now is taken as lost
+local lost = not last or not floor or redis.call('EXISTS', KEYS[3]) == 0
 if not lost and ARGV[1] ~= '' and ARGV[1] ~= last then
   -- `last` below an id the caller saw issued: Redis went back in time. A floor the caller does
   -- not know, at or below such an id: a new incarnation reissues ids the caller saw.
@@ -206,11 +225,14 @@ if lost then
   floor = last
   redis.call('SET', KEYS[1], last)
   redis.call('SET', KEYS[2], floor)
+  redis.call('HSET', KEYS[3], '', floor)
 end
 """
 
-# KEYS: last, floor, stream, index. ARGV: high-water mark, known floor, maxlen, body,
-# published_at, index maxlen, channel. Returns {the new id, floor}.
+# KEYS: last, floor, tops, stream, index. ARGV: high-water mark, known floor, maxlen, body,
+# published_at, index maxlen, channel. Returns {the new id, floor}. The entry's `p` is the newest
+# id the stream has had, per `tops` if the stream no longer has it (deleted, evicted, restored
+# from an older copy): a resume from before it is then a gap, never a silent one.
 _PUBLISH = (
     _INCARNATION
     + _INCARNATE
@@ -218,22 +240,32 @@ _PUBLISH = (
 local seq = 0
 local l1, l2 = parse(last)
 if not later(ms, seq, l1, l2) then ms, seq = l1, l2 + 1 end
-local top = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-local prev = ''
-if top[1] then
-  prev = top[1][1]
+local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+local prev = top[1] and top[1][1] or ''
+local known = redis.call('HGET', KEYS[3], ARGV[7])
+if known then
+  if prev == '' then
+    prev = known
+  else
+    local p1, p2 = parse(prev)
+    local k1, k2 = parse(known)
+    if later(k1, k2, p1, p2) then prev = known end
+  end
+end
+if prev ~= '' then
   local p1, p2 = parse(prev)
   if not later(ms, seq, p1, p2) then ms, seq = p1, p2 + 1 end
 end
 local id = string.format('%.0f-%.0f', ms, seq)
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], id, 'b', ARGV[4], 't', ARGV[5], 'p', prev)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], id, 'c', ARGV[7], 'p', last)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], id, 'b', ARGV[4], 't', ARGV[5], 'p', prev)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], id, 'c', ARGV[7], 'p', last)
+redis.call('HSET', KEYS[3], ARGV[7], id)
 redis.call('SET', KEYS[1], id)
 return {id, floor}
 """
 )
 
-# KEYS: last, floor, run. ARGV: high-water mark, known floor, '1' if Redis is durable.
+# KEYS: last, floor, tops, run. ARGV: high-water mark, known floor, '1' if Redis is durable.
 # Run on every new connection and by the reader on (re)connect: a Redis process other than the
 # one that last wrote `run` (a restart, a failover) may have lost data. Returns {last, floor,
 # '1' if the process could be told ('0': INFO has no run_id)}.
@@ -241,14 +273,25 @@ _CHECK = (
     _INCARNATION
     + """
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-if run and redis.call('GET', KEYS[3]) ~= run then
+if run and redis.call('GET', KEYS[4]) ~= run then
   if ARGV[3] ~= '1' then lost = true end
-  redis.call('SET', KEYS[3], run)
+  redis.call('SET', KEYS[4], run)
 end
 """
     + _INCARNATE
     + """
 return {last, floor, run and '1' or '0'}
+"""
+)
+
+# KEYS: last, floor, tops. ARGV: high-water mark, known floor. The evidence check alone, first in
+# each history page's transaction: a rollback in place (no restart, no missing key) is a gap for
+# a resume on any broker that saw a later id. Returns {last, floor}.
+_EVIDENCE = (
+    _INCARNATION
+    + _INCARNATE
+    + """
+return {last, floor}
 """
 )
 
@@ -431,8 +474,10 @@ class RedisBroker(Broker):
         self._redis: Client = aioredis.from_url(url, **self._options)
         self._publish_script = self._redis.register_script(_PUBLISH)
         self._check_script = self._redis.register_script(_CHECK)
+        self._evidence_script = self._redis.register_script(_EVIDENCE)
         self._last_key = f"{key_prefix}last"
         self._floor_key = f"{key_prefix}floor"
+        self._tops_key = f"{key_prefix}tops"
         self._run_key = f"{key_prefix}run"
         self._stream_prefix = f"{key_prefix}s:"
         self._stream_prefix_bytes = self._stream_prefix.encode()
@@ -452,6 +497,7 @@ class RedisBroker(Broker):
         self._high: Key | None = None
         self._known_floor: Key | None = None
         self._warned_run_id = False
+        self._warned_eviction = False
 
         self._healthy = False
         self._connected: asyncio.Event | None = None
@@ -522,6 +568,7 @@ class RedisBroker(Broker):
                 keys=[
                     self._last_key,
                     self._floor_key,
+                    self._tops_key,
                     self._stream_prefix + channel,
                     self._index_key,
                 ],
@@ -591,17 +638,19 @@ class RedisBroker(Broker):
         check_window = first and per_stream >= window
         count = window if check_window else per_stream
         pipe = self._redis.pipeline(transaction=True)
-        pipe.get(self._last_key)
-        pipe.get(self._floor_key)
+        # `last` and `floor` after the evidence check (a new incarnation if this broker saw ids
+        # that Redis no longer has), in the same transaction as the reads
+        await self._evidence_script(
+            keys=[self._last_key, self._floor_key, self._tops_key],
+            args=self._evidence(),
+            client=pipe,
+        )
         if start is not None:
+            pipe.hmget(self._tops_key, list(channels))
             for channel in channels:
                 pipe.xrange(self._stream_prefix + channel, min=f"({after}", max="+", count=count)
         results = await self._call(pipe.execute())
-        if results[0] is None:
-            last, _ = await self._check()
-            raise HistoryGapError(_format(last), "Redis lost its data: Last-Event-ID is unknown")
-        last = _parse(results[0]) or _ZERO
-        floor = _parse(results[1] or b"0-0") or _ZERO
+        last, floor = self._learn(results[0][0], results[0][1])
         current = _format(last)
         if start is None:
             raise HistoryGapError(current, "Last-Event-ID is not an id of this broker")
@@ -611,18 +660,27 @@ class RedisBroker(Broker):
             raise HistoryGapError(current, "Last-Event-ID is from history Redis no longer has")
         found: list[tuple[Key, Frame]] = []
         bound: Key | None = None
-        for channel, entries in zip(channels, results[2:], strict=True):
+        for channel, had, entries in zip(channels, results[1], results[2:], strict=True):
+            # read to its end, the stream must reach the newest id it has had (`tops`); short
+            # of it, entries were lost (the stream deleted, evicted, restored from a copy)
+            if len(entries) < count and had is not None:
+                newest = _parse(entries[-1][0]) if entries else start
+                if newest is None or (_parse(had) or _ZERO) > newest:
+                    raise HistoryGapError(current)
             if not entries:
                 continue
             if check_window and len(entries) >= window:
                 raise HistoryGapError(current)
-            # the entry before the first one read is at or before *after*, or it was trimmed
-            if (_parse(entries[0][1].get(b"p") or b"0-0") or _ZERO) > start:
-                raise HistoryGapError(current)
+            # each entry names the one before it (`p`): the first, one at or before *after*, or
+            # it was trimmed; the others, the entry read before them, or some were lost
+            previous = start
             for entry_id, fields in entries:
+                if (_parse(fields.get(b"p") or b"0-0") or _ZERO) > previous:
+                    raise HistoryGapError(current)
                 key = _parse(entry_id)
                 if key is not None:
                     found.append((key, self._frame(channel, entry_id, fields)))
+                    previous = key
             if len(entries) >= count:
                 top = _parse(entries[-1][0])
                 if top is not None and (bound is None or top < bound):
@@ -785,14 +843,14 @@ class RedisBroker(Broker):
         """redis-py's connect callback: the usual handshake, then the check script, before any
         command of ours uses the connection (a new Redis process means new connections)."""
         await connection.on_connect()
-        keys = [self._last_key, self._floor_key, self._run_key]
+        keys = [self._last_key, self._floor_key, self._tops_key, self._run_key]
         await connection.send_command("EVAL", _CHECK, len(keys), *keys, *self._check_args())
         self._checked(await connection.read_response())
 
     async def _check(self, client: Client | None = None) -> tuple[Key, Key]:
         """``last`` and ``floor`` after the check script (a new incarnation if Redis lost data)."""
         script = self._check_script if client is None else client.register_script(_CHECK)
-        keys = [self._last_key, self._floor_key, self._run_key]
+        keys = [self._last_key, self._floor_key, self._tops_key, self._run_key]
         return self._checked(await self._call(script(keys=keys, args=self._check_args())))
 
     async def _current(self) -> Key:
@@ -869,6 +927,7 @@ class RedisBroker(Broker):
     async def _resync(self, client: Client) -> None:
         """After (re)connecting: continue from the reader's positions, or reset if we cannot."""
         last, floor = await self._check(client)
+        await self._check_eviction(client)
         horizon = self._horizon
         self._reader_floor = floor
         self._wake_pos = "0-0"
@@ -891,6 +950,23 @@ class RedisBroker(Broker):
             self._positions[channel] = last
         for _, frame, targets in self._resets(dict.fromkeys(self._positions, last), "broker"):
             self._deliver_to(targets or [], frame)
+
+    async def _check_eviction(self, client: Client) -> None:
+        """Warn once when Redis may evict keys of ours (``maxmemory-policy allkeys-*``)."""
+        if self._warned_eviction:
+            return
+        try:
+            policy = str((await client.info("memory")).get("maxmemory_policy", ""))
+        except RedisError:
+            return  # INFO memory refused (an ACL): nothing to say
+        if policy.startswith("allkeys"):
+            self._warned_eviction = True
+            log.warning(
+                "redis at %s has maxmemory-policy %s: an evicted key costs its subscribers (or "
+                "every client) a stream-reset; set maxmemory-policy noeviction",
+                self.address,
+                policy,
+            )
 
     async def _blocking_read(
         self, client: Client, streams: dict[str, str]
@@ -1050,16 +1126,17 @@ class RedisBroker(Broker):
         out: list[tuple[Key, Frame, list[Subscription] | None]] = []
         trimmed: dict[str, Key] = {}
         for channel, parsed in batches:
-            position = snapshot[channel]
+            previous = snapshot[channel]
             last_read: Key | None = None
-            for index, (key, entry_id, fields) in enumerate(parsed):
+            for key, entry_id, fields in parsed:
                 if cutoff is not None and key > cutoff:
                     break
-                if index == 0:
-                    before = _parse(fields.get(b"p") or b"0-0") or _ZERO
-                    if before > position:
-                        # Entries after our position were trimmed before we read them.
-                        trimmed[channel] = max(before, horizon)
+                before = _parse(fields.get(b"p") or b"0-0") or _ZERO
+                if before > previous:
+                    # Entries after our position were trimmed before we read them, or lost
+                    # (the stream deleted, evicted or restored from an older copy).
+                    trimmed[channel] = max(before, horizon, trimmed.get(channel, _ZERO))
+                previous = key
                 out.append((key, self._frame(channel, entry_id, fields), None))
                 last_read = key
             if last_read is not None:
@@ -1070,8 +1147,8 @@ class RedisBroker(Broker):
                 self._horizon = reached
         if trimmed:
             log.warning(
-                "redis reader fell behind on %d channels: entries were trimmed before it read "
-                "them; sending stream-reset",
+                "redis reader found entries missing on %d channels (trimmed before it read "
+                "them, or lost from Redis); sending stream-reset",
                 len(trimmed),
             )
             out.extend(self._resets(trimmed, "history"))
