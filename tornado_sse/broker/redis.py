@@ -37,9 +37,10 @@ Deliberate choices, and why:
 * **Ids are assigned by a Lua script, not by ``XADD *``.** Each stream's automatic ids only grow
   within that stream; two streams can be given ids out of publish order in the same millisecond,
   and a subscriber of both channels must see them in one order it can resume from. The script
-  takes ``max(now-0, last + 1, stream top + 1)``, adds the entry with that explicit id and moves
-  ``last``, atomically. Ids keep Redis's ``<ms>-<seq>`` form: digits and ``-`` only, safe in a
-  ``Last-Event-ID`` header, ordered as the tuple ``(ms, seq)``.
+  takes ``max(now-0, last + 1, stream top + 1)`` (the top per ``tops``, if later), adds the
+  entry with that explicit id and moves ``last``, atomically. Ids keep Redis's ``<ms>-<seq>``
+  form: digits and ``-`` only, safe in a ``Last-Event-ID`` header, ordered as the tuple
+  ``(ms, seq)``.
 * **One reader per process.** A task on a dedicated connection runs ``XREAD BLOCK`` over every
   followed stream from its own position, merges what comes back into id order and hands each
   event once to `Broker._deliver`, which fans it out locally. Following a channel never waits
