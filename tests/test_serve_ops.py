@@ -4,7 +4,9 @@ credentials out. A real hub process (tests.test_server.start_hub) and the real C
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import pytest
 
 from tests.helpers import wait_until
 from tests.test_server import TOKEN, Hub, start_hub
-from tornado_sse.server import is_secret_name
+from tornado_sse.redaction import is_secret_name, redact_url
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +161,67 @@ def test_a_password_in_a_refused_redis_url_is_not_echoed() -> None:
     assert result.returncode == 2, result.stderr
     assert "hunter2-secret" not in result.stderr
     assert "must be a number" in result.stderr
+
+
+# ---------------------------------------------------------------------- URLs in messages
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("/events?channel=a&password=x", "/events?channel=a&password=REDACTED"),
+        ("/events?channel=a", "/events?channel=a"),
+        ("/healthz", "/healthz"),
+        (
+            "http://me:pw@hub.example:8080/events?api-key=k&channel=b#top",
+            "http://me:***@hub.example:8080/events?api-key=REDACTED&channel=b#top",
+        ),
+        (
+            "https://hub.example/events?accessToken=t",
+            "https://hub.example/events?accessToken=REDACTED",
+        ),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_listen_and_the_client_log_no_credential_from_the_url(json_hub: Hub) -> None:
+    secret = "listen-secret-value"
+    url = f"{json_hub.url}/events?channel=listened&api_key={secret}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tornado_sse.cli",
+        "listen",
+        url,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 15)
+        assert line.startswith(b"connected to"), line
+        proc.send_signal(signal.SIGINT)
+        _, rest = await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stderr = (line + rest).decode()
+    assert secret not in stderr and "api_key=REDACTED" in stderr
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tornado_sse.cli",
+            "listen",
+            f"{json_hub.url}/nowhere?token={secret}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 1 and "HTTP 404" in refused.stderr
+    assert secret not in refused.stderr and "token=REDACTED" in refused.stderr

@@ -88,6 +88,7 @@ from .errors import (
     StreamParseError,
 )
 from .protocol import Event, EventStreamParser
+from .redaction import redact_url
 
 __all__ = ["TOKEN_EXPIRED", "EventSource", "TokenSource", "validate_url"]
 
@@ -347,6 +348,9 @@ class EventSource:
             # curl_httpclient ignores a coroutine streaming callback: no backpressure.
             raise TypeError("http_client must be a tornado.simple_httpclient.SimpleAsyncHTTPClient")
         self.url = url
+        #: `url` as logs and error messages show it: credential-like query parameters and a
+        #: password replaced (`.redact_url`)
+        self.shown_url = redact_url(url)
         self.headers = dict(headers or {})
         self.max_retry = float(max_retry)
         self.max_event_size = max_event_size
@@ -432,7 +436,7 @@ class EventSource:
             what = f"ended by the server after {events} events"
         else:
             what = f"interrupted after {events} events ({_describe(error)})"
-        log.info("event stream %s %s; reconnecting in %.2fs", self.url, what, delay)
+        log.info("event stream %s %s; reconnecting in %.2fs", self.shown_url, what, delay)
 
     # ------------------------------------------------------------------ iteration
 
@@ -547,7 +551,7 @@ class EventSource:
                     raise self._refusal(attempt)
                 if error is not None and not self.reconnect:
                     raise EventStreamError(
-                        f"cannot read event stream {self.url}: {_describe(error)}"
+                        f"cannot read event stream {self.shown_url}: {_describe(error)}"
                     ) from error
                 if not self.reconnect:
                     return
@@ -617,7 +621,7 @@ class EventSource:
         """
         if redirects > _MAX_REDIRECTS:
             raise EventStreamError(
-                f"{self.url} redirected more than {_MAX_REDIRECTS} times",
+                f"{self.shown_url} redirected more than {_MAX_REDIRECTS} times",
                 status=attempt.status,
                 content_type=attempt.content_type,
             )
@@ -625,7 +629,7 @@ class EventSource:
             target = validate_url(urllib.parse.urljoin(url, location))
         except (InvalidURLError, ValueError) as exc:
             raise EventStreamError(
-                f"{self.url} redirected to an unusable URL ({exc})",
+                f"{self.shown_url} redirected to an unusable URL ({exc})",
                 status=attempt.status,
                 content_type=attempt.content_type,
             ) from exc
@@ -715,7 +719,7 @@ class EventSource:
 
     def _refusal(self, attempt: _Attempt) -> EventStreamError:
         body = attempt.body.decode("utf-8", "replace").strip()
-        message = f"{self.url} answered HTTP {attempt.status}"
+        message = f"{self.shown_url} answered HTTP {attempt.status}"
         if body:
             message += f": {body.splitlines()[0][:200]}"
         return EventStreamError(
@@ -746,7 +750,7 @@ class EventSource:
             return
         if not _is_event_stream(attempt.content_type):
             attempt.fatal = EventStreamError(
-                f"{self.url} answered with Content-Type {attempt.content_type!r}, "
+                f"{self.shown_url} answered with Content-Type {attempt.content_type!r}, "
                 "not text/event-stream",
                 status=200,
                 content_type=attempt.content_type,

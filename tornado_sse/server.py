@@ -77,6 +77,7 @@ from .hub.limits import (
 )
 from .metrics import Metrics
 from .publish import PublishError, PublishRequest, parse_publish
+from .redaction import RedactingFilter, redact_url
 from .script import client_script_route
 
 __all__ = [
@@ -106,55 +107,6 @@ DRAIN_ALLOWANCE = 4 << 20
 SHUTDOWN_STREAMS_TIMEOUT = 2.5
 
 _TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
-#: a query parameter is a credential (its value is logged as ``REDACTED``) when one of the
-#: words of its name (split at anything but letters and digits, case-insensitive) is one of
-#: these, or its name without separators ends with one of `_SECRET_ENDINGS` (``accessToken``,
-#: ``PHPSESSID``); docs/serve.md ("Logging") lists the family
-_SECRET_WORDS = frozenset(
-    {
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "passphrase",
-        "pass",
-        "pwd",
-        "key",
-        "apikey",
-        "auth",
-        "authorization",
-        "signature",
-        "sig",
-        "session",
-        "sessionid",
-        "sid",
-        "credential",
-        "credentials",
-        "jwt",
-        "bearer",
-        "cookie",
-        "otp",
-    }
-)
-_SECRET_ENDINGS = (
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "apikey",
-    "accesskey",
-    "privatekey",
-    "secretkey",
-    "sessionid",
-    "sessid",
-    "signature",
-    "credential",
-    "credentials",
-    "auth",
-)
-_NAME_WORDS = re.compile(r"[^a-z0-9]+")
-#: ``name=value`` of a query string inside a log message (an access line, Tornado's warnings)
-_QUERY_PAIR = re.compile(r"(?<=[?&;])([^=&;#\s'\"?]+)=([^&;#\s'\"]*)")
 
 
 @dataclass(frozen=True)
@@ -612,52 +564,6 @@ def make_app(
 # ---------------------------------------------------------------------- logging
 
 
-def is_secret_name(name: str) -> bool:
-    """Whether a query parameter called *name* holds a credential (its value is never logged).
-
-    ``password``, ``api-key``, ``API_KEY``, ``apiKey``, ``api_token``, ``X-Amz-Signature``,
-    ``client_secret``, ``sessionId`` ... are; ``channel``, ``last_event_id``, ``keyword`` are not.
-    """
-    lowered = urllib.parse.unquote_plus(name).lower()
-    words = [word for word in _NAME_WORDS.split(lowered) if word]
-    return any(word in _SECRET_WORDS for word in words) or "".join(words).endswith(_SECRET_ENDINGS)
-
-
-def _redact(uri: str) -> str:
-    """*uri* with the values of credential-like query parameters replaced by ``REDACTED``."""
-    path, sep, query = uri.partition("?")
-    if not sep:
-        return uri
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    if not any(is_secret_name(key) for key, _ in pairs):
-        return uri
-    clean = [(k, "REDACTED" if is_secret_name(k) else v) for k, v in pairs]
-    return f"{path}?{urllib.parse.urlencode(clean)}"
-
-
-def _redact_pair(match: re.Match[str]) -> str:
-    name = match.group(1)
-    return f"{name}=REDACTED" if is_secret_name(name) else match.group(0)
-
-
-class RedactingFilter(logging.Filter):
-    """Redacts credential-like query parameters in any log line that quotes a URL.
-
-    The access log redacts its own path; this catches the lines Tornado writes itself, which
-    quote the request's URI (``400 GET /events?...: Invalid unicode in channel``, the request
-    dump of an uncaught exception).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "?" in message and "=" in message:
-            redacted = _QUERY_PAIR.sub(_redact_pair, message)
-            if redacted != message:
-                record.msg = redacted
-                record.args = None
-        return True
-
-
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """The access log: method, path (credentials redacted), status, client, duration."""
     status = handler.get_status()
@@ -665,7 +571,7 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     if not access_log.isEnabledFor(level):
         return
     request = handler.request
-    path = _redact(request.uri or "")
+    path = redact_url(request.uri or "")
     duration = 1000.0 * request.request_time()
     access_log.log(
         level,

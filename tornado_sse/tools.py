@@ -30,6 +30,7 @@ from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError, S
 from .client import EventSource, retry_after, validate_url
 from .errors import EventStreamError, InvalidURLError, StreamIdleError, StreamParseError
 from .protocol import Event
+from .redaction import redact_url
 
 __all__ = ["listen_command", "publish_command"]
 
@@ -87,7 +88,7 @@ def server_message(body: bytes | str) -> str:
 def _network_error(url: str, exc: BaseException, timeout: float | None = None) -> str:
     """One line describing why *url* could not be reached."""
     parts = urllib.parse.urlsplit(url)
-    where = parts.netloc or url
+    where = parts.netloc.rpartition("@")[2] or redact_url(url)
     if isinstance(exc, ConnectionRefusedError):
         return f"cannot connect to {where}: connection refused (is the hub running?)"
     if isinstance(exc, socket.gaierror):
@@ -115,7 +116,7 @@ class _Listener(EventSource):
     def on_open(self) -> None:
         if not self.quiet:
             resume = f" (resuming after {self.last_event_id})" if self.last_event_id else ""
-            click.echo(f"connected to {self.url}{resume}", err=True)
+            click.echo(f"connected to {self.shown_url}{resume}", err=True)
 
     def on_reconnect(self, error: BaseException | None, delay: float) -> None:
         if not self.quiet:
@@ -187,13 +188,14 @@ async def _listen(
             raise click.ClickException(str(exc)) from None
         if exc.status == 200:
             raise click.ClickException(
-                f"{url} is not an event stream (Content-Type {exc.content_type!r})"
+                f"{redact_url(url)} is not an event stream (Content-Type {exc.content_type!r})"
             ) from None
         raise click.ClickException(
-            f"{url} refused the stream (HTTP {exc.status})" + (f": {message}" if message else "")
+            f"{redact_url(url)} refused the stream (HTTP {exc.status})"
+            + (f": {message}" if message else "")
         ) from None
     except StreamParseError as exc:
-        raise click.ClickException(f"{url}: {exc}") from None
+        raise click.ClickException(f"{redact_url(url)}: {exc}") from None
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
