@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -522,6 +523,42 @@ class BrokerContract:
             "subscribers": 3,
             "users": {"alice": 1, "bob": 1},
         }
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_join_and_leave_once_per_user_across_processes(
+        self, make_broker: MakeBroker
+    ) -> None:
+        one = await make_broker()
+        two = await make_broker()
+        _, watcher = await subscribe(one, ["presence:jl"])
+
+        async def tab(broker: Broker, user: str) -> Subscription:
+            return await broker.subscribe(
+                ["jl"], Collector(), identity=user, announce=["jl"], grace=0.3
+            )
+
+        def said() -> list[tuple[str | None, str | None]]:
+            return [(e.event, json.loads(e.data or "")["user"]) for e in watcher.events]
+
+        alice = [await tab(one, "alice"), await tab(two, "alice"), await tab(one, "alice")]
+        await wait_until(lambda: said() == [("join", "alice")], TIMEOUT)
+        bob = await tab(two, "bob")
+        await wait_until(lambda: len(said()) == 2, TIMEOUT)
+        bob.close()
+        bob = await tab(one, "bob")  # back within the grace period: no leave, no join
+        alice[0].close()
+        alice[1].close()  # alice still has a tab
+        alice[2].close()
+        await wait_until(lambda: len(said()) >= 3, TIMEOUT)
+        assert said() == [("join", "alice"), ("join", "bob"), ("leave", "alice")]
+        assert json.loads(watcher.events[0].data or "") == {"channel": "jl", "user": "alice"}
+        # resumable like any channel: its history is the latest joins and leaves
+        late = await one.subscribe(["presence:jl"], Collector(), history=2)
+        assert [frame.id for frame in late.replay] == [f.id for f in watcher.frames[1:]]
+        late.close()
+        bob.close()
+        await wait_until(lambda: len(said()) == 4, TIMEOUT)
+        assert said()[-1] == ("leave", "bob")
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_presence_refuses_bad_input(self, make_broker: MakeBroker) -> None:

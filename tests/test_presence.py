@@ -5,6 +5,7 @@ vanishes. What every backend shares is in tests/broker_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,13 @@ class Tokens(EventStreamHandler):
         return bool(self.current_user.may_subscribe(channel))
 
 
+class Room(Named):
+    """May follow room/1 only (and so its companion channel, presence:room/1)."""
+
+    def check_channel(self, channel: str) -> bool:
+        return channel == "room/1"
+
+
 @pytest.fixture
 def broker() -> InProcessBroker:
     return InProcessBroker()
@@ -62,12 +70,14 @@ def connections() -> ConnectionSet:
 @pytest.fixture
 def app(broker: InProcessBroker, connections: ConnectionSet) -> tornado.web.Application:
     return tornado.web.Application(
-        [(r"/named", Named), (r"/tokens", Tokens), (r"/events", EventStreamHandler)],
+        [(r"/named", Named), (r"/tokens", Tokens), (r"/room", Room)],
         sse_broker=broker,
         sse_connections=connections,
         sse_heartbeat_interval=0.01,
         sse_stall_timeout=0.3,
         sse_max_buffer_size=1 << 24,
+        sse_presence=["room/*"],
+        sse_presence_grace=1.0,
     )
 
 
@@ -128,6 +138,37 @@ async def test_a_half_open_peer_stops_counting_when_it_is_pruned(
     await wait_until(lambda: len(connections) == 0, TIMEOUT)
     assert await broker.presence("v") == Presence("v", 0, {})
     gone.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_join_and_leave_events_of_a_user_with_three_tabs(port: int) -> None:
+    watcher = await opened(port, "/room?channel=presence:room/1")
+    for path, status in [
+        ("/room?channel=presence:room/2", 403),  # granted with the channel it describes
+        ("/room?channel=presence:other", 403),  # not a presence channel: checked as is
+    ]:
+        refused = await RawStream.open(port, path)
+        assert refused.status == status, path
+        refused.close()
+    tabs = [await opened(port, "/room?channel=room/1", {"X-User": "ada"}) for _ in range(3)]
+    await watcher.events_count(1)
+    for tab in tabs:
+        tab.close()
+    # a reconnect within the grace period (1 s) is no leave and join
+    again = await opened(port, "/room?channel=room/1", {"X-User": "ada"})
+    again.close()  # then gone for good: one leave, after the grace period
+    await watcher.events_count(2)
+    said = [(event.event, json.loads(event.data or "")) for event in watcher.events]
+    assert said == [
+        ("join", {"channel": "room/1", "user": "ada"}),
+        ("leave", {"channel": "room/1", "user": "ada"}),
+    ]
+    # resumable like any channel, and a newcomer can start with the latest joins and leaves
+    late = await opened(port, "/room?channel=presence:room/1&history=5")
+    await late.events_count(2)
+    assert [event.id for event in late.events] == [event.id for event in watcher.events]
+    late.close()
+    watcher.close()
 
 
 # ---------------------------------------------------------------------- the bridge
@@ -302,3 +343,18 @@ async def test_a_redis_broker_that_closes_stops_counting_at_once(
     finally:
         await one.close()
         await two.close()
+
+
+# ---------------------------------------------------------------------- the hub's --presence
+
+
+def test_serve_refuses_a_bad_presence_pattern() -> None:
+    from click.testing import CliRunner
+
+    from tornado_sse.server import serve_command
+
+    result = CliRunner().invoke(
+        serve_command, ["--presence", "room/*", "--presence", "a b"], env={"TORNADO_SSE_TOKEN": "t"}
+    )
+    assert result.exit_code == 2
+    assert "--presence" in result.output and "invalid channel pattern 'a b'" in result.output

@@ -36,7 +36,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from .broker.base import Broker, Frame, Subscription, validate_channel
 from .broker.memory import InProcessBroker
-from .broker.presence import validate_identity
+from .broker.presence import described, matches_any, validate_identity
 from .connections import ConnectionSet
 from .errors import (
     AccessDeniedError,
@@ -356,6 +356,21 @@ class EventStreamHandler(tornado.web.RequestHandler):
         return known[1]
 
     @property
+    def presence_patterns(self) -> Sequence[str]:
+        """Setting ``sse_presence``: channels with ``join`` and ``leave`` events, as patterns
+        (an exact name, or a prefix ending in ``*``). A stream of such a channel with an
+        identity (:meth:`get_identity`) takes part in them; they are published on the companion
+        channel ``presence:<channel>``, which a stream may follow when :meth:`check_channel`
+        allows the channel it describes. Default: none."""
+        return tuple(self.settings.get("sse_presence", ()))
+
+    @property
+    def presence_grace(self) -> float:
+        """Setting ``sse_presence_grace``: seconds a ``leave`` waits for the user to come back
+        (a reconnect is no leave and join). Default 3.0."""
+        return float(self.settings.get("sse_presence_grace", 3.0))
+
+    @property
     def cors_origins(self) -> Sequence[str]:
         """Setting ``sse_cors_origins``: exact origins (``https://app.example``) allowed to read
         streams cross-origin, with credentials. Default: none (same origin only)."""
@@ -647,8 +662,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 raise InvalidChannelError(
                     f"too many channels: {len(set(channels))} (a stream follows at most {most})"
                 )
+            patterns = self.presence_patterns
             for channel in dict.fromkeys(channels):
-                if not await _maybe_await(self.check_channel(channel)):
+                # a companion channel is granted with the channel it describes (issue 14)
+                of = described(channel) if patterns else None
+                asked = of if of is not None and matches_any(patterns, of) else channel
+                if not await _maybe_await(self.check_channel(asked)):
                     raise AccessDeniedError(channel)
             history = int(await _maybe_await(self.get_history()))
             if not 0 <= history <= MAX_HISTORY:
@@ -699,6 +718,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 on_overflow=self._overflow,
                 history=history,
                 identity=identity,
+                announce=[c for c in channels if matches_any(patterns, c)] if patterns else (),
+                grace=self.presence_grace,
             )
         except BrokerError as exc:
             log.warning("shedding stream: broker unavailable: %s", exc)

@@ -129,6 +129,8 @@ class HubOptions:
     :param stream_rate: new streams per client address, ``"RATE[/BURST]"`` (`.hub.limits`);
         ``None``: no limit.
     :param publish_rate: publishes per credential, ``"RATE[/BURST]"``; ``None``: no limit.
+    :param presence: channel patterns with join/leave events on ``presence:<channel>``
+        (``--presence``; the setting ``sse_presence``).
     """
 
     token: str
@@ -153,6 +155,7 @@ class HubOptions:
     max_idle_connections: int | None = 1000
     log_level: str = "info"
     log_json: bool = False
+    presence: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------- broker
@@ -558,6 +561,7 @@ def make_app(
         sse_max_channels=options.max_channels_per_stream or 0,
         sse_max_buffer_size=options.max_buffer_size,
         sse_cors_origins=options.cors_origins,
+        sse_presence=options.presence,
     )
 
 
@@ -859,6 +863,14 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     "repeatable. Default: none.",
 )
 @click.option(
+    "--presence",
+    "presence",
+    multiple=True,
+    metavar="PATTERN",
+    help="Channels (a name, or a prefix ending in *) whose streams' users join and leave on "
+    "the companion channel presence:<channel>; repeatable. Default: none.",
+)
+@click.option(
     "--max-connections",
     type=click.IntRange(min=1),
     default=None,
@@ -982,6 +994,7 @@ def serve_command(
     heartbeat: float,
     retry: int,
     cors_origins: tuple[str, ...],
+    presence: tuple[str, ...],
     max_connections: int | None,
     max_connections_per_address: int,
     stream_rate: str | None,
@@ -1014,7 +1027,15 @@ def serve_command(
         raise click.UsageError(
             f"the publish token ({TOKEN_ENV} or --token) must be printable ASCII without spaces"
         )
+    from .auth import validate_pattern
+
+    for pattern in presence:
+        try:
+            validate_pattern(pattern)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--presence") from exc
     options = HubOptions(
+        presence=tuple(dict.fromkeys(presence)),
         token=token,
         host=host,
         port=port,

@@ -69,14 +69,22 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ..errors import BrokerClosedError, HistoryGapError, InvalidChannelError
+from ..errors import BrokerClosedError, BrokerError, HistoryGapError, InvalidChannelError
 from ..protocol import Event, encode_event
-from .presence import Presence, PresenceTable, merge_presence, validate_identity
+from .presence import (
+    Presence,
+    PresenceTable,
+    companion,
+    merge_presence,
+    presence_event_data,
+    validate_identity,
+)
 
 __all__ = [
     "CHANNEL_PATTERN",
@@ -86,6 +94,8 @@ __all__ = [
     "Subscription",
     "validate_channel",
 ]
+
+log = logging.getLogger("tornado_sse.broker")
 
 #: channel names: 1-200 characters of ``A-Z a-z 0-9 _ - . : / @ ~``
 CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_\-.:/@~]{1,200}")
@@ -200,9 +210,11 @@ class Subscription:
     """
 
     __slots__ = (
+        "_announce",
         "_broker",
         "_counted",
         "_floor",
+        "_grace",
         "_last_key",
         "_max_pending",
         "_on_overflow",
@@ -242,6 +254,8 @@ class Subscription:
         #: who the subscriber is, for presence (``None``: counted without identity)
         self.identity: str | None = None
         self._counted = False
+        self._announce: tuple[str, ...] = ()
+        self._grace = 0.0
 
     def _deliver(self, frame: Frame) -> None:
         pending = self._pending
@@ -383,6 +397,9 @@ class Broker(abc.ABC):
         self._presence_dirty: set[str] = set()
         self._presence_next: asyncio.Future[None] | None = None
         self._presence_writer: asyncio.Task[None] | None = None
+        # join/leave: identities announced as present per channel (in-process decisions)
+        self._announced: dict[str, set[str]] = {}
+        self._announcing: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -503,6 +520,8 @@ class Broker(abc.ABC):
         on_overflow: Callable[[], None] | None = None,
         history: int = 0,
         identity: str | None = None,
+        announce: Iterable[str] = (),
+        grace: float = 3.0,
     ) -> Subscription:
         """Subscribe *subscriber* to *channels*, resuming after *last_event_id* if given.
 
@@ -519,6 +538,9 @@ class Broker(abc.ABC):
             the replay, and ``position`` is the id before them. Ignored with *last_event_id*.
         :param identity: who the subscriber is, counted in :meth:`presence` (1-200 printable
             characters; ``None``: counted as a subscriber without identity).
+        :param announce: channels (of *channels*) whose ``join`` and ``leave`` events this
+            subscription takes part in, when it has an *identity* (see
+            `tornado_sse.broker.presence`); *grace*: seconds a leave waits for a reconnect.
         :raises InvalidArgumentError: for an invalid *identity* (also a `ValueError`).
         """
         if page_size is not None and page_size < 1:
@@ -575,10 +597,18 @@ class Broker(abc.ABC):
             if not sub.closed:
                 sub.identity = identity
                 sub._counted = True
-                self.presence_table.add(names, identity)
+                table = self.presence_table
+                table.add(names, identity)
                 shared = self._presence_touched(names)
                 if shared is not None:
                     await asyncio.shield(shared)
+                if identity is not None and announce:
+                    wanted = set(announce)
+                    sub._announce = tuple(c for c in names if c in wanted and len(c) <= 191)
+                    sub._grace = grace
+                    for channel in sub._announce:
+                        if table.counts(channel)[1].get(identity) == 1:  # first stream here
+                            self._announce_soon(channel, identity, grace)
         except BaseException:
             sub.close()
             raise
@@ -590,9 +620,20 @@ class Broker(abc.ABC):
         self._changed(subscription.channels)
         if subscription._counted:
             subscription._counted = False
-            self.presence_table.remove(subscription.channels, subscription.identity)
+            identity = subscription.identity
+            self.presence_table.remove(subscription.channels, identity)
             if not self.closed:
                 self._presence_touched(subscription.channels)
+                if identity is not None and self._loop is not None:
+                    for channel in subscription._announce:
+                        if not self.presence_table.has(channel, identity):  # last one here
+                            self._loop.call_later(
+                                subscription._grace,
+                                self._announce_soon,
+                                channel,
+                                identity,
+                                subscription._grace,
+                            )
         gone: list[str] = []
         for name in subscription.channels:
             subs = self._subscriptions.get(name)
@@ -701,6 +742,39 @@ class Broker(abc.ABC):
         if left is not None and not left.done():
             left.set_exception(BrokerClosedError("broker is closed"))
             left.exception()
+
+    def _announce_soon(self, channel: str, identity: str, grace: float) -> None:
+        if self.closed or self._loop is None:
+            return
+        task = self._loop.create_task(self._announce_logged(channel, identity, grace))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce_logged(self, channel: str, identity: str, grace: float) -> None:
+        try:
+            await self._announce(channel, identity, grace)
+        except (BrokerError, OSError) as exc:
+            log.warning("presence of %s on %s not announced: %s", identity, channel, exc)
+
+    async def _announce(self, channel: str, identity: str, grace: float) -> None:
+        """Backend hook: publish ``join`` (or ``leave``) of *identity* on *channel*'s companion
+        channel if it is present (absent) in the whole deployment and was not announced so yet;
+        decided in one place per deployment. Default: this process decides (one process)."""
+        present = self.presence_table.has(channel, identity)
+        announced = self._announced.get(channel, set())
+        if present == (identity in announced):
+            return
+        if present:
+            self._announced.setdefault(channel, set()).add(identity)
+        else:
+            announced.discard(identity)
+            if not announced:
+                self._announced.pop(channel, None)
+        await self.publish(
+            companion(channel),
+            presence_event_data(channel, identity),
+            event="join" if present else "leave",
+        )
 
     def subscriber_counts(self) -> dict[str, int]:
         """Local subscriptions per channel (for metrics)."""

@@ -92,6 +92,8 @@ from ..errors import (
 from ..protocol import Event, encode_event
 from .base import Broker, Frame, Subscription, validate_channel
 from .framing import (
+    ANNOUNCE,
+    ANNOUNCED,
     CLOSING,
     DEFAULT_MAX_FRAME_SIZE,
     EVENT,
@@ -126,7 +128,13 @@ from .framing import (
     publish_size,
 )
 from .memory import History, IdSequence
-from .presence import Presence, merge_presence, validate_identity
+from .presence import (
+    Presence,
+    companion,
+    merge_presence,
+    presence_event_data,
+    validate_identity,
+)
 
 __all__ = [
     "BridgeBroker",
@@ -435,6 +443,10 @@ class BridgeHub:
         self._followers: dict[str, dict[_Peer, None]] = {}
         #: per channel, the peers that have streams of it (their counts are in `_Peer.presence`)
         self._present: dict[str, dict[_Peer, None]] = {}
+        #: per channel with join/leave events: the identities announced as present, and the
+        #: grace period its processes asked for
+        self._announced: dict[str, set[str]] = {}
+        self._graces: dict[str, float] = {}
         self._dirty: list[_Peer] = []
         self._queries: dict[int, _MetricsQuery] = {}
         self._next_qid = 0
@@ -559,12 +571,21 @@ class BridgeHub:
         peer.channels.clear()
         peer.out.clear()
         present = self._present
-        for channel in peer.presence:
+        loop = asyncio.get_running_loop() if not self.closed else None
+        for channel, (_, identities) in peer.presence.items():
             peers = present.get(channel)
             if peers is not None:
                 peers.pop(peer, None)
                 if not peers:
                     del present[channel]
+            announced = self._announced.get(channel)
+            if announced and loop is not None:
+                # its users leave after the grace period, unless they are back (a reconnect)
+                for identity in identities:
+                    if identity in announced:
+                        loop.call_later(
+                            self._graces.get(channel, 3.0), self._decide, channel, identity
+                        )
         peer.presence.clear()
         for qid, query in list(self._queries.items()):
             query.pending.pop(peer, None)
@@ -626,6 +647,8 @@ class BridgeHub:
                 self._set_presence(peer, frame[2], frame[3])
             elif kind == PRESENCE_ASK:
                 self._ask_presence(peer, frame[2], frame[3])
+            elif kind == ANNOUNCE:
+                self._announce(peer, frame[2], frame[3], frame[4], frame[5])
             else:
                 assert kind == HISTORY
                 self._history(peer, frame[2], frame[3], frame[4])
@@ -633,16 +656,23 @@ class BridgeHub:
     def _publish(self, peer: _Peer, frame: list[Any]) -> None:
         _, _, rid, channel, data, name, retry, published_at = frame
         validate_channel(channel)
+        event_id = self._emit(channel, data, name, retry, float(published_at))
+        peer.send(pack(PUBLISHED, rid, event_id))
+
+    def _emit(
+        self, channel: str, data: str | None, name: str | None, retry: int | None, at: float
+    ) -> str:
+        """Give an event its id, keep it in history and send it to the channel's followers."""
         event_id = self.ids.next()
         encoded = encode_event(Event(data=data, event=name, id=event_id, retry=retry))
-        item = [channel, event_id, encoded, float(published_at)]
+        item = [channel, event_id, encoded, at]
         self.history.append(channel, self.ids.seq, item)
         followers = self._followers.get(channel)
         if followers:
             message = pack(EVENT, *item)
             for follower in followers:
                 follower.send(message)
-        peer.send(pack(PUBLISHED, rid, event_id))
+        return event_id
 
     def _subscribe(self, peer: _Peer, rid: int, channels: list[str]) -> None:
         for channel in channels:
@@ -739,6 +769,42 @@ class BridgeHub:
                     if not peers:
                         del present[channel]
         peer.send(pack(PRESENCE_TAKEN, rid))
+
+    def _announce(self, peer: _Peer, rid: int, channel: str, identity: str, grace: float) -> None:
+        validate_channel(channel)
+        validate_channel(companion(channel))
+        validate_identity(identity)
+        self._graces[channel] = min(max(float(grace), 0.0), 3600.0)
+        self._decide(channel, identity)
+        peer.send(pack(ANNOUNCED, rid))
+        self._flush()
+
+    def _decide(self, channel: str, identity: str) -> None:
+        """Publish join (leave) of *identity* on *channel*'s companion channel if some (no)
+        process has a stream of it and that was not announced yet (the one place per bridge
+        where this is decided)."""
+        if self.closed:
+            return
+        present = any(
+            identity in member.presence[channel][1] for member in self._present.get(channel, ())
+        )
+        announced = self._announced.get(channel, set())
+        if present == (identity in announced):
+            return
+        if present:
+            self._announced.setdefault(channel, set()).add(identity)
+        else:
+            announced.discard(identity)
+            if not announced:
+                self._announced.pop(channel, None)
+        self._emit(
+            companion(channel),
+            presence_event_data(channel, identity),
+            "join" if present else "leave",
+            None,
+            time.time(),
+        )
+        self._flush()
 
     def _ask_presence(self, peer: _Peer, rid: int, channel: str) -> None:
         validate_channel(channel)
@@ -856,6 +922,7 @@ _ANSWERS = {
     METRICS: frozenset({METRICS_RESULT}),
     TAIL: frozenset({TAIL_START}),
     PRESENCE: frozenset({PRESENCE_TAKEN}),
+    ANNOUNCE: frozenset({ANNOUNCED}),
     PRESENCE_ASK: frozenset({PRESENCE_ANSWER}),
 }
 
@@ -951,7 +1018,7 @@ class _HubConnection(asyncio.Protocol):
             if not future.done():
                 future.set_result(frame[3])
             return
-        if kind == PRESENCE_TAKEN or kind == PRESENCE_ANSWER:
+        if kind == PRESENCE_TAKEN or kind == PRESENCE_ANSWER or kind == ANNOUNCED:
             if not future.done():
                 future.set_result(frame[3:])
             return
@@ -1532,6 +1599,9 @@ class BridgeBroker(Broker):
         if part:
             futures.append(conn.request(PRESENCE, part))
         await asyncio.gather(*futures)
+
+    async def _announce(self, channel: str, identity: str, grace: float) -> None:
+        await self._connection().request(ANNOUNCE, channel, identity, float(grace))
 
     async def _presence(self, channel: str) -> Presence:
         streams, users = await self._connection().request(PRESENCE_ASK, channel)

@@ -35,6 +35,9 @@ whatever that frame is. The fields of each kind::
     PRESENCE_TAKEN  hub -> peer   rid: int
     PRESENCE_ASK    peer -> hub   rid: int, channel: str
     PRESENCE_ANSWER hub -> peer   rid: int, streams: int, users: [[identity, n]]  (all peers)
+    ANNOUNCE        peer -> hub   rid: int, channel: str, identity: str, grace: float
+                                  (publish join/leave of identity if the hub's view changed)
+    ANNOUNCED       hub -> peer   rid: int
 
 ``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
 event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
@@ -68,6 +71,8 @@ import msgpack
 from ..errors import BrokerError
 
 __all__ = [
+    "ANNOUNCE",
+    "ANNOUNCED",
     "CLOSING",
     "DEFAULT_MAX_FRAME_SIZE",
     "EVENT",
@@ -142,10 +147,23 @@ PRESENCE = 18
 PRESENCE_TAKEN = 19
 PRESENCE_ASK = 20
 PRESENCE_ANSWER = 21
+ANNOUNCE = 22
+ANNOUNCED = 23
 
 #: kinds a hub accepts from its peers
 HUB_BOUND = frozenset(
-    {PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, METRICS, METRICS_REPLY, TAIL, PRESENCE, PRESENCE_ASK}
+    {
+        PUBLISH,
+        SUBSCRIBE,
+        UNSUBSCRIBE,
+        HISTORY,
+        METRICS,
+        METRICS_REPLY,
+        TAIL,
+        PRESENCE,
+        PRESENCE_ASK,
+        ANNOUNCE,
+    }
 )
 #: kinds a peer accepts from its hub
 PEER_BOUND = frozenset(
@@ -163,6 +181,7 @@ PEER_BOUND = frozenset(
         TAIL_START,
         PRESENCE_TAKEN,
         PRESENCE_ANSWER,
+        ANNOUNCED,
     }
 )
 
@@ -189,6 +208,8 @@ _NAMES = {
     PRESENCE_TAKEN: "PRESENCE_TAKEN",
     PRESENCE_ASK: "PRESENCE_ASK",
     PRESENCE_ANSWER: "PRESENCE_ANSWER",
+    ANNOUNCE: "ANNOUNCE",
+    ANNOUNCED: "ANNOUNCED",
 }
 
 
@@ -346,6 +367,8 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     PRESENCE_TAKEN: (_rid,),
     PRESENCE_ASK: (_rid, _str),
     PRESENCE_ANSWER: (_rid, _rid, _pairs),
+    ANNOUNCE: (_rid, _str, _str, _number),
+    ANNOUNCED: (_rid,),
 }
 
 

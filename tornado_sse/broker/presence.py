@@ -20,6 +20,21 @@ Who forgets a process that vanished:
   counts only while the lease is live, so a host that vanishes stops counting within the lease,
   and its keys expire on their own.
 
+Join and leave events: for the channels an application configures (patterns, the setting
+``sse_presence``, the hub's ``--presence``), the broker publishes ``join`` and ``leave`` events
+on the *companion* channel ``presence:<channel>`` (`companion`), data
+``{"channel": ..., "user": ...}``. They are about identities, not streams: one user with three
+tabs is one join, then one leave when the last tab goes, whichever processes the tabs are on. A
+leave waits for a grace period (default 3 s) and is not sent if the user is back by then (a
+reconnect). The decision is made in one place per deployment, so that two processes never both
+announce: the in-process broker itself, the bridge hub (which holds every worker's counts and,
+when a worker dies, checks its users after the grace period), or an atomic script in Redis (which
+reads every live lease, and flips an ``announced`` mark before the event is published). A
+broker asks for a decision (`Broker._announce`) when a user's first stream opens in this
+process, and a grace period after its last one here closed. The companion channel is an ordinary
+channel: resumable, with history (``?history=N`` gives the latest joins and leaves), and a
+stream may follow it if it may follow the channel it describes.
+
 A subscription counts from the end of `.Broker.subscribe` (before its stream's first byte; the
 subscribe waits until the count is shared) until it is closed (the stream ended, was pruned as
 half-open or cut off as slow); the share of a close is written without waiting, within a second.
@@ -27,12 +42,26 @@ half-open or cut off as slow); the share of a close is written without waiting, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["Presence", "PresenceTable", "merge_presence", "validate_identity"]
+__all__ = [
+    "COMPANION_PREFIX",
+    "Presence",
+    "PresenceTable",
+    "companion",
+    "described",
+    "matches_any",
+    "merge_presence",
+    "presence_event_data",
+    "validate_identity",
+]
+
+#: the companion channel of a channel is named this prefix and the channel
+COMPANION_PREFIX = "presence:"
 
 #: identities are 1-200 characters, none of them a control character
 MAX_IDENTITY = 200
@@ -52,6 +81,35 @@ def validate_identity(identity: object) -> str | None:
             f"invalid identity {identity!r}: use 1-{MAX_IDENTITY} printable characters"
         )
     return identity
+
+
+def companion(channel: str) -> str:
+    """The channel of *channel*'s join and leave events (``presence:<channel>``)."""
+    return COMPANION_PREFIX + channel
+
+
+def described(channel: str) -> str | None:
+    """The channel a companion channel describes, or ``None`` if *channel* is not one."""
+    if channel.startswith(COMPANION_PREFIX) and len(channel) > len(COMPANION_PREFIX):
+        return channel[len(COMPANION_PREFIX) :]
+    return None
+
+
+def matches_any(patterns: Iterable[str], channel: str) -> bool:
+    """Whether one of *patterns* (an exact name, or a prefix ending in ``*``) covers
+    *channel*."""
+    for pattern in patterns:
+        if pattern.endswith("*"):
+            if channel.startswith(pattern[:-1]):
+                return True
+        elif pattern == channel:
+            return True
+    return False
+
+
+def presence_event_data(channel: str, identity: str) -> str:
+    """The data of a ``join`` or ``leave`` event."""
+    return json.dumps({"channel": channel, "user": identity}, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -115,6 +173,11 @@ class PresenceTable:
         if entry is None:
             return 0, {}
         return entry[0][0], dict(entry[1])
+
+    def has(self, channel: str, identity: str) -> bool:
+        """Whether *identity* has a stream of *channel* here."""
+        entry = self._channels.get(channel)
+        return entry is not None and identity in entry[1]
 
     def channels(self) -> list[str]:
         """Channels with at least one stream here."""

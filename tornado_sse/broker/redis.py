@@ -26,6 +26,8 @@ Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
 ``<prefix>presence``
     Presence leases (issue 14): a sorted set of broker tokens, each scored with the time (Redis's
     clock, ms) its lease ends. A broker renews its lease every third of ``presence_lease``.
+``<prefix>announced:<channel>``
+    The identities announced present on a channel with join/leave events (a set, as a hash).
 ``<prefix>presence:<token>``
     A broker's presence: a hash of channel -> JSON ``[streams, {identity: streams}]``, the
     absolute counts of its subscriptions, rewritten per changed channel (changes coalesced) and
@@ -157,10 +159,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from ..errors import BrokerUnavailableError, HistoryGapError
+from ..errors import BrokerError, BrokerUnavailableError, HistoryGapError
 from ..protocol import Event, encode_event
 from .base import Broker, Frame, Subscription
-from .presence import Presence, merge_presence
+from .presence import Presence, companion, merge_presence, presence_event_data
 
 __all__ = ["RedisBroker"]
 
@@ -332,6 +334,35 @@ return found
 """
 
 
+# KEYS: the lease set, the channel's announced set. ARGV: the prefix of presence hashes, the
+# channel, the identity. Decides, atomically for every host, whether the identity's join (it has
+# a stream under a live lease, and was not announced) or leave (the reverse) is to be published,
+# and marks it announced (or not). Returns 'join', 'leave' or ''.
+_ANNOUNCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local present = false
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+  local value = redis.call('HGET', ARGV[1] .. token, ARGV[2])
+  if value then
+    local ok, decoded = pcall(cjson.decode, value)
+    if ok and type(decoded) == 'table' and type(decoded[2]) == 'table' and decoded[2][ARGV[3]] then
+      present = true
+      break
+    end
+  end
+end
+local announced = redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1
+if present == announced then return '' end
+if present then
+  redis.call('HSET', KEYS[2], ARGV[3], '1')
+  return 'join'
+end
+redis.call('HDEL', KEYS[2], ARGV[3])
+return 'leave'
+"""
+
+
 def _parse(event_id: str | bytes) -> Key | None:
     text = event_id.decode("ascii", "replace") if isinstance(event_id, bytes) else event_id
     match = _ID.fullmatch(text)
@@ -491,6 +522,10 @@ class RedisBroker(Broker):
         self._presence_key = self._presence_prefix + self._token
         self._share_script = self._redis.register_script(_SHARE)
         self._ask_script = self._redis.register_script(_ASK)
+        self._announce_script = self._redis.register_script(_ANNOUNCE)
+        #: channels with join/leave events seen here, and their grace periods (swept for the
+        #: users of hosts that vanished)
+        self._announce_graces: dict[str, float] = {}
         self._renewer: asyncio.Task[None] | None = None
 
         # The largest id this broker saw issued (published, or read as ``last``) and the latest
@@ -759,15 +794,47 @@ class RedisBroker(Broker):
                 log.warning("redis: a presence entry of %r is not ours; ignored", channel)
         return merge_presence(channel, parts)
 
+    async def _announce(self, channel: str, identity: str, grace: float) -> None:
+        self._announce_graces[channel] = grace
+        verdict = await self._call(
+            self._announce_script(
+                keys=[self._leases_key, f"{self.key_prefix}announced:{channel}"],
+                args=[self._presence_prefix, channel, identity],
+            )
+        )
+        if isinstance(verdict, bytes):
+            verdict = verdict.decode()
+        if verdict in ("join", "leave"):
+            await self.publish(
+                companion(channel), presence_event_data(channel, identity), event=verdict
+            )
+
+    async def _sweep_announced(self) -> None:
+        """Leave events for the users of hosts whose lease ended (nobody else would send them):
+        check every announced user of the channels with join/leave events seen here."""
+        for channel, grace in list(self._announce_graces.items()):
+            key = f"{self.key_prefix}announced:{channel}"
+            names = await self._call(self._redis.hkeys(key))
+            if not names and not self.presence_table.counts(channel)[0]:
+                del self._announce_graces[channel]
+                continue
+            for name in names:
+                identity = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+                if not self.presence_table.has(channel, identity):
+                    await self._announce(channel, identity, grace)
+
     async def _renew_forever(self) -> None:
         """Renew this broker's presence lease every third of it (and write the whole table
-        again if Redis lost it)."""
+        again if Redis lost it); send the leaves of the users of vanished hosts."""
         while not self.closed:
             await asyncio.sleep(self.presence_lease / 3)
             try:
                 await self._share_presence([])
-            except BrokerUnavailableError as exc:
+                await self._sweep_announced()
+            except BrokerError as exc:
                 log.debug("redis: presence lease not renewed: %s", exc)
+            except Exception:
+                log.exception("redis: error renewing the presence lease")
 
     # ------------------------------------------------------------------ metrics
 
