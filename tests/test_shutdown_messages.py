@@ -68,12 +68,12 @@ def run_and_stop(script: Path, port: int, stderr_path: Path) -> str:
 def test_readme_bridge_example_stops_quietly_on_sigterm(tmp_path: Path) -> None:
     source = readme_bridge_example()
     assert "bind_sockets(8000)" in source and "fork_processes(4)" in source
-    port = free_port()
-    script = tmp_path / "example.py"
-    script.write_text(source.replace("bind_sockets(8000)", f"bind_sockets({port})"))
     # Whether the other workers still run when the hub's worker closes its broker is a race
     # (all get SIGTERM at once); before the fix, most runs lost it. A few runs make it likely.
     for run in range(3):
+        port = free_port()
+        script = tmp_path / f"example-{run}.py"
+        script.write_text(source.replace("bind_sockets(8000)", f"bind_sockets({port})"))
         stderr = run_and_stop(script, port, tmp_path / f"stderr-{run}.txt")
         assert "lost the hub" not in stderr, f"run {run}: {stderr}"
         assert "Traceback" not in stderr, f"run {run}: {stderr}"
