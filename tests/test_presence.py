@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import tornado.web
 from tornado.ioloop import IOLoop
@@ -22,15 +24,19 @@ from tests.broker_contract import Collector
 from tests.helpers import RawStream, wait_until
 from tests.redis_server import redis_prefix, redis_server, redis_url  # noqa: F401
 from tests.test_bridge_worker import Worker
+from tests.test_server import AUTH, start_hub
 from tornado_sse import ConnectionSet, EventStreamHandler, InProcessBroker
 from tornado_sse.auth import TokenVerifier, create_token
 from tornado_sse.broker.bridge import BridgeHub
 from tornado_sse.broker.presence import Presence
+from tornado_sse.hub.access import HubAccess
+from tornado_sse.hub.presence import PresenceHandler
 
 TIMEOUT = 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "a test secret that is long enough for HS256 ......"
 verifier = TokenVerifier(secret=SECRET)
+MASTER = "the hub's master token"
 
 
 class Named(EventStreamHandler):
@@ -70,7 +76,16 @@ def connections() -> ConnectionSet:
 @pytest.fixture
 def app(broker: InProcessBroker, connections: ConnectionSet) -> tornado.web.Application:
     return tornado.web.Application(
-        [(r"/named", Named), (r"/tokens", Tokens), (r"/room", Room)],
+        [
+            (r"/named", Named),
+            (r"/tokens", Tokens),
+            (r"/room", Room),
+            (
+                r"/presence",
+                PresenceHandler,
+                {"broker": broker, "access": HubAccess(master_token=MASTER, verifier=verifier)},
+            ),
+        ],
         sse_broker=broker,
         sse_connections=connections,
         sse_heartbeat_interval=0.01,
@@ -169,6 +184,49 @@ async def test_join_and_leave_events_of_a_user_with_three_tabs(port: int) -> Non
     assert [event.id for event in late.events] == [event.id for event in watcher.events]
     late.close()
     watcher.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_get_presence_takes_the_master_token_or_a_token_granting_the_channel(
+    port: int,
+) -> None:
+    tabs = [await opened(port, "/room?channel=room/1", {"X-User": "ada"}) for _ in range(2)]
+    tabs.append(await opened(port, "/room?channel=room/1"))
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT)
+    granted = create_token(SECRET, subject="reader", subscribe=["room/*"], ttl=600)
+    other = create_token(SECRET, subject="reader", subscribe=["lobby"], ttl=600)
+    try:
+        for credentials in [MASTER, granted]:
+            reply = await client.get(
+                "/presence", params={"channel": "room/1"}, headers=bearer(credentials)
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.json() == {"channel": "room/1", "subscribers": 3, "users": {"ada": 2}}
+            assert reply.headers["cache-control"] == "no-store"
+        # users only when identities are known
+        reply = await client.get("/presence?channel=room/2", headers=bearer(MASTER))
+        assert reply.json() == {"channel": "room/2", "subscribers": 0}
+        for query, headers, status, message in [
+            ("channel=room/1", {}, 401, "needs the hub's token"),
+            ("channel=room/1", bearer("wrong"), 401, "token malformed"),
+            ("channel=room/1", bearer(other), 403, "room/1"),
+            ("channel=a%20b", bearer(MASTER), 400, "invalid channel"),
+            ("channel=a&channel=b", bearer(MASTER), 400, "exactly one channel"),
+            ("", bearer(MASTER), 400, "exactly one channel"),
+        ]:
+            reply = await client.get(f"/presence?{query}", headers=headers)
+            assert reply.status_code == status, (query, reply.text)
+            assert message in reply.json()["error"], reply.text
+            if status == 401:
+                assert reply.headers["www-authenticate"].startswith("Bearer")
+    finally:
+        await client.aclose()
+        for tab in tabs:
+            tab.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 # ---------------------------------------------------------------------- the bridge
@@ -358,3 +416,32 @@ def test_serve_refuses_a_bad_presence_pattern() -> None:
     )
     assert result.exit_code == 2
     assert "--presence" in result.output and "invalid channel pattern 'a b'" in result.output
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_hubs_presence_counts_every_worker(tmp_path: Path) -> None:
+    hub = start_hub(tmp_path / "hub.log", "--processes", "2")
+    streams: list[RawStream] = []
+    try:
+        for _ in range(6):  # the kernel spreads them over both workers
+            streams.append(await hub.stream("channel=lobby"))
+        assert all(stream.status == 200 for stream in streams)
+        for stream in streams:
+            await stream.read_until(lambda s: s.parser.last_event_id != "")
+        reply = httpx.get(hub.url + "/presence?channel=lobby", headers=AUTH, timeout=10)
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == {"channel": "lobby", "subscribers": 6}
+        reply = httpx.get(hub.url + "/presence?channel=lobby", timeout=10)
+        assert reply.status_code == 401
+        for stream in streams:
+            stream.close()
+
+        def gone() -> bool:
+            reply = httpx.get(hub.url + "/presence?channel=lobby", headers=AUTH, timeout=10)
+            return bool(reply.json()["subscribers"] == 0)
+
+        await wait_until(gone, TIMEOUT)
+    finally:
+        for stream in streams:
+            stream.close()
+        hub.stop()

@@ -67,6 +67,7 @@ from .connections import ConnectionSet
 from .errors import BrokerError, EventTooLargeError, InvalidEventError
 from .handler import EventStreamHandler
 from .httpserver import HubHTTPServer
+from .hub.access import HubAccess
 from .hub.limits import (
     DEFAULT_PUBLISH_RATE,
     DEFAULT_STREAM_RATE,
@@ -75,6 +76,7 @@ from .hub.limits import (
     publish_key,
     retry_after_header,
 )
+from .hub.presence import PresenceHandler
 from .metrics import Metrics
 from .publish import PublishError, PublishRequest, parse_publish
 from .redaction import RedactingFilter, redact_url
@@ -515,9 +517,17 @@ class NotFoundHandler(_HubHandler):
             404,
             {
                 "error": "not found: the hub serves /events, /publish, /healthz, /metrics, "
-                "/client.js"
+                "/presence, /client.js"
             },
         )
+
+
+def hub_access(hub: _Hub) -> HubAccess:
+    """Who may do what on *hub* (`.hub.access`): its own, or one of the master token only."""
+    access = getattr(hub, "access", None)
+    if isinstance(access, HubAccess):
+        return access
+    return HubAccess(master_token=hub.options.token)
 
 
 def make_app(
@@ -544,6 +554,7 @@ def make_app(
             (r"/publish", PublishHandler, kwargs),
             (r"/healthz", HealthHandler, kwargs),
             (r"/metrics", MetricsHandler, kwargs),
+            (r"/presence", PresenceHandler, {"broker": broker, "access": hub_access(hub)}),
             client_script_route("/client.js"),
         ],
         default_handler_class=NotFoundHandler,

@@ -19,8 +19,8 @@ Without any of the three the hub is closed: every stream gets 401 (secure by def
 start-up log says how to open channels (`HubAccess.describe`).
 
 Publishing takes the master token (``--token``, compared in constant time) or a signed token
-whose ``publish`` patterns cover the channel (403 otherwise). ``/metrics`` takes the master
-token unless ``--metrics-public``.
+whose ``publish`` patterns cover the channel (403 otherwise); so does ``GET /presence`` with
+``subscribe`` patterns. ``/metrics`` takes the master token unless ``--metrics-public``.
 """
 
 from __future__ import annotations
@@ -190,6 +190,27 @@ class HubAccess:
         publish to *channel*."""
         if grants is not None:
             grants.check_publish(channel)
+
+    def authorize_presence(self, request: tornado.httputil.HTTPServerRequest, channel: str) -> None:
+        """Allow ``GET /presence?channel=C`` (issue 14): the master token, or a signed token
+        whose ``subscribe`` patterns cover *channel* (who may follow a channel may see who
+        follows it). Public channels are no exception: presence names users.
+
+        :raises AuthenticationError: 401: neither the master token nor a valid signed token.
+        :raises AccessDeniedError: 403: a valid token that does not cover *channel*.
+        """
+        if self.is_master(request):
+            return
+        token = token_from_request(request, cookie=None) if self.verifier is not None else None
+        if token is None:
+            raise AuthenticationError(
+                "/presence needs the hub's token or a signed token granting the channel:"
+                " send 'Authorization: Bearer TOKEN'",
+                error="invalid_token" if "Authorization" in request.headers else None,
+            )
+        grants: Grants = self.verifier.verify(token)
+        if not grants.may_subscribe(channel):
+            raise AccessDeniedError(channel)
 
     def authorize_scrape(self, request: tornado.httputil.HTTPServerRequest) -> None:
         """Allow ``GET /metrics``: the master token, or anyone with ``--metrics-public``.
