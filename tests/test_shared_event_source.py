@@ -379,6 +379,7 @@ def expected(tab: Tab, sent: list[tuple[str, str, str]]) -> list[tuple[str, str,
 CHANNEL_SETS = [["news"], ["room/1", "user/alice"], ["news", "room/1"]]
 
 
+@pytest.mark.browser
 def test_eight_tabs_share_one_stream_and_each_gets_exactly_its_events() -> None:
     async def scenario() -> None:
         async with browser_and_hub() as (context, hub):
@@ -402,6 +403,7 @@ def test_eight_tabs_share_one_stream_and_each_gets_exactly_its_events() -> None:
     run(scenario())
 
 
+@pytest.mark.browser
 def test_closing_the_leading_tab_hands_over_without_loss_or_duplicates() -> None:
     async def scenario() -> None:
         async with browser_and_hub() as (context, hub):
@@ -435,6 +437,7 @@ def test_closing_the_leading_tab_hands_over_without_loss_or_duplicates() -> None
     run(scenario())
 
 
+@pytest.mark.browser
 def test_tabs_coming_and_going_while_events_flow_lose_nothing() -> None:
     """A tab joining with a new channel, then leaving, makes the leader reconnect twice, with
     its last id: the other tabs get every event once, in order."""
@@ -462,6 +465,7 @@ def test_tabs_coming_and_going_while_events_flow_lose_nothing() -> None:
     run(scenario())
 
 
+@pytest.mark.browser
 def test_a_tab_gone_without_goodbye_is_forgotten_at_the_next_handover() -> None:
     async def scenario() -> None:
         async with browser_and_hub() as (context, hub):
@@ -482,6 +486,7 @@ def test_a_tab_gone_without_goodbye_is_forgotten_at_the_next_handover() -> None:
     run(scenario())
 
 
+@pytest.mark.browser
 def test_reloading_every_tab_keeps_one_stream() -> None:
     async def scenario() -> None:
         async with browser_and_hub() as (context, hub):
@@ -517,6 +522,7 @@ async def publish_across_expiries(hub: Hub, tabs: list[Tab], count: int) -> list
     return sent
 
 
+@pytest.mark.browser
 def test_a_token_expiring_mid_stream_is_renewed_and_the_stream_resumes() -> None:
     async def scenario() -> None:
         async with browser_and_hub(ttl=2) as (context, hub):
@@ -538,6 +544,7 @@ def test_a_token_expiring_mid_stream_is_renewed_and_the_stream_resumes() -> None
     run(scenario())
 
 
+@pytest.mark.browser
 def test_a_tab_resumes_its_own_last_event_id_without_disturbing_the_others() -> None:
     """A tab whose URL carries ``last_event_id`` gets its channels' events after it (the demo's
     history on entry), whether it opens the shared stream, joins it on a new channel, or joins a
@@ -573,6 +580,7 @@ Object.defineProperty(Navigator.prototype, 'locks', { get() { return undefined; 
 """
 
 
+@pytest.mark.browser
 def test_fallback_without_web_locks_or_broadcast_channel() -> None:
     async def scenario() -> None:
         async with browser_and_hub(ttl=2, init_script=NO_SHARING) as (context, hub):
@@ -591,6 +599,7 @@ def test_fallback_without_web_locks_or_broadcast_channel() -> None:
     run(scenario())
 
 
+@pytest.mark.browser
 def test_readme_page_opens_one_stream_for_three_tabs(tmp_path: Path) -> None:
     """The README's complete page (``shared_feed.py``), run as written: three tabs, one request
     to ``/events`` in the whole browser, the same ticks in every tab."""
@@ -641,6 +650,7 @@ def test_readme_page_opens_one_stream_for_three_tabs(tmp_path: Path) -> None:
         item.stop()
 
 
+@pytest.mark.browser
 def test_demo_tabs_of_one_browser_share_one_stream() -> None:
     """The chat demo: three tabs of one browser in one room under one nickname hold one stream;
     each shows the room's history and every message once; the nickname stays present until the
