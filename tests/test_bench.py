@@ -166,3 +166,29 @@ def test_bench_command_rejects_bad_options(args: list[str], message: str) -> Non
     result = CliRunner().invoke(bench_command, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_presence_cost_measures_every_broker_on_and_off(tmp_path: Path) -> None:
+    """bench/presence_cost.py with a real bridge hub and a real redis-server (issue 14)."""
+    import subprocess
+
+    out = tmp_path / "presence.json"
+    command = [sys.executable, "-m", "tornado_sse.bench.presence_cost"]
+    done = subprocess.run(
+        [*command, "--streams", "30", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert [(row["broker"], row["presence"]) for row in rows] == [
+        (broker, state) for broker in ("memory", "bridge", "redis") for state in ("off", "on")
+    ]
+    redis_off, redis_on = rows[4], rows[5]
+    # presence is paid for on connect and close only: a few more Redis commands each
+    assert (
+        redis_on["redis_commands_per_connect_close"] > redis_off["redis_commands_per_connect_close"]
+    )
+    assert "| redis | on |" in done.stdout

@@ -445,3 +445,16 @@ async def test_the_hubs_presence_counts_every_worker(tmp_path: Path) -> None:
         for stream in streams:
             stream.close()
         hub.stop()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_presence_off_counts_nothing_and_says_so() -> None:
+    from tornado_sse import BrokerError
+
+    broker = InProcessBroker(presence=False)
+    sub = await broker.subscribe(["room"], Collector(), identity="ada", announce=["room"])
+    assert broker.presence_table.channels() == []
+    with pytest.raises(BrokerError, match="presence is turned off"):
+        await broker.presence("room")
+    sub.close()
+    await broker.close()

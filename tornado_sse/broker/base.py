@@ -362,6 +362,9 @@ class Broker(abc.ABC):
     """Base class of brokers: validation, threading, local fan-out and resume.
 
     :param history_size: events retained per channel for resume.
+    :param presence: count subscriptions for :meth:`presence` and join/leave events (default
+        ``True``); ``False`` saves the cost of it on subscribe and unsubscribe (the benchmark's
+        "presence off"), and :meth:`presence` then raises `.BrokerError`.
     """
 
     #: whether :meth:`_unfollow` must hear of channels no local subscription follows any more
@@ -370,10 +373,14 @@ class Broker(abc.ABC):
     #: whether the backend shares presence beyond this process (`_share_presence`)
     shares_presence = False
 
-    def __init__(self, *, history_size: int = 1000) -> None:
+    def __init__(self, *, history_size: int = 1000, presence: bool = True) -> None:
         if history_size < 0:
             raise ValueError("history_size must not be negative")
         self.history_size = history_size
+        #: whether subscriptions are counted for presence
+        self.counts_presence = presence
+        if not presence:
+            self.shares_presence = False
         self.closed = False
         #: events published through this broker object (not those arriving from other processes)
         self.published_count = 0
@@ -594,7 +601,7 @@ class Broker(abc.ABC):
                     else:
                         sub._last_key = self.id_key(start)
                     sub.position = start
-            if not sub.closed:
+            if not sub.closed and self.counts_presence:
                 sub.identity = identity
                 sub._counted = True
                 table = self.presence_table
@@ -698,6 +705,8 @@ class Broker(abc.ABC):
         validate_channel(channel)
         if self.closed:
             raise BrokerClosedError("broker is closed")
+        if not self.counts_presence:
+            raise BrokerError("presence is turned off for this broker (presence=False)")
         await self.start()
         return await self._presence(channel)
 

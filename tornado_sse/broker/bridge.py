@@ -1141,6 +1141,7 @@ class BridgeBroker(Broker):
         history request before raising `.BrokerUnavailableError` (a hub that is alive but stuck).
     :param reconnect_delay: first delay (seconds) before reconnecting; doubles per failed
         attempt up to *max_reconnect_delay*, each jittered by ±50%.
+    :param presence: count subscriptions for `presence` (default ``True``; see `.Broker`).
     """
 
     shares_presence = True
@@ -1158,8 +1159,9 @@ class BridgeBroker(Broker):
         request_timeout: float = 10.0,
         reconnect_delay: float = 0.05,
         max_reconnect_delay: float = 2.0,
+        presence: bool = True,
     ) -> None:
-        super().__init__(history_size=history_size)
+        super().__init__(history_size=history_size, presence=presence)
         self.path = os.path.abspath(path if path is not None else default_socket_path())
         if len(os.fsencode(self.path)) > _MAX_SOCKET_PATH:
             raise ValueError(

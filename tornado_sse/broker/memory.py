@@ -188,12 +188,15 @@ class InProcessBroker(Broker):
     :param max_channels: channels whose history is retained (default 10,000); past it the channel
         published to least recently is forgotten: resumes from before its last event get
         ``stream-reset``, also after it is published to again (see `History`).
+    :param presence: count subscriptions for `presence` (see `.Broker`).
     """
 
     follows_remotely = False
 
-    def __init__(self, *, history_size: int = 1000, max_channels: int = 10_000) -> None:
-        super().__init__(history_size=history_size)
+    def __init__(
+        self, *, history_size: int = 1000, max_channels: int = 10_000, presence: bool = True
+    ) -> None:
+        super().__init__(history_size=history_size, presence=presence)
         self.ids = IdSequence()
         self.history: History[Frame] = History(history_size, max_channels)
 

@@ -442,6 +442,7 @@ class RedisBroker(Broker):
     :param presence_lease: seconds this broker's presence counts without a renewal (default
         15.0; renewed every third of it): the streams of a host that vanished stop counting in
         `presence` within this time.
+    :param presence: count subscriptions for `presence` (default ``True``; see `.Broker`).
     :param redis_options: further keyword arguments for `redis.asyncio.from_url` (options in
         the URL's query take precedence over them).
     """
@@ -461,9 +462,10 @@ class RedisBroker(Broker):
         reconnect_backoff: tuple[float, float] = (0.1, 5.0),
         durable: bool = False,
         presence_lease: float = 15.0,
+        presence: bool = True,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(history_size=history_size)
+        super().__init__(history_size=history_size, presence=presence)
         if timeout <= 0 or read_block <= 0 or presence_lease <= 0:
             raise ValueError("timeout, read_block and presence_lease must be positive")
         if read_count < 1 or min_stream_length < 1 or index_length < 1:
@@ -563,7 +565,8 @@ class RedisBroker(Broker):
     async def _start(self) -> None:
         self._connected = asyncio.Event()
         self._reader = asyncio.get_running_loop().create_task(self._read_forever())
-        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        if self.counts_presence:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
         try:
             await asyncio.wait_for(self._connected.wait(), self.timeout)
         except asyncio.TimeoutError:
