@@ -39,15 +39,22 @@ from tornado_sse.broker.bridge import (
 )
 from tornado_sse.broker.framing import (
     HISTORY,
+    MAX_ARRAY_LEN,
     PEER_BOUND,
     PUBLISH,
     PUBLISH_OVERHEAD,
     SUBSCRIBE,
+    VERSION,
     WELCOME,
     FrameDecoder,
     pack,
 )
-from tornado_sse.errors import BrokerUnavailableError, EventTooLargeError, InvalidEventError
+from tornado_sse.errors import (
+    BrokerUnavailableError,
+    EventTooLargeError,
+    HistoryGapError,
+    InvalidEventError,
+)
 
 TIMEOUT = 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,6 +360,113 @@ async def test_lost_connection_to_a_live_hub_replays_exactly(sock_dir: str) -> N
         await hub.close()
 
 
+# ---------------------------------------------------------------------- history in pages
+
+
+async def read_pages(sub: Any, got: Collector, publish: Callable[[], Awaitable[str]]) -> list[str]:
+    """Read *sub*'s replay page by page as the handler does, publishing one event before each
+    page; then go live. The ids published."""
+    got.frames.extend(sub.replay)
+    published = []
+    while not sub.complete:
+        published.append(await publish())
+        got.frames.extend(await sub.next_page())
+    sub.start()
+    return published
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_paged_replay_reads_bounded_pages_and_misses_nothing(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path, max_frame_size=8192)
+    await hub.start()
+    broker = BridgeBroker(path, takeover=False, max_frame_size=8192)
+    try:
+        await broker.start()
+        ids = [await broker.publish("p", f"{n:04d}" + "x" * 1000) for n in range(60)]
+        got = Collector()
+        sub = await broker.subscribe(["p"], got, ids[0], page_size=20)
+        # before issue 12 the hub answered all 59 at once: each resume held all of history
+        pages = [len(sub.replay)]
+        assert not sub.complete and sum(len(f.data) for f in sub.replay) <= 8192
+        live = 0
+
+        async def publish() -> str:
+            nonlocal live
+            live += 1
+            return await broker.publish("p", f"live {live}")
+
+        got.frames.extend(sub.replay)
+        published = []
+        while not sub.complete:
+            published.append(await publish())
+            page = await sub.next_page(20 if len(pages) % 2 else 3)
+            pages.append(len(page))
+            got.frames.extend(page)
+            assert len(page) <= 20 and sum(len(f.data) for f in page) <= 8192
+        sub.start()
+        last = await broker.publish("p", "after")
+        await wait_until(lambda: got.frames and got.frames[-1].id == last, TIMEOUT)
+        # every event exactly once, in order, also those published while the pages were read
+        assert [f.id for f in got.frames] == ids[1:] + published + [last]
+        assert pages[0] < 20 and 3 in pages and len(pages) > 8  # cut by bytes, or by count
+    finally:
+        await broker.close()
+        await hub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_trimmed_between_pages_is_a_gap(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path, history_size=10)
+    await hub.start()
+    broker = BridgeBroker(path, takeover=False)
+    try:
+        await broker.start()
+        ids = [await broker.publish("t", str(n)) for n in range(10)]
+        sub = await broker.subscribe(["t"], Collector(), ids[0], page_size=3)
+        assert [f.id for f in sub.replay] == ids[1:4] and not sub.reset
+        for n in range(10):  # the rest of the replay is trimmed away under the reader
+            await broker.publish("t", f"more {n}")
+        with pytest.raises(HistoryGapError) as gap:
+            await sub.next_page()
+        assert key(gap.value.current_id) >= key(ids[-1])
+        sub.close()
+    finally:
+        await broker.close()
+        await hub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_pages_of_more_channels_than_one_request_carries(sock_dir: str) -> None:
+    """Channels past one frame's array bound are asked in several HISTORY requests; a page
+    ends where the first of them that has more ends, so the next page misses nothing."""
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path)
+    await hub.start()
+    broker = BridgeBroker(path, takeover=False)
+    try:
+        await broker.start()
+        channels = [f"m{n}" for n in range(MAX_ARRAY_LEN // 2 + 100)]
+        used = [channels[0], channels[-1], channels[7], channels[-2]]  # in both requests
+        ids = [await broker.publish(used[n % 4], str(n)) for n in range(41)]
+        got = Collector()
+        sub = await broker.subscribe(channels, got, ids[0], page_size=3)
+        assert not sub.complete
+
+        async def publish() -> str:
+            return await broker.publish(used[len(got.frames) % 4], "live")
+
+        published = await read_pages(sub, got, publish)
+        last = await broker.publish(channels[-1], "after")
+        await wait_until(lambda: got.frames and got.frames[-1].id == last, TIMEOUT)
+        assert [f.id for f in got.frames] == ids[1:] + published + [last]
+        sub.close()
+    finally:
+        await broker.close()
+        await hub.close()
+
+
 # ---------------------------------------------------------------------- socket hygiene
 
 
@@ -506,7 +620,7 @@ BAD_INPUT = {
     "not msgpack": b"\xc1\xc1\xc1",
     "not an array": b"\x81\xa1a\x01",
     "unknown version": b"\x94\x07\x02\x01\x90",
-    "unknown kind": b"\x93\x01\x63\x01",
+    "unknown kind": bytes([0x93, VERSION, 0x63, 0x01]),
     "kind meant for peers": pack(WELCOME, "x-0", "x-0", 1, 100),
     "wrong field type": pack(SUBSCRIBE, 1, "not-a-list"),
     "invalid channel": pack(SUBSCRIBE, 1, ["no spaces allowed"]),
@@ -566,7 +680,8 @@ async def test_a_peer_that_floods_without_reading_is_dropped(
         for _ in range(10):
             await good.publish("big", "x" * 10_000)
         _, writer = await raw_peer(path)
-        requests = b"".join(pack(HISTORY, rid, ["big"], f"{hub.ids.epoch}-0") for rid in range(50))
+        after = f"{hub.ids.epoch}-0"
+        requests = b"".join(pack(HISTORY, rid, ["big"], after, 100) for rid in range(50))
         with caplog.at_level(logging.WARNING, "tornado_sse.bridge"):
             writer.write(requests)  # 50 x 100 kB of answers, and it never reads them
             await wait_until(lambda: hub.dropped == 1, TIMEOUT)

@@ -24,6 +24,7 @@ from tornado_sse.broker.base import validate_channel
 from tornado_sse.broker.framing import (
     EVENT,
     HISTORY,
+    HISTORY_PAGE,
     HUB_BOUND,
     PEER_BOUND,
     PUBLISH,
@@ -71,6 +72,17 @@ class GoodPeer:
             frame = self.next_frame()
             if frame[1] == kind and frame[2] == self.rid:
                 return frame
+
+    def publish(self, channel: str, data: str) -> str:
+        """Publish; the id (events of our channel that come meanwhile are skipped)."""
+        self.request(PUBLISH, channel, data, None, None, time.time())
+        event_id: str = self.answer(PUBLISHED)[3]
+        return event_id
+
+    def history_page(self, channels: list[str], after: str, limit: int) -> list[Any]:
+        """One HISTORY_PAGE frame."""
+        self.request(HISTORY, channels, after, limit)
+        return self.answer(HISTORY_PAGE)
 
     def round_trip(self) -> None:
         """Publish to our channel; get the id back and the event itself."""
@@ -150,12 +162,13 @@ requests = st.builds(
     names,
     st.none() | st.integers(min_value=0, max_value=10_000),
 ) | st.builds(
-    lambda rid, kind, listed: (
-        pack(kind, rid, listed, "x-1") if kind == HISTORY else pack(kind, rid, listed)
+    lambda rid, kind, listed, limit: (
+        pack(kind, rid, listed, "x-1", limit) if kind == HISTORY else pack(kind, rid, listed)
     ),
     st.integers(min_value=0, max_value=1000),
     st.sampled_from([SUBSCRIBE, HISTORY]),
     st.lists(channels, max_size=3),
+    st.integers(min_value=0, max_value=3),  # a page of 0 events is refused
 )
 peer_input = st.lists(
     fuzz_input | mutated_frames | requests | st.sampled_from(VALID_HUB_BOUND), max_size=5
@@ -220,3 +233,37 @@ def test_fuzzed_peer_never_hurts_the_hub_or_others(live_hub: LiveHub, chunks: li
     assert "Traceback" not in log, log[-2000:]
     assert live_hub.good is not None
     live_hub.good.round_trip()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=25),
+    limits=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8),
+)
+def test_history_pages_add_up_to_history(
+    live_hub: LiveHub, sizes: list[int], limits: list[int]
+) -> None:
+    """Read in pages of any sizes, history comes whole, once, in order; each page holds at most
+    the events asked for and, unless it is one event, at most the hub's max_frame_size."""
+    good = live_hub.good
+    assert good is not None
+    start = good.publish("pages-a", "start")
+    ids = [good.publish(("pages-a", "pages-b")[n % 2], "x" * size) for n, size in enumerate(sizes)]
+    got: list[str] = []
+    after = start
+    for page in range(len(ids) + 1):
+        limit = limits[page % len(limits)]
+        _, _, _, items, more = good.history_page(["pages-b", "pages-a"], after, limit)
+        assert 1 <= len(items) <= limit or not (items or more)
+        size = sum(len(c) + len(i) + len(d) + 24 for c, i, d, _ in items)
+        assert len(items) == 1 or size <= 4096
+        got.extend(item[1] for item in items)
+        if not more:
+            break
+        after = items[-1][1]
+    assert got == ids
+    assert "Traceback" not in live_hub.log()

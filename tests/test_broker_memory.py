@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tornado.ioloop import IOLoop
 
 from tests.broker_contract import BrokerContract, close_brokers, subscribe
@@ -84,6 +86,38 @@ async def test_subscriber_closing_itself_during_fanout_does_not_break_others() -
     await broker.publish("c", "2")
     assert got == ["closer"]
     assert other.data == ["1", "2"]
+
+
+@given(
+    channels=st.lists(st.sampled_from("abcd"), min_size=1, max_size=60),
+    size=st.integers(min_value=1, max_value=20),
+    asked=st.lists(st.sampled_from("abcde"), min_size=1, max_size=4),
+    after=st.integers(min_value=0, max_value=60),
+    limit=st.integers(min_value=1, max_value=7),
+)
+def test_history_pages_add_up_to_since(
+    channels: list[str], size: int, asked: list[str], after: int, limit: int
+) -> None:
+    """Pages read one after the other (each after the last seq of the one before) are what
+    `since` gives at once, and a gap for one is a gap for the other (the bridge hub's pages)."""
+    history: History[str] = History(size, max_channels=3)
+    for seq, channel in enumerate(channels, 1):
+        history.append(channel, seq, f"{channel}{seq}")
+    names = list(dict.fromkeys(asked))
+    whole = history.since(names, after)
+    page = history.page(names, after, limit)
+    if whole is None:
+        assert page is None
+        return
+    pages: list[tuple[int, str]] = []
+    while page is not None:
+        found, more = page
+        assert len(found) <= limit and (found or not more)
+        pages.extend(found)
+        if not more:
+            break
+        page = history.page(names, found[-1][0], limit)
+    assert pages == whole
 
 
 def test_history_forgets_least_recent_channels_past_the_bound() -> None:

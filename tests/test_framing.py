@@ -19,8 +19,7 @@ from tornado_sse.broker.framing import (
     EVENT,
     GAP,
     HISTORY,
-    HISTORY_END,
-    HISTORY_PART,
+    HISTORY_PAGE,
     HUB_BOUND,
     MAX_ARRAY_LEN,
     METRICS,
@@ -48,18 +47,26 @@ from tornado_sse.broker.framing import (
 from tornado_sse.errors import BrokerError
 
 TABLE = [
-    (pack(UNSUBSCRIBE, ["a"]), b"\x93\x01\x03\x91\xa1a"),
-    (pack(SUBSCRIBE, 7, ["a", "bc"]), b"\x94\x01\x02\x07\x92\xa1a\xa2bc"),
-    (pack(PUBLISHED, 1, "x-1"), b"\x94\x01\x06\x01\xa3x-1"),
-    (pack(GAP, 2, "x-9"), b"\x94\x01\x0a\x02\xa3x-9"),
+    (pack(UNSUBSCRIBE, ["a"]), b"\x93\x02\x03\x91\xa1a"),
+    (pack(SUBSCRIBE, 7, ["a", "bc"]), b"\x94\x02\x02\x07\x92\xa1a\xa2bc"),
+    (pack(PUBLISHED, 1, "x-1"), b"\x94\x02\x06\x01\xa3x-1"),
+    (pack(GAP, 2, "x-9"), b"\x94\x02\x0a\x02\xa3x-9"),
     (
         pack(PUBLISH, 3, "c", "hi", None, 1500, 2.0),
-        b"\x98\x01\x01\x03\xa1c\xa2hi\xc0\xcd\x05\xdc\xcb" + struct.pack(">d", 2.0),
+        b"\x98\x02\x01\x03\xa1c\xa2hi\xc0\xcd\x05\xdc\xcb" + struct.pack(">d", 2.0),
     ),
     (
         pack(EVENT, "c", "x-1", b"data: x\n\n", 1.5),
-        b"\x96\x01\x05\xa1c\xa3x-1\xc4\x09data: x\n\n\xcb" + struct.pack(">d", 1.5),
+        b"\x96\x02\x05\xa1c\xa3x-1\xc4\x09data: x\n\n\xcb" + struct.pack(">d", 1.5),
     ),
+    (pack(HISTORY, 4, ["a"], "x-1", 500), b"\x96\x02\x04\x04\x91\xa1a\xa3x-1\xcd\x01\xf4"),
+    (
+        pack(HISTORY_PAGE, 4, [["a", "x-2", b"data: y\n\n", 1.5]], True),
+        b"\x95\x02\x08\x04\x91\x94\xa1a\xa3x-2\xc4\x09data: y\n\n\xcb"
+        + struct.pack(">d", 1.5)
+        + b"\xc3",
+    ),
+    (pack(HISTORY_PAGE, 5, [], False), b"\x95\x02\x08\x05\x90\xc2"),
 ]
 
 
@@ -73,8 +80,8 @@ VALID_PEER_BOUND = [
     pack(EVENT, "news", "k-6", b"id: k-6\ndata: x\n\n", 1.25),
     pack(PUBLISHED, 1, "k-6"),
     pack(SUBSCRIBED, 2, "k-6"),
-    pack(HISTORY_PART, 3, [["news", "k-6", b"data: x\n\n", 1.0]]),
-    pack(HISTORY_END, 3, []),
+    pack(HISTORY_PAGE, 3, [["news", "k-6", b"data: x\n\n", 1.0]], True),
+    pack(HISTORY_PAGE, 3, [], False),
     pack(GAP, 4, "k-6"),
     pack(CLOSING),
     pack(METRICS_QUERY, 5),
@@ -85,7 +92,8 @@ VALID_HUB_BOUND = [
     pack(PUBLISH, 2, "news", None, None, None, 1),
     pack(SUBSCRIBE, 3, ["a", "b"]),
     pack(UNSUBSCRIBE, ["a"]),
-    pack(HISTORY, 4, ["a"], "k-1"),
+    pack(HISTORY, 4, ["a"], "k-1", 1),
+    pack(HISTORY, 4, [], "k-1", 2**63 - 1),
     pack(METRICS, 5),
     pack(METRICS_REPLY, 5, [["channel_subscribers", "news", 2]]),
 ]
@@ -126,7 +134,11 @@ BAD = {
     "a map": (b"\x81\xa1a\x01", MalformedFrameError),
     "too short": (msgpack.packb([1]), MalformedFrameError),
     "version not an int": (msgpack.packb(["1", SUBSCRIBE, 1, []]), MalformedFrameError),
-    "future version": (msgpack.packb([2, SUBSCRIBE, 1, []]), UnsupportedVersionError),
+    "future version": (msgpack.packb([VERSION + 1, SUBSCRIBE, 1, []]), UnsupportedVersionError),
+    "version 1 (whole history answers)": (
+        msgpack.packb([1, HISTORY, 1, ["a"], "x-1"]),
+        UnsupportedVersionError,
+    ),
     "version zero": (msgpack.packb([0, SUBSCRIBE, 1, []]), UnsupportedVersionError),
     "unknown kind": (msgpack.packb([VERSION, 99, 1]), MalformedFrameError),
     "kind for the other side": (pack(EVENT, "c", "x-1", b"", 0.0), MalformedFrameError),
@@ -140,10 +152,13 @@ BAD = {
     "data bytes": (pack(PUBLISH, 1, "c", b"x", None, None, 1.0), MalformedFrameError),
     "retry negative": (pack(PUBLISH, 1, "c", "x", None, -5, 1.0), MalformedFrameError),
     "time a string": (pack(PUBLISH, 1, "c", "x", None, None, "now"), MalformedFrameError),
-    "bad utf-8": (b"\x93\x01\x03\x91\xa2\xff\xfe", MalformedFrameError),
-    "ext type": (b"\x93\x01\x03\x91\xd4\x05\x00", MalformedFrameError),
+    "bad utf-8": (b"\x93\x02\x03\x91\xa2\xff\xfe", MalformedFrameError),
+    "ext type": (b"\x93\x02\x03\x91\xd4\x05\x00", MalformedFrameError),
+    "history page size zero": (pack(HISTORY, 1, ["a"], "x-1", 0), MalformedFrameError),
+    "history page size a bool": (pack(HISTORY, 1, ["a"], "x-1", True), MalformedFrameError),
+    "history without a page size": (pack(HISTORY, 1, ["a"], "x-1"), MalformedFrameError),
     "timestamp": (
-        msgpack.packb([1, 3, [0]])[:-1] + b"\xd6\xff\x00\x00\x00\x01",
+        msgpack.packb([VERSION, 3, [0]])[:-1] + b"\xd6\xff\x00\x00\x00\x01",
         MalformedFrameError,
     ),
     "huge array header": (b"\xdd\xff\xff\xff\xff", MalformedFrameError),
@@ -225,7 +240,7 @@ msgpack_values = st.recursive(
 )
 frame_like = st.builds(
     lambda version, kind, fields: msgpack.packb([version, kind, *fields], use_bin_type=True),
-    st.sampled_from([VERSION, VERSION, VERSION, 0, 2]),
+    st.sampled_from([VERSION, VERSION, VERSION, 0, VERSION - 1, VERSION + 1]),
     st.integers(min_value=-1, max_value=12),
     st.lists(msgpack_values, max_size=8),
 )
@@ -322,18 +337,18 @@ def test_publish_size_bounds_the_publish_frame(
 
 #: The field types of each kind, transcribed from the module docstring independently of the
 #: decoder's own table: ``rid`` and ``int?`` are integers in [0, 2**63) (``int?`` also None),
-#: ``number`` an int or a float, ``frames`` a list of ``[str, str, bytes, number]``.
+#: ``count`` an integer in [1, 2**63), ``number`` an int or a float, ``bool`` true or false,
+#: ``frames`` a list of ``[str, str, bytes, number]``.
 SCHEMA: dict[int, tuple[str, ...]] = {
     WELCOME: ("str", "str", "rid", "rid"),
     PUBLISH: ("rid", "str", "str?", "str?", "int?", "number"),
     SUBSCRIBE: ("rid", "[str]"),
     UNSUBSCRIBE: ("[str]",),
-    HISTORY: ("rid", "[str]", "str"),
+    HISTORY: ("rid", "[str]", "str", "count"),
     EVENT: ("str", "str", "bytes", "number"),
     PUBLISHED: ("rid", "str"),
     SUBSCRIBED: ("rid", "str"),
-    HISTORY_PART: ("rid", "frames"),
-    HISTORY_END: ("rid", "frames"),
+    HISTORY_PAGE: ("rid", "frames", "bool"),
     GAP: ("rid", "str"),
     CLOSING: (),
     METRICS: ("rid",),
@@ -361,6 +376,10 @@ def matches(spec: str, value: Any) -> bool:
         return _is_rid(value)
     if spec == "int?":
         return value is None or _is_rid(value)
+    if spec == "count":
+        return _is_rid(value) and value > 0
+    if spec == "bool":
+        return isinstance(value, bool)
     if spec == "number":
         return _is_number(value)
     if spec == "bytes":
@@ -405,6 +424,8 @@ FIELD_VALUES = {
     "str?": st.none() | st.text(max_size=10),
     "rid": rids,
     "int?": st.none() | rids,
+    "count": st.integers(min_value=1, max_value=2**63 - 1),
+    "bool": st.booleans(),
     "number": numbers,
     "bytes": st.binary(max_size=10),
     "[str]": st.lists(st.text(max_size=5), max_size=3),
@@ -427,7 +448,7 @@ FIELD_VALUES = {
 
 
 #: values next to the edge of some field type
-EDGES = st.sampled_from([-1, 2**63, 2**64 - 1, True, 0.5, "", b"", None, [], [b"x"], [1]])
+EDGES = st.sampled_from([-1, 0, 2**63, 2**64 - 1, True, False, 0.5, "", b"", None, [], [b"x"], [1]])
 
 
 @st.composite
@@ -468,6 +489,8 @@ TYPICAL = {
     "str?": "e",
     "rid": 7,
     "int?": 1500,
+    "count": 500,
+    "bool": True,
     "number": 1.5,
     "bytes": b"data: x\n\n",
     "[str]": ["a", "b"],
@@ -476,7 +499,22 @@ TYPICAL = {
     "[samples]": [[["events_sent", "", 3]], []],
 }
 #: values at or past the edge of some field type (a frame's item takes them too)
-EDGE_VALUES = [-1, 2**63, 2**64 - 1, True, 0.5, "", b"", None, [], [b"x"], [1], ["c", "x-1", b""]]
+EDGE_VALUES = [
+    -1,
+    0,
+    2**63,
+    2**64 - 1,
+    True,
+    False,
+    0.5,
+    "",
+    b"",
+    None,
+    [],
+    [b"x"],
+    [1],
+    ["c", "x-1", b""],
+]
 
 
 def test_every_field_at_every_edge() -> None:

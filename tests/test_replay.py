@@ -241,15 +241,7 @@ async def test_channels_per_stream_default_to_100(port: int) -> None:
     [
         "memory",
         "redis",
-        pytest.param(
-            "bridge",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the bridge hub answers a HISTORY request whole (up to max_peer_buffer/2):"
-                " each worker-side resume holds its own copy of it until the bridge protocol"
-                " reads history in pages (issue 12, item 3: left to the bridge's owners)",
-            ),
-        ),
+        "bridge",
     ],
 )
 @pytest.mark.gen_test(timeout=120)

@@ -47,8 +47,14 @@ Decisions, and why:
   truncated or oversize frames, unknown versions, invalid channels or events, and a peer that does
   not read what it is sent (its pending output passes ``max_peer_buffer``) get that one peer
   dropped with a log line; the hub never raises out of a callback and other peers keep working.
-  A history answer larger than half of ``max_peer_buffer`` is answered with a gap
-  (``stream-reset``) rather than buffered.
+* **History is read in pages** (issue 12): a HISTORY request asks for at most a number of events
+  after an id, and the hub answers one page, cut at ``max_frame_size`` bytes, re-checking for a
+  gap each time (history trimmed under a long read is a gap, never a silent skip). A stream's
+  replay reads a page when its client took the one before (`.Subscription.next_page`), so a
+  resume whose client never reads holds one page in its worker and none in the hub, and a worker
+  that asks and never reads is dropped by the hub at ``max_peer_buffer`` like any other. A whole
+  read (a process catching up after a reconnect) is paged too, and past half of
+  ``max_peer_buffer`` bytes is given up as a gap (``stream-reset``).
 
 Call order matters with ``fork()``: create and start brokers in the processes that use them,
 after forking (see docs/bridge.md); a broker refuses to be used in a child of the process that
@@ -99,8 +105,7 @@ from .framing import (
     EVENT,
     GAP,
     HISTORY,
-    HISTORY_END,
-    HISTORY_PART,
+    HISTORY_PAGE,
     HUB_BOUND,
     MAX_ARRAY_LEN,
     METRICS,
@@ -155,6 +160,9 @@ EXPANSION = 8
 
 #: default bound on one peer's pending output at the hub (bytes)
 DEFAULT_MAX_PEER_BUFFER = 64 << 20
+
+#: events per HISTORY request when a process reads history whole (after a reconnect)
+HISTORY_PAGE_SIZE = 1000
 
 _PEERCRED = struct.Struct("3i")
 
@@ -411,7 +419,7 @@ class BridgeHub:
     :param history_size: events retained per channel.
     :param max_frame_size: largest frame accepted from a peer (bytes).
     :param max_peer_buffer: pending output (bytes) after which a peer that does not read is
-        dropped; history answers larger than half of it are answered with a gap.
+        dropped.
     :param max_channels_per_peer: channels one peer may follow.
     :param max_channels: channels whose history is kept (see `.History`): past it the channel
         published to least recently is forgotten, and resumes on it get ``stream-reset``.
@@ -651,7 +659,7 @@ class BridgeHub:
                 self._announce(peer, frame[2], frame[3], frame[4], frame[5])
             else:
                 assert kind == HISTORY
-                self._history(peer, frame[2], frame[3], frame[4])
+                self._history(peer, frame[2], frame[3], frame[4], frame[5])
 
     def _publish(self, peer: _Peer, frame: list[Any]) -> None:
         _, _, rid, channel, data, name, retry, published_at = frame
@@ -826,31 +834,33 @@ class BridgeHub:
         seq = self.history.tail(channels, count) if channels else self.ids.seq
         peer.send(pack(TAIL_START, rid, f"{self.ids.epoch}-{seq}"))
 
-    def _history(self, peer: _Peer, rid: int, channels: list[str], after: str) -> None:
+    def _history(self, peer: _Peer, rid: int, channels: list[str], after: str, limit: int) -> None:
+        """Answer one page: at most *limit* events after *after*, cut before the page passes
+        ``max_frame_size`` bytes (at least one event), or GAP if any is gone (see top)."""
         for channel in channels:
             validate_channel(channel)
         seq = self.ids.key(after)
-        found = None if seq is None else self.history.since(channels, seq)
-        if found is not None:
-            total = sum(len(item[2]) + len(item[0]) + len(item[1]) + 16 for _, item in found)
-            if total > self.max_peer_buffer // 2:
-                log.info("bridge hub: history answer of %d bytes refused as a gap", total)
-                found = None
+        found = None if seq is None else self.history.page(channels, seq, min(limit, MAX_ARRAY_LEN))
         if found is None:
             peer.send(pack(GAP, rid, self.ids.current))
             return
+        entries, more = found
         budget = self.max_frame_size
-        part: list[list[Any]] = []
+        page: list[list[Any]] = []
         size = 0
-        for _, item in found:
-            item_size = len(item[2]) + len(item[0]) + len(item[1]) + 16
-            if part and (size + item_size > budget or len(part) >= MAX_ARRAY_LEN):
-                peer.send(pack(HISTORY_PART, rid, part))
-                part = []
-                size = 0
-            part.append(item)
-            size += item_size
-        peer.send(pack(HISTORY_END, rid, part))
+        for _, item in entries:
+            size += _item_size(*item[:3])
+            if page and size > budget:
+                more = True
+                break
+            page.append(item)
+        peer.send(pack(HISTORY_PAGE, rid, page, more))
+
+
+def _item_size(channel: str, event_id: str, data: bytes) -> int:
+    """Bytes of a history item in a HISTORY_PAGE frame, at most (msgpack's headers included;
+    channel names and ids are ASCII)."""
+    return len(channel) + len(event_id) + len(data) + 24
 
 
 #: seconds the hub waits for the processes' metrics before answering with those it has
@@ -918,7 +928,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _ANSWERS = {
     PUBLISH: frozenset({PUBLISHED}),
     SUBSCRIBE: frozenset({SUBSCRIBED}),
-    HISTORY: frozenset({HISTORY_PART, HISTORY_END, GAP}),
+    HISTORY: frozenset({HISTORY_PAGE, GAP}),
     METRICS: frozenset({METRICS_RESULT}),
     TAIL: frozenset({TAIL_START}),
     PRESENCE: frozenset({PRESENCE_TAKEN}),
@@ -928,7 +938,7 @@ _ANSWERS = {
 
 
 class _Request:
-    __slots__ = ("answers", "frames", "future", "sent_at")
+    __slots__ = ("answers", "future", "sent_at")
 
     def __init__(
         self, future: asyncio.Future[Any], answers: frozenset[int], sent_at: float
@@ -936,7 +946,6 @@ class _Request:
         self.future = future
         self.answers = answers
         self.sent_at = sent_at
-        self.frames: list[list[Any]] = []
 
 
 class _HubConnection(asyncio.Protocol):
@@ -1009,9 +1018,6 @@ class _HubConnection(asyncio.Protocol):
             log.error("bridge: the hub answered a request it was not asked; reconnecting")
             self.abort()
             return
-        if kind == HISTORY_PART:
-            request.frames.extend(frame[3])
-            return
         del self.requests[rid]
         future = request.future
         if kind == METRICS_RESULT or kind == TAIL_START:
@@ -1022,9 +1028,8 @@ class _HubConnection(asyncio.Protocol):
             if not future.done():
                 future.set_result(frame[3:])
             return
-        if kind == HISTORY_END:
-            request.frames.extend(frame[3])
-            result: Any = request.frames
+        if kind == HISTORY_PAGE:
+            result: Any = (frame[3], frame[4])
         else:
             # PUBLISHED (id), SUBSCRIBED (position), GAP (current id): all are positions in the
             # hub's order, and every event of our channels before them has reached us already.
@@ -1135,7 +1140,9 @@ class BridgeBroker(Broker):
     :param max_frame_size: largest frame the hub accepts, in bytes (when this process runs it);
         a larger event (channel, data and event name, plus `.PUBLISH_OVERHEAD`) is refused
         with `.EventTooLargeError` (an `.InvalidEventError`) before it is sent.
-    :param max_peer_buffer: see `BridgeHub` (when this process runs it).
+    :param max_peer_buffer: see `BridgeHub` (when this process runs it); half of it is also
+        the most history this process reads whole (catching up after a reconnect) before it
+        gives up with ``stream-reset``.
     :param max_channels: see `BridgeHub` (when this process runs it).
     :param request_timeout: seconds to wait for the hub's answer to a publish, subscription or
         history request before raising `.BrokerUnavailableError` (a hub that is alive but stuck).
@@ -1619,25 +1626,59 @@ class BridgeBroker(Broker):
     async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
         return await self._history_on(self._connection(), channels, after)
 
+    async def _history_page(
+        self, channels: Sequence[str], after: str, limit: int, first: bool
+    ) -> tuple[list[Frame], bool]:
+        return await self._page_on(self._connection(), channels, after, limit)
+
     async def _history_on(
         self, conn: _HubConnection, channels: Sequence[str], after: str
     ) -> list[Frame]:
-        futures = [conn.request(HISTORY, list(chunk), after) for chunk in _chunks(channels)]
+        """All of history after *after*, read page by page; past half of ``max_peer_buffer``
+        bytes it is a gap, as the hub answered a whole read too large to buffer before pages."""
+        found: list[Frame] = []
+        size = 0
+        while True:
+            page, more = await self._page_on(conn, channels, after, HISTORY_PAGE_SIZE)
+            found.extend(page)
+            size += sum(_item_size(f.channel, f.id, f.data) for f in page)
+            if size > self.max_peer_buffer // 2:
+                log.info("bridge: history of more than %d bytes given up as a gap", size)
+                raise HistoryGapError(self._position, "history too large to read whole")
+            if not more:
+                return found
+            after = page[-1].id
+
+    async def _page_on(
+        self, conn: _HubConnection, channels: Sequence[str], after: str, limit: int
+    ) -> tuple[list[Frame], bool]:
+        """One page of history after *after* (HISTORY, one request per chunk of channels) and
+        whether more follow. Chunks that have more end the page at the smallest last id among
+        them, so that the next page, read after the page's last id, misses nothing."""
+        limit = max(1, limit)
+        futures = [conn.request(HISTORY, list(chunk), after, limit) for chunk in _chunks(channels)]
         results = await asyncio.gather(*futures, return_exceptions=True)
         found: list[Frame] = []
         gap: HistoryGapError | None = None
+        bound: tuple[int, int] | None = None
         for result in results:
             if isinstance(result, HistoryGapError):
                 gap = result
             elif isinstance(result, BaseException):
                 raise result
             else:
-                found.extend(Frame(c, i, d, p) for c, i, d, p in result)
+                items, more = result
+                found.extend(Frame(c, i, d, p) for c, i, d, p in items)
+                if more and items:
+                    top = _parse_id(items[-1][1]) or (0, 0)
+                    bound = top if bound is None else min(bound, top)
         if gap is not None:
             raise gap
         if len(results) > 1:
             found.sort(key=lambda frame: _parse_id(frame.id) or (0, 0))
-        return found
+            if bound is not None:
+                found = [frame for frame in found if (_parse_id(frame.id) or (0, 0)) <= bound]
+        return found, bound is not None
 
 
 # ---------------------------------------------------------------------- python -m

@@ -16,12 +16,12 @@ whatever that frame is. The fields of each kind::
                                   retry: int | None, published_at: float
     SUBSCRIBE       peer -> hub   rid: int, channels: [str]
     UNSUBSCRIBE     peer -> hub   channels: [str]
-    HISTORY         peer -> hub   rid: int, channels: [str], after: str
+    HISTORY         peer -> hub   rid: int, channels: [str], after: str, limit: int (>= 1)
     EVENT           hub -> peer   channel: str, id: str, data: bytes, published_at: float
     PUBLISHED       hub -> peer   rid: int, id: str
     SUBSCRIBED      hub -> peer   rid: int, position: str
-    HISTORY_PART    hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
-    HISTORY_END     hub -> peer   rid: int, frames: [[channel, id, data, published_at]]
+    HISTORY_PAGE    hub -> peer   rid: int, frames: [[channel, id, data, published_at]],
+                                  more: bool
     GAP             hub -> peer   rid: int, current_id: str
     CLOSING         hub -> peer   (none): the hub is closing on purpose (its process stops)
     METRICS         peer -> hub   rid: int (collect every process's metrics)
@@ -41,8 +41,19 @@ whatever that frame is. The fields of each kind::
 
 ``rid`` is a request id chosen by the peer and echoed in the answer. ``data`` of an EVENT is the
 event already encoded for the wire (`tornado_sse.protocol.encode_event`): the hub encodes once and
-no worker encodes again. A long history is answered in several HISTORY_PART frames and one
-HISTORY_END, so that no frame has to be larger than the limit.
+no worker encodes again.
+
+History is read in pages (issue 12): a HISTORY request asks for at most ``limit`` events after
+``after``, and the hub answers one HISTORY_PAGE of at most that many, cut before it would pass the
+hub's ``max_frame_size`` (a page holds at least one event), with ``more`` true if more follow;
+the next request continues after the last id of the page. Each request is checked for a gap on
+its own (GAP), so history trimmed under a long read is noticed. The hub thus holds at most a
+page for a request, however large history is, and a worker's stream at most the page its client
+is taking.
+
+Version 2 replaced version 1's whole answers (HISTORY_PART frames and a HISTORY_END, kind 9, now
+unused) with pages; the hub and its workers of one ``serve`` are always the same version, and
+processes of different versions refuse each other at their first frame.
 
 Why msgpack's streaming ``Unpacker.feed`` rather than length-prefixed frames: it already is an
 incremental, bounded decoder written in C, and it decodes a burst of small frames in one call
@@ -78,8 +89,7 @@ __all__ = [
     "EVENT",
     "GAP",
     "HISTORY",
-    "HISTORY_END",
-    "HISTORY_PART",
+    "HISTORY_PAGE",
     "HUB_BOUND",
     "MAX_ARRAY_LEN",
     "METRICS",
@@ -111,8 +121,8 @@ __all__ = [
     "publish_size",
 ]
 
-#: the bridge protocol version this module speaks
-VERSION = 1
+#: the bridge protocol version this module speaks (2: history in pages)
+VERSION = 2
 
 #: bytes of a PUBLISH frame besides the UTF-8 of its channel, data and event name, at most: the
 #: array and string headers, version, kind, rid, retry and published_at at their widest
@@ -133,8 +143,8 @@ HISTORY = 4
 EVENT = 5
 PUBLISHED = 6
 SUBSCRIBED = 7
-HISTORY_PART = 8
-HISTORY_END = 9
+HISTORY_PAGE = 8
+# 9 was version 1's HISTORY_END
 GAP = 10
 CLOSING = 11
 METRICS = 12
@@ -172,8 +182,7 @@ PEER_BOUND = frozenset(
         EVENT,
         PUBLISHED,
         SUBSCRIBED,
-        HISTORY_PART,
-        HISTORY_END,
+        HISTORY_PAGE,
         GAP,
         CLOSING,
         METRICS_QUERY,
@@ -194,8 +203,7 @@ _NAMES = {
     EVENT: "EVENT",
     PUBLISHED: "PUBLISHED",
     SUBSCRIBED: "SUBSCRIBED",
-    HISTORY_PART: "HISTORY_PART",
-    HISTORY_END: "HISTORY_END",
+    HISTORY_PAGE: "HISTORY_PAGE",
     GAP: "GAP",
     CLOSING: "CLOSING",
     METRICS: "METRICS",
@@ -257,6 +265,14 @@ def pack(kind: int, *fields: Any) -> bytes:
 
 def _rid(value: Any) -> bool:
     return type(value) is int and 0 <= value < 1 << 63
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 < value < 1 << 63
+
+
+def _bool(value: Any) -> bool:
+    return type(value) is bool
 
 
 def _str(value: Any) -> bool:
@@ -349,12 +365,11 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     PUBLISH: (_rid, _str, _opt_str, _opt_str, _opt_int, _number),
     SUBSCRIBE: (_rid, _str_list),
     UNSUBSCRIBE: (_str_list,),
-    HISTORY: (_rid, _str_list, _str),
+    HISTORY: (_rid, _str_list, _str, _count),
     EVENT: (_str, _str, _bytes, _number),
     PUBLISHED: (_rid, _str),
     SUBSCRIBED: (_rid, _str),
-    HISTORY_PART: (_rid, _frames),
-    HISTORY_END: (_rid, _frames),
+    HISTORY_PAGE: (_rid, _frames, _bool),
     GAP: (_rid, _str),
     CLOSING: (),
     METRICS: (_rid,),

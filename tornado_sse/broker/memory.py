@@ -8,11 +8,12 @@ id from an earlier incarnation (whose history is gone) is recognised and answere
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 from ..errors import HistoryGapError
@@ -64,6 +65,10 @@ class IdSequence:
         if seq > self.seq:
             return None
         return seq
+
+
+def _seq(entry: tuple[int, object]) -> int:
+    return entry[0]
 
 
 class _Kept(Generic[T]):
@@ -156,6 +161,31 @@ class History(Generic[T]):
         if len(channels) > 1:
             found.sort(key=lambda entry: entry[0])
         return found
+
+    def page(
+        self, channels: Sequence[str], after: int, limit: int
+    ) -> tuple[list[tuple[int, T]], bool] | None:
+        """At most *limit* items of *channels* with seq > *after*, in seq order, and whether
+        more follow; ``None`` if some are gone. A read in pages continues after the last seq of
+        the page before and is checked for a gap again each time (history trimmed under it)."""
+        runs: list[Iterable[tuple[int, T]]] = []
+        remaining = 0
+        for channel in channels:
+            if after < self._since(channel):
+                return None
+            kept = self._channels.get(channel)
+            if kept is None:
+                continue
+            items = kept.items
+            start = bisect.bisect_right(items, after, key=_seq)
+            if start < len(items):
+                remaining += len(items) - start
+                runs.append(itertools.islice(items, start, start + limit))
+        if len(runs) > 1:
+            found = list(itertools.islice(heapq.merge(*runs, key=_seq), limit))
+        else:
+            found = list(runs[0]) if runs else []
+        return found, remaining > len(found)
 
     def tail(self, channels: Sequence[str], count: int) -> int:
         """The seq after which the last *count* items of *channels* (merged) begin, cut at the
