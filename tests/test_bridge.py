@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -464,6 +465,43 @@ async def test_pages_of_more_channels_than_one_request_carries(sock_dir: str) ->
         sub.close()
     finally:
         await broker.close()
+        await hub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_history_asked_for_and_never_read_costs_the_hub_its_peer_buffer(
+    sock_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that sends many HISTORY requests at once and reads nothing is dropped once the
+    answers queued for it pass max_peer_buffer, not after all of them were made."""
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path, max_peer_buffer=256 << 10)
+    await hub.start()
+    good = BridgeBroker(path, takeover=False)
+    try:
+        await good.start()
+        _, got = await subscribe(good, ["big"])
+        for _ in range(10):
+            await good.publish("big", "x" * 10_000)
+        _, writer = await raw_peer(path)
+        after = f"{hub.ids.epoch}-0"
+        requests = b"".join(pack(HISTORY, rid, ["big"], after, 10) for rid in range(400))
+        tracemalloc.start()
+        try:
+            with caplog.at_level(logging.WARNING, "tornado_sse.bridge"):
+                writer.write(requests)  # 400 pages of 100 kB: 40 MB if all were queued
+                await wait_until(lambda: hub.dropped == 1, TIMEOUT)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert "not reading" in caplog.text
+        assert peak < 4 << 20, f"the hub held {peak >> 20} MiB for a peer that does not read"
+        writer.close()
+        await good.publish("big", "after")
+        await wait_until(lambda: len(got.frames) == 11, TIMEOUT)
+        assert good.healthy and hub.peer_count == 1
+    finally:
+        await good.close()
         await hub.close()
 
 

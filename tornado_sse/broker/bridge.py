@@ -339,6 +339,8 @@ class _Peer(asyncio.Protocol):
         self.decoder = FrameDecoder(HUB_BOUND, max_frame_size=hub.max_frame_size)
         self.channels: set[str] = set()
         self.out: list[bytes] = []
+        #: bytes in ``out``
+        self.queued = 0
         self.transport: asyncio.Transport | None = None
         self.pid = 0
         self.closed = False
@@ -405,6 +407,14 @@ class _Peer(asyncio.Protocol):
             if not self.out:
                 self.hub._dirty.append(self)
             self.out.append(data)
+            self.queued += len(data)
+
+    @property
+    def pending(self) -> int:
+        """Bytes sent to this peer that it has not read yet (queued here or in the transport)."""
+        transport = self.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self.queued + buffered
 
 
 class BridgeHub:
@@ -578,6 +588,7 @@ class BridgeHub:
                     del followers[channel]
         peer.channels.clear()
         peer.out.clear()
+        peer.queued = 0
         present = self._present
         loop = asyncio.get_running_loop() if not self.closed else None
         for channel, (_, identities) in peer.presence.items():
@@ -621,6 +632,7 @@ class BridgeHub:
         limit = self.max_peer_buffer
         for peer in dirty:
             out = peer.out
+            peer.queued = 0
             if peer.closed or not out:
                 out.clear()
                 continue
@@ -635,8 +647,16 @@ class BridgeHub:
     # ------------------------------------------------------------------ requests
 
     def _handle(self, peer: _Peer, frames: list[list[Any]]) -> None:
+        # A burst of requests (one read may hold thousands) is answered one at a time, and a peer
+        # whose answers pile up past max_peer_buffer is dropped right there, not after all of them
+        # were queued: a worker that asks for history and never reads costs the hub that much.
+        limit = self.max_peer_buffer
         for frame in frames:
             if peer.closed:
+                return
+            pending = peer.pending
+            if pending > limit:
+                self.drop(peer, f"not reading: {pending} bytes pending")
                 return
             kind = frame[1]
             if kind == PUBLISH:
