@@ -505,6 +505,63 @@ async def test_history_asked_for_and_never_read_costs_the_hub_its_peer_buffer(
         await hub.close()
 
 
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_catching_up_after_a_reconnect_reads_many_pages(sock_dir: str) -> None:
+    """More missed events than one page of a whole read: every one, once, in order."""
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path, history_size=5000)
+    await hub.start()
+    one = BridgeBroker(path, takeover=False, reconnect_delay=0.3)
+    two = BridgeBroker(path, takeover=False)
+    try:
+        await one.start()
+        await two.start()
+        _, got = await subscribe(one, ["ra", "rb"])
+        (peer,) = [peer for peer in hub.peers if "ra" in peer.channels]
+        hub.drop(peer, "test")
+        await wait_until(lambda: not one.healthy, TIMEOUT)
+        ids = [await two.publish(("ra", "rb")[n % 2], str(n)) for n in range(2500)]
+        await wait_until(lambda: one.healthy, TIMEOUT)
+        await wait_until(lambda: len(got.frames) >= len(ids), TIMEOUT)
+        assert [f.id for f in got.frames] == ids
+        assert one.resets == 0 and one.connects == 2
+    finally:
+        await one.close()
+        await two.close()
+        await hub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_catching_up_past_half_the_peer_buffer_is_a_reset(sock_dir: str) -> None:
+    """A process does not hold more than half of max_peer_buffer of history to catch up: past
+    it, its streams get stream-reset, then the events that follow."""
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path, history_size=5000)
+    await hub.start()
+    one = BridgeBroker(path, takeover=False, reconnect_delay=0.3, max_peer_buffer=64 << 10)
+    two = BridgeBroker(path, takeover=False)
+    try:
+        await one.start()
+        await two.start()
+        _, got = await subscribe(one, ["big"])
+        (peer,) = [peer for peer in hub.peers if "big" in peer.channels]
+        hub.drop(peer, "test")
+        await wait_until(lambda: not one.healthy, TIMEOUT)
+        for _ in range(100):  # 100 kB missed
+            await two.publish("big", "x" * 1000)
+        await wait_until(lambda: one.healthy, TIMEOUT)
+        after = await two.publish("big", "after")
+        await wait_until(lambda: got.frames and got.frames[-1].id == after, TIMEOUT)
+        assert one.resets == 1
+        names = [event.event for event in got.events]
+        assert names == ["stream-reset", None]
+        assert key(got.frames[0].id) < key(after)
+    finally:
+        await one.close()
+        await two.close()
+        await hub.close()
+
+
 # ---------------------------------------------------------------------- socket hygiene
 
 
