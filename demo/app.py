@@ -156,11 +156,12 @@ class RoomHandler(ChatHandler):
     """``GET /api/rooms/<room>?nick=N[&client=C]``: check the nickname, follow the room, say how
     to listen.
 
-    The stream URL carries the room's history anchor as ``last_event_id``: the first connection
-    replays the room's recent events from the broker; the stream's own last id takes over on
-    every reconnect (see `demo.chat`). A page may bring its own ``client`` id (the one its
-    browser used for this nickname before): the tabs of one browser in one room under one
-    nickname then have the same stream URL, and share one stream (``SharedEventSource``).
+    The stream URL asks for the room's last ``config.history`` events (``history=N``, the core's
+    start position): the first connection replays them from the broker; the stream's own last
+    id takes over on every reconnect (see `demo.chat`). A page may bring its own ``client`` id
+    (the one its browser used for this nickname before): the tabs of one browser in one room
+    under one nickname then have the same stream URL, and share one stream
+    (``SharedEventSource``).
     """
 
     async def get(self, room_name: str) -> None:
@@ -170,7 +171,7 @@ class RoomHandler(ChatHandler):
         given = self.get_query_argument("client", None)
         client = validate_client(given) if given else secrets.token_urlsafe(12)
         query = urllib.parse.urlencode(
-            {"nick": nick, "client": client, "last_event_id": room.anchor}
+            {"nick": nick, "client": client, "history": self.chat.config.history}
         )
         self.reply(
             200,

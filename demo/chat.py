@@ -17,13 +17,11 @@ so the chat behaves the same with one process, ``--processes N`` (bridge) or ``-
   live process with the smallest id. A stream that closes keeps its nickname present for
   ``presence_grace`` seconds, so a reconnect (a network drop, a server-side close) shows neither
   "left" nor "joined".
-* **Recent history on entry** is a replay from the broker's history, through the ordinary
-  ``Last-Event-ID`` resume: the room remembers the ids of its last ``history`` events, and a page
-  opens its stream with ``last_event_id`` set to the id just before them (its *anchor*). The
-  browser sends a ``Last-Event-ID`` header on every reconnect, which takes precedence, so a page
-  that saw no event yet gets the same history again and one that did gets exactly what it missed.
-  A process that starts following a room late learns an older anchor from the other processes'
-  ``here`` events.
+* **Recent history on entry** is the core's start position (issue 14): a page opens its stream
+  with ``history=<config.history>`` and gets the room's last events from the broker's history,
+  on whichever process and backend. The browser sends a ``Last-Event-ID`` header on every
+  reconnect, which takes precedence, so a page gets exactly what it missed, never the backlog
+  again. The room keeps no bookkeeping of its own for it.
 * **A server-side close** (the page's "simulate network drop") is a ``drop`` event on the
   presence channel: whichever process holds the client's stream closes it.
 
@@ -40,7 +38,7 @@ import re
 import time
 import unicodedata
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -204,22 +202,17 @@ class Room:
         self._lingering_clients: dict[str, str] = {}
         self._announced: frozenset[str] = frozenset()
         self._leases: dict[str, tuple[frozenset[str], float]] = {}
-        self._recent: deque[str] = deque(maxlen=chat.config.history + 1)
-        self._start = ""
         self._subscription: Subscription | None = None
         self._synced: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, anchor: str | None = None) -> None:
+    async def start(self) -> None:
         """Follow the room's channels; with other processes, exchange presence first."""
         broker = self.chat.broker
         self._synced = asyncio.get_running_loop().create_future()
-        sub = await broker.subscribe([self.channel, self.presence_channel], self)
+        sub = await broker.subscribe([self.presence_channel], self)
         self._subscription = sub
-        self._start = sub.position
-        if anchor is not None and self._older(anchor, self._start):
-            self._start = anchor
         sub.start()
         timeout = self.chat.config.sync_timeout
         if timeout > 0:
@@ -243,21 +236,6 @@ class Room:
     def idle(self) -> bool:
         """No stream of this process is in the room and none lingers."""
         return not self.streams and not self._lingering
-
-    # ------------------------------------------------------------ history
-
-    @property
-    def anchor(self) -> str:
-        """The id a page resumes after on entry, to get the room's recent history."""
-        recent = self._recent
-        if recent.maxlen is not None and len(recent) == recent.maxlen:
-            return recent[0]
-        return self._start
-
-    def _older(self, first: str, second: str) -> bool:
-        key = self.chat.broker.id_key
-        a, b = key(first), key(second)
-        return a is not None and b is not None and a < b
 
     # ------------------------------------------------------------ local streams
 
@@ -323,7 +301,7 @@ class Room:
             self.publish_here()
 
     def publish_here(self) -> None:
-        """Publish this process's lease: its nicknames in the room, and its history anchor."""
+        """Publish this process's lease: its nicknames in the room."""
         config = self.chat.config
         self.chat.enqueue(
             self.presence_channel,
@@ -331,7 +309,6 @@ class Room:
                 "proc": self.chat.proc,
                 "nicks": sorted(self._announced),
                 "ttl": 3 * config.presence_interval,
-                "anchor": self.anchor,
             },
             "here",
         )
@@ -348,10 +325,7 @@ class Room:
     # ------------------------------------------------------------ broker events
 
     def deliver(self, frame: Frame) -> None:
-        """Take a frame of either channel (broker's event loop, id order)."""
-        if frame.channel == self.channel:
-            self._recent.append(frame.id)
-            return
+        """Take a frame of the presence channel (broker's event loop, id order)."""
         parser = EventStreamParser()
         try:
             events = parser.feed(frame.data) + parser.close()
@@ -388,14 +362,6 @@ class Room:
             return
         mine = proc == self.chat.proc
         if not mine:
-            anchor = payload.get("anchor")
-            recent = self._recent
-            if (
-                isinstance(anchor, str)
-                and len(recent) != recent.maxlen
-                and self._older(anchor, self._start)
-            ):
-                self._start = anchor
             if self._synced is not None and not self._synced.done():
                 self._synced.set_result(None)
         names = frozenset(n for n in nicks if isinstance(n, str))
@@ -462,7 +428,6 @@ class Chat:
         self.nick_limiter = RateLimiter(self.config.nick_rate, self.config.nick_burst)
         self.address_limiter = RateLimiter(self.config.address_rate, self.config.address_burst)
         self._starting: dict[str, asyncio.Future[Room]] = {}
-        self._anchors: OrderedDict[str, str] = OrderedDict()
         self._outbox: deque[tuple[str, str, str]] = deque()
         self._sender: asyncio.Task[None] | None = None
         self._timer: PeriodicCallback | None = None
@@ -487,7 +452,7 @@ class Chat:
         self._starting[name] = future
         room = Room(self, name)
         try:
-            await room.start(self._anchors.pop(name, None))
+            await room.start()
         except BrokerError as exc:
             room.close()
             error = ChatError(503, "The message broker is unavailable; try again shortly.")
@@ -515,12 +480,9 @@ class Chat:
         self.forget(min(idle, key=lambda room: room.last_used))
 
     def forget(self, room: Room) -> None:
-        """Stop following *room*; its history anchor is remembered for its next use."""
+        """Stop following *room* (its history stays in the broker)."""
         room.close()
         self.rooms.pop(room.name, None)
-        self._anchors[room.name] = room.anchor
-        if len(self._anchors) > 10 * self.config.max_rooms:
-            self._anchors.popitem(last=False)
 
     def check_rate(self, nick: str, address: str) -> None:
         """Spend a token of *nick* and of *address* (`.ratelimit.address_key`: IPv6 per /64);

@@ -326,8 +326,8 @@ async def test_presence_history_and_drop_across_two_processes(
         for i in range(3):
             await here.say("shared", "alice", f"before {i}")
         _, alice = await here.enter("shared", "alice")
-        # The second process follows the room only now: it learns the history anchor from the
-        # first one's presence, so a newcomer there still gets the room's history.
+        # The second process follows the room only now: a newcomer there still gets the room's
+        # history (history=N is read from the broker, whichever process serves the stream).
         _, bob = await there.enter("shared", "bob")
         await bob.read_until(has_notice("join", "bob"))
         assert messages(bob)[:3] == ["before 0", "before 1", "before 2"]
@@ -377,7 +377,7 @@ async def test_dropped_stream_resumes_with_exactly_the_missed_messages(
     await bob.read_to_end()
     bob.close()
     missed = [await client.say("resume", "alice", f"missed {i}") for i in range(3)]
-    # What the browser does: the same URL (with its history anchor), plus Last-Event-ID.
+    # What the browser does: the same URL (with history=N), plus Last-Event-ID, which wins.
     again = await RawStream.open(port, info["events"], {"Last-Event-ID": last})
     await again.read_until(lambda s: "missed 2" in messages(s))
     await client.say("resume", "alice", "live")

@@ -141,9 +141,12 @@ export class SharedEventSource extends EventTarget {
     this._token = typeof init.token === 'function' ? init.token : null;
     this._channels = full.searchParams.getAll('channel');
     this._resumeFrom = full.searchParams.get('last_event_id');
+    // ?history=N (the last N events of the channels) is, like last_event_id, this tab's own
+    this._history = this._resumeFrom === null ? full.searchParams.get('history') : null;
     const base = new URL(full.href);
     base.searchParams.delete('channel');
     base.searchParams.delete('last_event_id');
+    base.searchParams.delete('history');
     base.searchParams.delete('with_channel');
     base.searchParams.delete('until');
     this._base = base;
@@ -346,23 +349,28 @@ export class SharedEventSource extends EventTarget {
   _streamingNow(channels, from) {
     this._streaming = channels;
     if (!this._channels.every((channel) => channels.includes(channel))) return;
-    const first = this.readyState === CONNECTING && this._resumeFrom !== null && !this._catchUp;
+    const asked = this._resumeFrom !== null || this._history !== null;
+    const first = this.readyState === CONNECTING && asked && !this._catchUp;
     this._setState(OPEN);
     if (!first) return;
-    // the first time: what this tab's URL asked for (last_event_id) up to there, on its own
+    // the first time: what this tab's URL asked for (last_event_id or history) up to there,
+    // on its own
     this._catchUp = { buffer: [], ids: new Set(), until: from || null };
     if (from) this._catchUpRead();
   }
 
-  // A bounded read of this tab's channels from its URL's last_event_id up to where the shared
-  // stream took over (`?until=`), dispatched before the shared events held back meanwhile.
+  // A bounded read of this tab's channels from its URL's last_event_id (or its last `history`
+  // events) up to where the shared stream took over (`?until=`), dispatched before the shared
+  // events held back meanwhile.
   async _catchUpRead() {
     const catchUp = this._catchUp;
     const url = new URL(this._base.href);
     for (const channel of this._channels) url.searchParams.append('channel', channel);
-    url.searchParams.set('last_event_id', this._resumeFrom);
+    if (this._resumeFrom !== null) url.searchParams.set('last_event_id', this._resumeFrom);
+    else url.searchParams.set('history', this._history);
     url.searchParams.set('until', catchUp.until);
     this._resumeFrom = null;
+    this._history = null;
     const headers = { Accept: 'text/event-stream' };
     try {
       const token = await this._freshToken();
