@@ -192,3 +192,25 @@ def test_presence_cost_measures_every_broker_on_and_off(tmp_path: Path) -> None:
         redis_on["redis_commands_per_connect_close"] > redis_off["redis_commands_per_connect_close"]
     )
     assert "| redis | on |" in done.stdout
+
+
+def test_ratelimit_cost_reports_takes_and_bytes_per_bucket(tmp_path: Path) -> None:
+    """bench/ratelimit_cost.py (issue 20): churn leaves a small table; max_keys bounds memory."""
+    import subprocess
+
+    out = tmp_path / "ratelimit.json"
+    command = [sys.executable, "-m", "tornado_sse.bench.ratelimit_cost"]
+    done = subprocess.run(
+        [*command, "--takes", "2000", "--keys", "1000", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["hot"]["ns_per_take"] > 0
+    assert results["churn"]["table_at_end"] <= 110  # of 2,000 addresses seen
+    assert results["memory"]["unbounded"]["table"] == 1000
+    assert results["memory"]["max_keys_tenth"]["table"] == 100
+    assert results["memory"]["max_keys_tenth"]["bytes"] < results["memory"]["unbounded"]["bytes"]

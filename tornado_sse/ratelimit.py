@@ -41,7 +41,8 @@ from .errors import InvalidRateError
 
 __all__ = ["RateLimiter", "address_key", "parse_rate"]
 
-#: live buckets a limiter keeps at most unless told otherwise (about 150 bytes each)
+#: live buckets a limiter keeps at most unless told otherwise (about 120 bytes each with their
+#: keys: bench/ratelimit_cost.py)
 DEFAULT_MAX_KEYS = 100_000
 
 _SPEC = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?:/\s*([0-9]+)\s*)?")
