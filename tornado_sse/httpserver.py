@@ -19,6 +19,11 @@ it down (issue 12, item 4):
   ``max_idle_connections`` are kept: past it, the one idle for longest is closed. Browsers open
   a new connection when an idle keep-alive connection was closed, so nobody notices.
 
+In a group of `tornado_sse.process.fork_processes` (``serve --processes N``) the workers also
+share new connections evenly: a worker accepts only while it holds no more than its share of
+the group's connections, and a stuck worker receives none (`tornado_sse.process` says how and
+why). Not with ``ssl_options`` (the TLS wrapper replaces the socket that counts its close).
+
 Streams are not affected by either bound: an `.EventStreamHandler` takes its connection over
 from the HTTP/1 reader once its headers are out, and the server forgets it.
 """
@@ -35,8 +40,9 @@ from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
+from tornado.ioloop import IOLoop, PeriodicCallback
 
+from . import process
 from .metrics import Metrics
 
 __all__ = ["ACCEPT_PAUSE", "EXHAUSTED_LOG_INTERVAL", "MAX_ACCEPT_PAUSE", "HubHTTPServer"]
@@ -87,12 +93,31 @@ class _IdleTracker(httputil.HTTPMessageDelegate):
         self.delegate.on_connection_close()
 
 
-class _Acceptor:
-    """Accepts connections on one listening socket, pausing when descriptors run out."""
+class _CountedSocket(socket.socket):
+    """An accepted connection whose close is counted in the group's shared table."""
 
-    def __init__(self, server: HubHTTPServer, sock: socket.socket) -> None:
+    __slots__ = ("_load",)
+
+    _load: process.GroupLoad | None
+
+    def close(self) -> None:
+        load = self._load
+        if load is not None:
+            self._load = None
+            load.closed()
+        super().close()
+
+
+class _Acceptor:
+    """Accepts connections on one listening socket, pausing when descriptors run out, and in a
+    group while this worker holds more than its share."""
+
+    def __init__(
+        self, server: HubHTTPServer, sock: socket.socket, load: process.GroupLoad | None
+    ) -> None:
         self.server = server
         self.sock = sock
+        self.load = load
         self.io_loop = IOLoop.current()
         self.removed = False
         self.watching = False
@@ -105,8 +130,12 @@ class _Acceptor:
 
     def _ready(self, fd: Any, events: int) -> None:
         server = self.server
+        load = self.load
         for _ in range(_ACCEPT_BATCH):
             if self.removed:
+                return
+            if load is not None and not load.may_accept():
+                self._yield()
                 return
             try:
                 connection, address = self.sock.accept()
@@ -120,7 +149,18 @@ class _Acceptor:
                 # socket's readiness call us again at once (that is the spin).
                 self._pause(exc)
                 return
+            if load is not None:
+                counted = _CountedSocket(fileno=connection.detach())
+                counted._load = load
+                load.opened()
+                connection = counted
             server._handle_connection(connection, address)
+
+    def _yield(self) -> None:
+        """Leave the next connections to the other workers for a moment."""
+        self.io_loop.remove_handler(self.sock)
+        self.watching = False
+        self._resume_handle = self.io_loop.call_later(process.BALANCE_RECHECK, self._resume)
 
     def _pause(self, exc: OSError) -> None:
         delay = self.server._exhausted(exc)
@@ -175,14 +215,26 @@ class HubHTTPServer(HTTPServer):
         self._exhausted_since: float | None = None
         self._exhausted_logged = 0.0
         self._pauses = 0
+        self._heartbeat: PeriodicCallback | None = None
 
     # ------------------------------------------------------------------ accepting
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        load = process.group_load() if not self.ssl_options else None
+        if load is not None and self._heartbeat is None:
+            load.beat()
+            self._heartbeat = PeriodicCallback(load.beat, process.HEARTBEAT_INTERVAL * 1000)
+            self._heartbeat.start()
         for sock in sockets:
-            acceptor = _Acceptor(self, sock)
+            acceptor = _Acceptor(self, sock, load)
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = acceptor.remove
+
+    def stop(self) -> None:
+        if self._heartbeat is not None:  # the others stop counting on this worker
+            self._heartbeat.stop()
+            self._heartbeat = None
+        super().stop()
 
     def _exhausted(self, exc: OSError) -> float:
         """accept() failed: make room, log (rarely), and return how long to pause (seconds)."""

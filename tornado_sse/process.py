@@ -22,6 +22,32 @@ parent is a small supervisor that:
 * asks Linux to SIGTERM the workers should the supervisor itself be killed (``PR_SET_PDEATHSIG``),
   so that no orphan keeps the port.
 
+**How the workers share the load** (issue 15, item 1). With one listening socket shared by every
+worker, the kernel gives a new connection to whichever worker calls ``accept()`` first, and
+Tornado then takes up to 128 at once: under load one worker took 50 of 50 fresh streams, 174 of
+200 with a busy loop on one core, and event streams stay for hours. The alternatives weighed:
+
+* one ``SO_REUSEPORT`` socket per worker: the kernel hashes connections over them evenly, but
+  blindly: a stuck worker keeps receiving its share, which waits in its backlog for ever (or
+  until a BPF program steers around it: Linux only, and a program to maintain);
+* the supervisor accepting and passing descriptors over a unix socket: a copy and a hop for every
+  connection, and the supervisor becomes the single point that can stall the whole group;
+* pausing accept by the counts the bridge carries (the ``METRICS`` frames ``/metrics``
+  aggregates): they arrive a round trip late and depend on the bridge hub being up.
+
+Chosen: the shared socket, and a table in memory shared by the group (`GroupLoad`, an anonymous
+``mmap`` made before forking: one slot per worker with its open connections and a heartbeat).
+A worker accepts one connection at a time, and only while it holds at most `BALANCE_FACTOR`
+times the mean of the live workers plus `BALANCE_SLACK`; past it, it stops watching the
+listening socket and looks again after `BALANCE_RECHECK` seconds. The counts are exact and
+current (a worker writes its own slot at each accept and close), nothing is copied, and the
+worst a wrong count can do is make a worker wait. The least loaded live worker always passes the
+test, so somebody always accepts. A stuck worker (stopped, or its loop blocked) does not call
+``accept()`` at all, so it receives nothing new; once its heartbeat is older than `STUCK_AFTER`
+it is left out of the mean, so that the others do not wait for it to catch up. A restarted worker
+starts from an empty slot. `~tornado_sse.httpserver.HubHTTPServer` does all this in a group;
+an application that forks with `fork_processes` uses it in place of Tornado's ``HTTPServer``.
+
 The workers' bridge socket is unique to the supervisor (`group_socket_path`), so two groups on
 one host never share a hub by accident; which worker runs the hub is decided by the bridge
 itself (the first to start, and another one if it dies).
@@ -33,6 +59,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import signal
 import sys
@@ -41,15 +68,98 @@ from types import FrameType
 
 from .broker.bridge import default_socket_path
 
-__all__ = ["fork_processes", "group_socket_path", "is_supervisor", "task_id"]
+__all__ = [
+    "BALANCE_FACTOR",
+    "BALANCE_RECHECK",
+    "BALANCE_SLACK",
+    "HEARTBEAT_INTERVAL",
+    "STUCK_AFTER",
+    "GroupLoad",
+    "fork_processes",
+    "group_load",
+    "group_socket_path",
+    "is_supervisor",
+    "task_id",
+]
 
 log = logging.getLogger("tornado_sse.process")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1
 
+#: a worker accepts while it holds at most this many times the live workers' mean connections...
+BALANCE_FACTOR = 1.1
+#: ... plus this many (so that a handful of connections never makes workers take turns)
+BALANCE_SLACK = 8
+#: seconds a worker that declined to accept waits before it looks at the counts again
+BALANCE_RECHECK = 0.01
+#: seconds between a serving worker's heartbeats in the shared table
+HEARTBEAT_INTERVAL = 0.2
+#: seconds without a heartbeat after which a worker counts as stuck (left out of the mean)
+STUCK_AFTER = 1.0
+
 _supervisor_pid: int | None = None
 _task_id: int | None = None
+_group_load: GroupLoad | None = None
+
+
+class GroupLoad:
+    """Connections each worker of a group holds, in memory the group shares (made before forking).
+
+    Slot *i* holds worker *i*'s open connections and the time (``time.monotonic``, the same clock
+    in every process) of its last heartbeat. A worker writes only its own slot (aligned 8-byte
+    stores, so a reader sees the old value or the new one) and reads the others'.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.size = count
+        self._map = mmap.mmap(-1, 16 * count)  # anonymous and shared: inherited by fork
+        self._counts = memoryview(self._map).cast("q")  # slot i: [2 * i]
+        self._stamps = memoryview(self._map).cast("d")  # slot i: [2 * i + 1]
+        self.index = -1
+
+    def claim(self, index: int) -> None:
+        """Make slot *index* this process's, starting from no connections."""
+        self.index = index
+        self._counts[2 * index] = 0
+        self._stamps[2 * index + 1] = time.monotonic()
+
+    def opened(self) -> None:
+        """This worker accepted a connection."""
+        self._counts[2 * self.index] += 1
+
+    def closed(self) -> None:
+        """One of this worker's connections closed."""
+        self._counts[2 * self.index] -= 1
+
+    def beat(self) -> None:
+        """This worker's loop is running."""
+        self._stamps[2 * self.index + 1] = time.monotonic()
+
+    def counts(self) -> list[int]:
+        """Open connections of every worker, by index."""
+        return [self._counts[2 * i] for i in range(self.size)]
+
+    def may_accept(self) -> bool:
+        """Whether this worker may accept one more connection now (and a heartbeat)."""
+        now = time.monotonic()
+        counts, stamps, me = self._counts, self._stamps, self.index
+        stamps[2 * me + 1] = now
+        live = 0
+        total = 0
+        oldest = now - STUCK_AFTER
+        for i in range(self.size):
+            if i == me or stamps[2 * i + 1] >= oldest:
+                live += 1
+                total += counts[2 * i]
+        return counts[2 * me] <= BALANCE_FACTOR * total / live + BALANCE_SLACK
+
+
+def group_load() -> GroupLoad | None:
+    """The shared table of this worker's group, or ``None`` outside a group of `fork_processes`."""
+    if _group_load is None or _group_load.index < 0:
+        return None
+    return _group_load
 
 
 def task_id() -> int | None:
@@ -92,10 +202,11 @@ def fork_processes(count: int, *, shutdown_timeout: float = 4.5, max_restarts: i
     :param shutdown_timeout: seconds the workers get to exit after SIGTERM before SIGKILL.
     :param max_restarts: abnormal worker deaths tolerated before the group gives up.
     """
-    global _supervisor_pid
+    global _supervisor_pid, _group_load
     if count < 1:
         raise ValueError("count must be at least 1")
     _supervisor_pid = os.getpid()
+    _group_load = GroupLoad(count)
     children: dict[int, int] = {}
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS}
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -164,6 +275,8 @@ def _spawn(index: int, children: dict[int, int]) -> bool:
         children[pid] = index
         return False
     _task_id = index
+    if _group_load is not None:
+        _group_load.claim(index)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _die_with_parent(parent)
