@@ -53,8 +53,6 @@ def group(tmp_path: Path) -> Iterator[Hub]:
         hub.proc.kill()
 
 
-
-
 def held(hub: Hub) -> dict[int, int]:
     """Established connections on the hub's port, by worker pid (read from the kernel)."""
     counts: dict[int, int] = {}
