@@ -51,6 +51,8 @@ RUN_HERE = {
     "ratelimit_example",
 }
 TOKEN = "readme-test-token-0123456789abcdef"
+#: the README's quick start opens the channel its example follows
+OPEN_NEWS = ("--public-channel", "news")
 
 
 def examples() -> dict[str, list[tuple[str, str]]]:
@@ -200,7 +202,7 @@ def test_shutdown(run: Callable[[str, str], Example]) -> None:
 def test_follow(run: Callable[[str, str], Example], tmp_path: Path) -> None:
     port = free_port()
     hub = subprocess.Popen(
-        [sys.executable, "-m", "tornado_sse.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "tornado_sse.cli", "serve", "--port", str(port), *OPEN_NEWS],
         env={"TORNADO_SSE_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -39,7 +39,8 @@ class Hub:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500", *args]
+        command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500"]
+        command += ["--public-channel", "*", "--metrics-public", *args]
         env = {**os.environ, "TORNADO_SSE_TOKEN": TOKEN}
         with log_path.open("wb") as log_file:
             self.proc = subprocess.Popen(

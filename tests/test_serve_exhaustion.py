@@ -32,7 +32,8 @@ EXHAUSTED = "out of file descriptors"
 def start_limited_hub(log_path: Path, *flags: str, nofile: int | None = None) -> Hub:
     """A hub on a free port (open-file limit *nofile*), once /healthz answers 200."""
     port = free_port()
-    command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--port", str(port), *flags]
+    command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--port", str(port)]
+    command += ["--public-channel", "*", "--metrics-public", *flags]
     preexec: Callable[[], None] | None = None
     if nofile is not None:
         limit = nofile

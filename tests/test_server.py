@@ -99,14 +99,27 @@ class Hub:
         stop_process(self.proc)
 
 
+#: flags that open a hub's channels or its /metrics (it is closed without them, issue 13)
+ACCESS_FLAGS = ("--public-channel", "--jwt-secret", "--jwt-public-key", "--auth-url")
+
+
 def start_hub(
-    log_path: Path, *flags: str, block_module: str | None = None, healthy: bool = True
+    log_path: Path,
+    *flags: str,
+    block_module: str | None = None,
+    healthy: bool = True,
+    open_access: bool = True,
 ) -> Hub:
     """Start a hub on a free loopback port and wait (bounded) until /healthz answers 200 (any
     answer, if not *healthy*).
 
     *block_module* makes that module unimportable in the hub process (as if not installed).
+    With *open_access* (tests about other things than access), a hub given no access flag
+    lets anyone follow every channel and read /metrics (``--public-channel '*'
+    --metrics-public``); the hub alone would refuse both.
     """
+    if open_access and not any(flag.startswith(ACCESS_FLAGS) for flag in flags):
+        flags = ("--public-channel", "*", "--metrics-public", *flags)
     port = free_port()
     if block_module is None:
         command = [sys.executable, "-m", "tornado_sse.cli"]

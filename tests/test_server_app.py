@@ -34,7 +34,8 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 def app(broker: InProcessBroker, metrics: Metrics) -> tornado.web.Application:
-    return make_app(HubOptions(token=TOKEN), broker, metrics=metrics)
+    options = HubOptions(token=TOKEN, public_channels=("*",), metrics_public=True)
+    return make_app(options, broker, metrics=metrics)
 
 
 @pytest.mark.gen_test(timeout=10)

@@ -396,6 +396,7 @@ async def test_listen_and_publish_with_tornado_sse_serve() -> None:
     hub = await asyncio.create_subprocess_exec(
         str(SCRIPT),
         *("serve", "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN),
+        *("--public-channel", "*"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )

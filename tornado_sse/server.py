@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import dataclasses
 import importlib
 import json
 import logging
@@ -54,6 +54,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -64,7 +65,14 @@ from .broker.base import Broker
 from .broker.memory import InProcessBroker
 from .cli import HostName, RedisUrl, require_module
 from .connections import ConnectionSet
-from .errors import BrokerError, EventTooLargeError, InvalidEventError
+from .errors import (
+    AccessDeniedError,
+    AuthenticationError,
+    BrokerError,
+    EventTooLargeError,
+    InvalidEventError,
+    InvalidKeyError,
+)
 from .handler import EventStreamHandler
 from .httpserver import HubHTTPServer
 from .hub.access import HubAccess
@@ -101,6 +109,8 @@ access_log = logging.getLogger("tornado.access")
 
 #: the environment variable holding the publish token
 TOKEN_ENV = "TORNADO_SSE_TOKEN"  # noqa: S105 (a variable name, not a secret)
+#: the environment variable holding the HMAC secret of signed tokens (as for ``tornado-sse token``)
+JWT_SECRET_ENV = "TORNADO_SSE_JWT_SECRET"  # noqa: S105 (a variable name, not a secret)
 
 #: a refused body is read and discarded up to this many bytes past the limit before the answer
 DRAIN_ALLOWANCE = 4 << 20
@@ -133,9 +143,15 @@ class HubOptions:
     :param publish_rate: publishes per credential, ``"RATE[/BURST]"``; ``None``: no limit.
     :param presence: channel patterns with join/leave events on ``presence:<channel>``
         (``--presence``; the setting ``sse_presence``).
+    :param public_channels: patterns anyone may follow (``--public-channel``); none by default:
+        the hub is closed until channels are opened (see `.hub.access`).
+    :param jwt_secret: HMAC secret of signed tokens (``--jwt-secret``).
+    :param jwt_public_key: PEM public key of signed tokens (``--jwt-public-key``'s content).
+    :param auth_url: the backend asked about other streams (``--auth-url``).
+    :param metrics_public: ``/metrics`` without the token (``--metrics-public``).
     """
 
-    token: str
+    token: str = dataclasses.field(repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
     history: int = 1000
@@ -158,6 +174,40 @@ class HubOptions:
     log_level: str = "info"
     log_json: bool = False
     presence: tuple[str, ...] = ()
+    public_channels: tuple[str, ...] = ()
+    jwt_secret: str | None = dataclasses.field(default=None, repr=False)
+    jwt_public_key: bytes | None = dataclasses.field(default=None, repr=False)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_cookie: str = "tornado_sse_token"
+    auth_url: str | None = None
+    metrics_public: bool = False
+
+    def access(self) -> HubAccess:
+        """The hub's access policy from these options.
+
+        :raises InvalidKeyError: for an unusable ``jwt_secret`` or ``jwt_public_key``.
+        :raises ImportError: for signed tokens without PyJWT installed.
+        """
+        verifier = None
+        if self.jwt_secret is not None or self.jwt_public_key is not None:
+            from .auth import TokenVerifier
+
+            verifier = TokenVerifier(
+                secret=self.jwt_secret,
+                public_key=self.jwt_public_key,
+                audience=self.jwt_audience,
+                issuer=self.jwt_issuer,
+                cookie=self.jwt_cookie,
+            )
+        return HubAccess(
+            master_token=self.token,
+            verifier=verifier,
+            public_channels=self.public_channels,
+            auth_url=self.auth_url,
+            cookie=self.jwt_cookie,
+            metrics_public=self.metrics_public,
+        )
 
 
 # ---------------------------------------------------------------------- broker
@@ -218,9 +268,9 @@ class _Hub:
         self.broker = broker
         self.connections = connections
         self.metrics = metrics
-        self.token = options.token.encode("utf-8")
         self.stream_limiter = make_limiter(options.stream_rate, "stream", metrics)
         self.publish_limiter = make_limiter(options.publish_rate, "publish", metrics)
+        self.access = options.access()
         self.closing = False
         self._registry: Any = None
         self._group_samples: list[Any] | None = None
@@ -313,7 +363,22 @@ class _HubHandler(tornado.web.RequestHandler):
 
 
 class HubEventsHandler(EventStreamHandler):
-    """``GET /events?channel=...``: the core stream handler, with plain-text errors."""
+    """``GET /events?channel=...``: the core stream handler, with plain-text errors; the hub's
+    access policy (`.hub.access`) decides, once the channels are known to be valid."""
+
+    _requested: list[str] = []
+    _access_checked = False
+
+    def get_channels(self) -> list[str]:
+        self._requested = self.query_values("channel")
+        return self._requested
+
+    async def check_channel(self, channel: str) -> bool:  # type: ignore[override]
+        if not self._access_checked:
+            self._access_checked = True
+            hub: _Hub = self.settings["tornado_sse_hub"]
+            await hub.access.authorize_subscribe(self, self._requested)
+        return True
 
     def compute_etag(self) -> str | None:
         return None
@@ -332,6 +397,8 @@ class PublishHandler(_HubHandler):
     _refusal: tuple[int, str] | None = None
     #: seconds until the publisher's bucket has a token again (a 429's Retry-After)
     _retry_after = 0.0
+    #: who publishes: ``None`` for the master token, else a signed token's grants
+    _grants: Any = None
     _limit = 0
 
     def prepare(self) -> None:
@@ -350,10 +417,13 @@ class PublishHandler(_HubHandler):
                 self._set_cors_headers(origin)
             else:
                 self._refusal = (403, f"origin {origin!r} is not allowed to publish")
-        if self._refusal is None and not self._authorized():
-            self._refusal = (401, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
         if self._refusal is None:
-            self._check_rate(None)
+            try:
+                self._grants = self.hub.access.authorize_publisher(self.request)
+            except AuthenticationError as exc:
+                self._refusal = (401, str(exc))
+        if self._refusal is None:
+            self._check_rate(self._grants)
         declared = _content_length(self.request.headers.get("Content-Length"))
         if self._refusal is None and declared is not None and declared > self._limit:
             self._refusal = (413, self._too_large())
@@ -362,14 +432,6 @@ class PublishHandler(_HubHandler):
             or (declared is not None and declared > self._limit + DRAIN_ALLOWANCE)
         ):
             self._refuse()  # Tornado then closes the connection instead of reading the body
-
-    def _authorized(self) -> bool:
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, credentials = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        presented = credentials.strip().encode("latin-1", "replace")
-        return hmac.compare_digest(presented, self.hub.token)
 
     def _check_rate(self, grants: Any) -> None:
         """Spend a token of this publisher's bucket (`.hub.limits.publish_key`), or refuse 429."""
@@ -429,6 +491,11 @@ class PublishHandler(_HubHandler):
             request = parse_publish(body)
         except PublishError as exc:
             self.reply(400, {"error": str(exc)})
+            return
+        try:
+            self.hub.access.authorize_publish(self._grants, request.channel)
+        except AccessDeniedError as exc:
+            self.reply(403, {"error": str(exc)})
             return
         try:
             event_id = await self.hub.broker.publish(
@@ -494,6 +561,12 @@ class MetricsHandler(_HubHandler):
 
     async def get(self) -> None:
         try:
+            self.hub.access.authorize_scrape(self.request)
+        except AuthenticationError as exc:
+            self.set_header("WWW-Authenticate", exc.www_authenticate)
+            self.reply(401, {"error": str(exc)})
+            return
+        try:
             from prometheus_client import CONTENT_TYPE_LATEST
 
             self.hub.registry()
@@ -522,14 +595,6 @@ class NotFoundHandler(_HubHandler):
         )
 
 
-def hub_access(hub: _Hub) -> HubAccess:
-    """Who may do what on *hub* (`.hub.access`): its own, or one of the master token only."""
-    access = getattr(hub, "access", None)
-    if isinstance(access, HubAccess):
-        return access
-    return HubAccess(master_token=hub.options.token)
-
-
 def make_app(
     options: HubOptions,
     broker: Broker,
@@ -554,7 +619,7 @@ def make_app(
             (r"/publish", PublishHandler, kwargs),
             (r"/healthz", HealthHandler, kwargs),
             (r"/metrics", MetricsHandler, kwargs),
-            (r"/presence", PresenceHandler, {"broker": broker, "access": hub_access(hub)}),
+            (r"/presence", PresenceHandler, {"broker": broker, "access": hub.access}),
             client_script_route("/client.js"),
         ],
         default_handler_class=NotFoundHandler,
@@ -744,6 +809,10 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
         options.stream_rate or "unlimited",
         options.publish_rate or "unlimited",
     )
+    if hub.access.verifier is None and hub.access.auth_url is None and not options.public_channels:
+        log.warning("access: %s", hub.access.describe())
+    else:
+        log.info("access: %s", hub.access.describe())
     try:
         await stop.wait()
         hub.closing = True
@@ -806,6 +875,28 @@ class _OriginType(click.ParamType):  # type: ignore[type-arg]
                 f"{text!r} is not an origin: use scheme://host[:port], like https://app.example"
             )
         return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _patterns(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    from .auth import validate_pattern
+
+    try:
+        return tuple(validate_pattern(value) for value in values)
+    except InvalidKeyError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _http_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .client import validate_url
+
+    try:
+        return validate_url(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -997,6 +1088,50 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     help="Least severe level logged (info: one line per stream open and close, access log).",
 )
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@click.option(
+    "--public-channel",
+    "public_channels",
+    multiple=True,
+    metavar="PATTERN",
+    callback=_patterns,
+    help="Channels anyone may follow without a token: a name, or a prefix ending in * "
+    "('*': every channel); repeatable. Default: none (see 'Access' in docs/serve.md).",
+)
+@click.option(
+    "--jwt-secret",
+    envvar=JWT_SECRET_ENV,
+    show_envvar=True,
+    metavar="SECRET",
+    help="HMAC secret (32 bytes or more) of the signed tokens (JWT, HS256) that grant "
+    "channels. Prefer the environment variable.",
+)
+@click.option(
+    "--jwt-public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="PEM public key of the signed tokens (RS*, ES*, EdDSA) that grant channels.",
+)
+@click.option("--jwt-audience", metavar="AUD", help="Signed tokens must name this audience.")
+@click.option("--jwt-issuer", metavar="ISS", help="Signed tokens must come from this issuer.")
+@click.option(
+    "--jwt-cookie",
+    default="tornado_sse_token",
+    show_default=True,
+    metavar="NAME",
+    help="Cookie a browser's signed token may come in.",
+)
+@click.option(
+    "--auth-url",
+    metavar="URL",
+    callback=_http_url,
+    help="Your backend, asked (POST) about each new stream of channels that are not public "
+    "and carry no signed token.",
+)
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    help="Serve /metrics without the token (it names channels).",
+)
 def serve_command(
     host: str,
     port: int,
@@ -1021,6 +1156,14 @@ def serve_command(
     xheaders: bool,
     log_level: str,
     log_json: bool,
+    public_channels: tuple[str, ...],
+    jwt_secret: str | None,
+    jwt_public_key: Path | None,
+    jwt_audience: str | None,
+    jwt_issuer: str | None,
+    jwt_cookie: str,
+    auth_url: str | None,
+    metrics_public: bool,
 ) -> None:
     """Run the standalone push hub.
 
@@ -1069,5 +1212,23 @@ def serve_command(
         max_idle_connections=max_idle_connections or None,
         log_level=log_level.lower(),
         log_json=log_json,
+        public_channels=tuple(dict.fromkeys(public_channels)),
+        jwt_secret=jwt_secret or None,
+        jwt_public_key=jwt_public_key.read_bytes() if jwt_public_key is not None else None,
+        jwt_audience=jwt_audience,
+        jwt_issuer=jwt_issuer,
+        jwt_cookie=jwt_cookie,
+        auth_url=auth_url,
+        metrics_public=metrics_public,
     )
+    if options.jwt_secret is not None and options.jwt_public_key is not None:
+        raise click.UsageError("give one of --jwt-secret and --jwt-public-key, not both")
+    try:
+        options.access()
+    except InvalidKeyError as exc:
+        flag = "--jwt-secret" if options.jwt_secret is not None else "--jwt-public-key"
+        raise click.BadParameter(str(exc), param_hint=f"'{flag}'") from exc
+    except ImportError:
+        require_module("jwt", "--jwt-secret/--jwt-public-key", "pip install 'tornado-sse[jwt]'")
+        raise
     serve(options)
