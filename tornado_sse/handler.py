@@ -428,7 +428,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         :meth:`check_channel`.
 
         Default: from ``self.current_user`` (Tornado's `get_current_user`): a string as is; a
-        verified token's ``sub`` (`.auth.Grants.subject`); a Jupyter user's ``username``;
+        verified token's ``sub`` (``subject`` of `.auth.Grants`); a Jupyter user's ``username``;
         else ``None`` (the stream counts without identity). An identity is 1-200 printable
         characters; another value raises `.InvalidArgumentError` (answered 400).
         """

@@ -155,7 +155,7 @@ __all__ = [
 log = logging.getLogger("tornado_sse.bridge")
 
 #: frames the hub sends a peer may be this many times larger than what the hub accepts: events
-#: are encoded at the hub, and ``data: `` prefixes can multiply a many-line payload's size
+#: are encoded at the hub, and ``data:`` prefixes can multiply a many-line payload's size
 EXPANSION = 8
 
 #: default bound on one peer's pending output at the hub (bytes)

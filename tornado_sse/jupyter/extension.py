@@ -63,7 +63,7 @@ class SSEExtensionApp(ExtensionApp):
     broker_class = Type(
         default_value=InProcessBroker,
         klass=Broker,
-        help="The broker class, called as broker_class(history_size=..., **broker_kwargs).",
+        help="The broker class, called with history_size and broker_kwargs as keywords.",
     ).tag(config=True)
     broker_kwargs = Dict(help="Keyword arguments for broker_class.").tag(config=True)
     forward_events = Bool(

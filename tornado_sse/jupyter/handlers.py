@@ -2,7 +2,7 @@
 
 `JupyterEventStreamHandler` puts `JupyterHandler` first in the MRO, so Jupyter's ``prepare()``
 (identity provider: token, cookie, custom providers; host check; CORS headers) runs before
-`.EventStreamHandler.get` and Jupyter's ``check_origin`` (``allow_origin``, token-authenticated
+``EventStreamHandler.get`` and Jupyter's ``check_origin`` (``allow_origin``, token-authenticated
 requests) governs the stream. Deliberate choices:
 
 * ``get`` is ``@web.authenticated`` whatever ``ServerApp.allow_unauthenticated_access`` says (it
@@ -95,7 +95,7 @@ class JupyterEventStreamHandler(JupyterHandler, EventStreamHandler):
     auth_resource = AUTH_RESOURCE
 
     def check_origin(self, origin: str = "") -> bool:
-        """Jupyter's origin policy (`JupyterHandler.check_origin`)."""
+        """Jupyter's origin policy (`~jupyter_server.base.handlers.JupyterHandler.check_origin`)."""
         return JupyterHandler.check_origin(self, origin)
 
     async def is_authorized(self, action: str, resource: str | None = None) -> bool:
