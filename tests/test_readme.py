@@ -1,4 +1,4 @@
-"""Every Python example of README.md and docs/*.md, run as written.
+"""Every Python example of README.md and the documentation site's pages (docs/), run as written.
 
 Each example starts with a comment naming its file (``# feed.py``); an example printed in two
 documents must be the same in both. A test here saves the example to a file, runs it with this
@@ -33,7 +33,12 @@ from tests.helpers import RawStream, free_port, stop_process, wait_until
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+#: every Markdown page of the documentation site (docs/, with CHANGES.md), and the README
+DOCUMENTS = [
+    ROOT / "README.md",
+    ROOT / "CHANGES.md",
+    *sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts),
+]
 TIMEOUT = 15.0
 #: examples run by tests/jupyter/test_docs.py (they need a Jupyter server)
 RUN_IN_JUPYTER = {"builds_ext", "progress_demo"}

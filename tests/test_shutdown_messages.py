@@ -1,7 +1,7 @@
 """Shutdown is quiet and messages say what happened (issue 12, item 15).
 
-* The README's own bridge example (``fork_processes`` + ``BridgeBroker``), run as a real process
-  group and stopped with SIGTERM, writes nothing alarming: no "lost the hub", no traceback.
+* The bridge example of docs/bridge.md (``fork_processes`` + ``BridgeBroker``), run as a real
+  process group and stopped with SIGTERM, writes nothing alarming: no "lost the hub", no traceback.
 * ``tornado-sse listen`` whose stream is dropped mid-way says the stream was interrupted after N
   events, not that the server "closed the connection without answering".
 """
@@ -24,12 +24,12 @@ from tornado.httpserver import HTTPServer
 
 from tests.helpers import free_port
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+BRIDGE_DOC = Path(__file__).resolve().parent.parent / "docs" / "bridge.md"
 
 
 def readme_bridge_example() -> str:
-    """The Python block of the README's "In your own application" (bridge) section."""
-    text = README.read_text(encoding="utf-8")
+    """The Python block of docs/bridge.md's "In your own application" section."""
+    text = BRIDGE_DOC.read_text(encoding="utf-8")
     section = text.index("### In your own application")
     start = text.index("```python\n", section) + len("```python\n")
     return text[start : text.index("```", start)]
