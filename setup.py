@@ -14,6 +14,8 @@ EXTRAS = {
     "jupyter": ["jupyter_server>=2.13", "jupyter_events>=0.6"],
     # PEM public keys (RS*, ES*, EdDSA) need cryptography; an HMAC secret does not.
     "jwt": ["PyJWT[crypto]>=2.8"],
+    # the documentation site: make docs -> docs/_build/html
+    "docs": ["sphinx>=7.3", "myst-parser>=3", "furo>=2024.1", "sphinx-click>=6"],
     "bench": [
         "matplotlib>=3.7",
         "psutil>=5.9",
@@ -30,6 +32,7 @@ EXTRAS["test"] = sorted(
         *EXTRAS["redis"],
         *EXTRAS["jupyter"],
         *EXTRAS["jwt"],
+        *EXTRAS["docs"],
         "pytest>=8",
         "pytest-tornado>=0.8",
         "pytest-timeout>=2.2",
