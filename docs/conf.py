@@ -14,9 +14,15 @@ build stays offline (no intersphinx), and another project moving a page does not
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
+
+from docutils import nodes
+from sphinx import addnodes
+from sphinx.transforms.post_transforms import SphinxPostTransform
+from sphinx.util.nodes import make_refnode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -180,8 +186,6 @@ def _missing_reference(app: Any, env: Any, node: Any, contnode: Any) -> Any:
         ]
     if len(chosen) != 1:
         return None
-    from sphinx.util.nodes import make_refnode
-
     obj = ours[chosen[0]]
     return make_refnode(app.builder, node["refdoc"], obj.docname, obj.node_id, contnode, chosen[0])
 
@@ -221,7 +225,49 @@ def _warn_missing_reference(app: Any, domain: Any, node: Any) -> bool | None:
     return None
 
 
+_NAME = re.compile(r"(?:tornado_sse\.)?([A-Za-z_][\w.]*?)(?:\(.*\))?")
+
+
+class LinkNames(SphinxPostTransform):
+    """In the guides (Markdown), a name in backticks that names one of our documented objects,
+    and only one (`EventStreamHandler`, `Metrics.collector()`, `tornado_sse.client.EventSource`),
+    links to its reference. Plain lowercase words (`data`, `close()`) stay text: too many things
+    share them."""
+
+    default_priority = 5
+
+    def run(self, **kwargs: Any) -> None:
+        if not self.env.doc2path(self.env.docname).suffix == ".md":
+            return
+        domain = self.env.get_domain("py")
+        ours = [name for name in domain.objects if name.startswith("tornado_sse.")]
+        for literal in list(self.document.findall(nodes.literal)):
+            if isinstance(literal.parent, (nodes.reference, addnodes.pending_xref)):
+                continue
+            text = literal.astext()
+            match = _NAME.fullmatch(text)
+            if match is None:
+                continue
+            name = match[1]
+            if "." not in name and "_" not in name and name.islower():
+                continue
+            found = [n for n in ours if n == f"tornado_sse.{name}" or n.endswith(f".{name}")]
+            if len(found) != 1:
+                continue
+            obj = domain.objects[found[0]]
+            reference = make_refnode(
+                self.app.builder,
+                self.env.docname,
+                obj.docname,
+                obj.node_id,
+                literal.deepcopy(),
+                found[0],
+            )
+            literal.replace_self(reference)
+
+
 def setup(app: Any) -> None:
+    app.add_post_transform(LinkNames)
     app.connect("source-read", _generated_content)
     app.connect("missing-reference", _missing_reference)
     app.connect("warn-missing-reference", _warn_missing_reference)
