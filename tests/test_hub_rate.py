@@ -7,6 +7,7 @@ of 127.0.0.0/8 (all of it is local on Linux). The shed EventSource is Debian's C
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -298,5 +299,36 @@ def test_a_shed_eventsource_keeps_retrying_gets_in_and_resumes_exactly(tmp_path:
     try:
         asyncio.run(asyncio.wait_for(scenario(), 60))
         assert hub.metrics()["tornado_sse_streams_shed_total{reason=rate}"] >= 1
+    finally:
+        hub.stop()
+
+
+def test_publishes_are_limited_per_signed_token_subject(tmp_path: Path) -> None:
+    require(importlib.util.find_spec("jwt") is not None, "PyJWT is missing (tornado-sse[jwt])")
+    from tornado_sse.auth import create_token
+
+    secret = "rate-test-secret-0123456789abcdef0123456789"
+    hub = start_hub(
+        tmp_path / "hub.log", "--jwt-secret", secret, "--publish-rate", "0.01/2", "--metrics-public"
+    )
+    try:
+
+        def publish(token: str, data: str) -> int:
+            reply = hub.post(
+                {"channel": "room/a", "data": data}, headers={"Authorization": f"Bearer {token}"}
+            )
+            return reply.status_code
+
+        alice = create_token(secret, subject="alice", publish=["room/*"])
+        alice_again = create_token(secret, subject="alice", publish=["room/*"], ttl=60)
+        bob = create_token(secret, subject="bob", publish=["room/*"])
+        assert [publish(alice, "1"), publish(alice_again, "2")] == [202, 202]
+        assert publish(alice, "3") == 429  # a fresh token of the same sub shares its bucket
+        assert publish(alice_again, "4") == 429
+        assert [publish(bob, "1"), publish(bob, "2"), publish(bob, "3")] == [202, 202, 429]
+        assert publish(TOKEN, "master") == 202  # the master token is a credential of its own
+        metrics = hub.metrics()
+        assert metrics["tornado_sse_publishes_refused_total{reason=rate}"] == 3
+        assert metrics["tornado_sse_rate_limit_keys{limit=publish}"] == 3
     finally:
         hub.stop()
