@@ -12,7 +12,9 @@ keeps, for all its streams together:
   maximum lifetime), so thousands of healthy idle streams cost it nothing (issue 8);
 * **write batching**: streams that received events are flushed once per event loop iteration,
   so a burst of publishes goes out in one write per stream;
-* **limits and shutdown**: counts per client address, and :meth:`ConnectionSet.close`.
+* **limits and shutdown**: counts per client address, and :meth:`ConnectionSet.close`, which can
+  pace the closes over a window (a drain): closing every stream at once brings every client back
+  in the same ``retry:`` window, to whichever instance is left (issue 15, item 4).
 
 Timers run only while the set holds streams, so an idle process spends no CPU on them.
 """
@@ -20,6 +22,7 @@ Timers run only while the set holds streams, so an idle process spends no CPU on
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Protocol
 
@@ -51,6 +54,8 @@ class Connection(Protocol):
     def _abort(self, reason: str) -> None: ...
 
     def close(self, event: Event | None = None) -> asyncio.Future[None]: ...
+
+    def _drain(self, event: Event | None) -> asyncio.Future[None]: ...
 
 
 class _Wheel:
@@ -196,20 +201,32 @@ class ConnectionSet:
             if reason is not None:
                 conn._abort(reason)
 
-    async def close(self, event: Event | None = None, timeout: float = 5.0) -> None:
+    async def close(
+        self, event: Event | None = None, timeout: float = 5.0, *, window: float = 0.0
+    ) -> None:
         """Close every stream, optionally after sending *event*, and stop the timers.
 
-        New streams are shed from the moment this is called. Returns once every stream has been
-        closed and its final bytes written, or after *timeout* seconds, when the remaining
-        streams are dropped. Call it on SIGTERM after stopping the listening server::
+        New streams are shed from the moment this is called. With a *window* (seconds), a drain:
+        the streams close one by one in random order, spread evenly over the window, each after
+        a jittered ``retry:`` (`.EventStreamHandler.retry_interval` plus up to its
+        `~.EventStreamHandler.retry_jitter`), so that their clients come back gradually. Returns
+        once every stream has been closed and its final bytes written, or after *timeout* seconds
+        (counted from the call, window included), when the remaining streams are dropped. Call it
+        on SIGTERM after stopping the listening server::
 
             server.stop()
-            await ConnectionSet.current().close(Event("bye", event="shutdown"))
+            await ConnectionSet.current().close(Event("bye", event="shutdown"), window=2.0)
         """
         self.closing = True
-        closing = [conn.close(event) for conn in list(self._members)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        members = list(self._members)
+        if window > 0 and members:
+            closing = await self._drain_over(members, event, min(window, timeout))
+        else:
+            closing = [conn.close(event) for conn in members]
         if closing:
-            await asyncio.wait(closing, timeout=timeout)
+            await asyncio.wait(closing, timeout=max(0.0, deadline - loop.time()))
             for conn in list(self._members):
                 conn._abort("shutdown")
         for wheel in self._wheels.values():
@@ -217,3 +234,20 @@ class ConnectionSet:
         self._wheels.clear()
         if self._pruner is not None:
             self._pruner.stop()
+
+    async def _drain_over(
+        self, members: list[Connection], event: Event | None, window: float
+    ) -> list[asyncio.Future[None]]:
+        """Close *members* in random order, evenly over *window* seconds; their close futures."""
+        random.shuffle(members)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        step = window / len(members)
+        closing: list[asyncio.Future[None]] = []
+        for index, conn in enumerate(members):
+            delay = start + step * (index + 1) - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if conn in self._members:
+                closing.append(conn._drain(event))
+        return closing

@@ -559,6 +559,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
         write.add_done_callback(_written)
         return done
 
+    def _drain(self, event: Event | None) -> asyncio.Future[None]:
+        """Close for a drain (`.ConnectionSet.close` with a window): a jittered ``retry:`` first."""
+        if self._queue is not None and not self._closed_once:
+            self._send_bytes(encode_retry(self._jittered_retry()), "")
+        return self._close(event, "drain")
+
     def close_at(self, when: float, event: Event | None = None) -> None:
         """Close the stream at *when* (a `time.time` value, such as a token's ``exp``), after
         sending *event*, if given.

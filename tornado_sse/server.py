@@ -34,6 +34,10 @@ Deliberate choices:
   lands on one worker, so that worker collects every worker's `.Metrics.samples` through the
   bridge (`.BridgeBroker.collect_metrics`, at most about a second) and adds them up; counts of
   one worker alone would be a random fraction. Log lines name their worker (`ProcessFilter`).
+* **SIGTERM drains** (issue 15, item 4): the streams close one by one over ``--drain`` seconds
+  (2 by default, inside the 5 s stop), each after a jittered ``retry:``
+  (`.ConnectionSet.close` with a window), so that a rolling restart moves clients to the other
+  instances gradually instead of in one ``retry:`` window.
 * **No secret reaches a log**: the token is compared with `hmac.compare_digest` and never
   logged; the access log redacts query parameters that look like credentials.
 """
@@ -115,8 +119,15 @@ JWT_SECRET_ENV = "TORNADO_SSE_JWT_SECRET"  # noqa: S105 (a variable name, not a 
 #: a refused body is read and discarded up to this many bytes past the limit before the answer
 DRAIN_ALLOWANCE = 4 << 20
 
-#: seconds the hub waits for streams to close on SIGTERM before dropping the rest
+#: seconds the hub waits for streams to close on SIGTERM before dropping the rest (the drain
+#: window included, if longer: then the drain plus `DRAIN_GRACE`)
 SHUTDOWN_STREAMS_TIMEOUT = 2.5
+#: ``--drain``'s default: seconds over which SIGTERM closes the streams
+DEFAULT_DRAIN = 2.0
+#: seconds the last streams of a drain get to write their final bytes
+DRAIN_GRACE = 0.5
+#: seconds a worker takes to stop after its streams are closed (idle connections, the broker)
+_STOP_AFTER_STREAMS = 2.0
 
 _TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
 
@@ -126,6 +137,8 @@ class HubOptions:
     """Everything ``tornado-sse serve`` was told, as one value (the flags, in seconds/bytes).
 
     :param retry: reconnection delay announced to clients, in milliseconds (as on the wire).
+    :param drain: seconds over which SIGTERM closes the streams (``--drain``), each after a
+        jittered ``retry:``; 0: all at once.
     :param max_connections: streams held at most; ``None``: no limit.
     :param max_connections_per_address: streams one client address may hold (per worker
         process); ``None``: no limit.
@@ -157,6 +170,7 @@ class HubOptions:
     history: int = 1000
     heartbeat: float = 15.0
     retry: int = 3000
+    drain: float = DEFAULT_DRAIN
     cors_origins: tuple[str, ...] = ()
     max_connections: int | None = None
     max_connections_per_address: int | None = 100
@@ -817,7 +831,7 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
         await stop.wait()
         hub.closing = True
         server.stop()
-        await connections.close(timeout=SHUTDOWN_STREAMS_TIMEOUT)
+        await connections.close(timeout=streams_timeout(options), window=options.drain)
         try:
             await asyncio.wait_for(server.close_all_connections(), 1.0)
         except asyncio.TimeoutError:
@@ -832,6 +846,12 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
             signal.signal(signum, signal.SIG_IGN)
 
 
+def streams_timeout(options: HubOptions) -> float:
+    """Seconds a SIGTERM gives the streams to close: the drain window and a grace, at least
+    `SHUTDOWN_STREAMS_TIMEOUT`."""
+    return max(SHUTDOWN_STREAMS_TIMEOUT, options.drain + DRAIN_GRACE)
+
+
 def serve(options: HubOptions) -> None:
     """Run the hub in this process until SIGTERM or SIGINT (what ``tornado-sse serve`` does)."""
     _check_backends(options)
@@ -843,7 +863,9 @@ def serve(options: HubOptions) -> None:
         # After binding, before any broker or loop exists; the supervisor stays in here.
         from .process import fork_processes
 
-        fork_processes(options.processes)
+        fork_processes(
+            options.processes, shutdown_timeout=streams_timeout(options) + _STOP_AFTER_STREAMS
+        )
     asyncio.run(run_hub(options, sockets))
 
 
@@ -955,6 +977,16 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     show_default=True,
     metavar="MS",
     help="Reconnection delay announced to clients, in milliseconds (jittered upwards).",
+)
+@click.option(
+    "--drain",
+    type=click.FloatRange(min=0, max=3600),
+    default=DEFAULT_DRAIN,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM, close the streams one by one over this window, each after a jittered "
+    "retry, so that clients move to other instances gradually. 0: all at once. Past 2 s the "
+    "hub takes longer than 5 s to stop (SIGTERM gives it the window plus 3 s).",
 )
 @click.option(
     "--cors-origin",
@@ -1139,6 +1171,7 @@ def serve_command(
     history: int,
     heartbeat: float,
     retry: int,
+    drain: float,
     cors_origins: tuple[str, ...],
     presence: tuple[str, ...],
     max_connections: int | None,
@@ -1196,6 +1229,7 @@ def serve_command(
         history=history,
         heartbeat=heartbeat,
         retry=retry,
+        drain=drain,
         cors_origins=tuple(dict.fromkeys(cors_origins)),
         max_connections=max_connections,
         max_connections_per_address=max_connections_per_address or None,
