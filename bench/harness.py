@@ -189,6 +189,14 @@ PEERS: dict[str, Peer] = {
             why="what verifying a token costs a new stream (compare tornado_sse's connect time)",
             scenarios=("idle",),
         ),
+        Peer(
+            "tornado_sse_hubgc",
+            "tornado_sse with the hub's GC policy (gcpolicy.settle: freeze, 50000/20/100)",
+            "tornado_sse_peer",
+            options=("gc=hub",),
+            why="what tornado-sse serve's garbage-collector policy does to connect time",
+            scenarios=("idle",),
+        ),
         Peer("tornado_plain", "plain Tornado (queue per client, write + flush)", "tornado_plain"),
         Peer(
             "tornado_empty",

@@ -38,6 +38,9 @@ Deliberate choices:
   (2 by default, inside the 5 s stop), each after a jittered ``retry:``
   (`.ConnectionSet.close` with a window), so that a rolling restart moves clients to the other
   instances gradually instead of in one ``retry:`` window.
+* **The garbage collector is tuned** (issue 15, item 2): once listening, the hub freezes what
+  start-up built and raises the collector's thresholds (`.gcpolicy`), since many long-lived
+  streams make CPython's defaults walk the whole heap again and again during a connect storm.
 * **No secret reaches a log**: the token is compared with `hmac.compare_digest` and never
   logged; the access log redacts query parameters that look like credentials.
 """
@@ -65,6 +68,7 @@ import click
 import tornado.web
 from tornado.netutil import bind_sockets
 
+from . import gcpolicy
 from .broker.base import Broker
 from .broker.memory import InProcessBroker
 from .cli import HostName, RedisUrl, require_module
@@ -809,6 +813,7 @@ async def run_hub(options: HubOptions, sockets: list[socket.socket]) -> None:
     # with KeyboardInterrupt instead of exit status 0. Once shut down, we ignore both signals.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
+    gcpolicy.settle()  # start-up is done: freeze it, collect less often (tornado_sse.gcpolicy)
     address = sockets[0].getsockname()
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
     log.info(

@@ -2,7 +2,8 @@
 
 The route follows the channel ``bench``; the driver publishes through the broker in the
 server's own event loop. ``--option gc=freeze`` calls `gc.freeze()` once the server is up
-(see docs/benchmarks.md).
+(see docs/benchmarks.md); ``--option gc=hub`` applies ``tornado-sse serve``'s policy
+(`tornado_sse.gcpolicy.settle`).
 
 ``--option auth=jwt --option secret=SECRET``: each stream carries a signed token
 (``?access_token=``) that `tornado_sse.auth.TokenVerifier` checks, as an application with private
@@ -25,7 +26,7 @@ import tornado.netutil
 import tornado.web
 from tornado.httpserver import HTTPServer
 
-from tornado_sse import ConnectionSet, EventStreamHandler, InProcessBroker
+from tornado_sse import ConnectionSet, EventStreamHandler, InProcessBroker, gcpolicy
 from tornado_sse.broker.base import Broker
 
 from .common import Driver, options, parse_args, run
@@ -88,6 +89,8 @@ async def main(args: argparse.Namespace) -> None:
     tuning = options(args).get("gc", "")
     if tuning == "off":
         gc.disable()
+    elif tuning == "hub":
+        gcpolicy.settle()
     elif tuning:
         thresholds = [int(x) for x in tuning.replace("freeze", "").split("/") if x]
         if thresholds:
