@@ -409,7 +409,7 @@ async def test_a_redis_broker_that_closes_stops_counting_at_once(
 def test_serve_refuses_a_bad_presence_pattern() -> None:
     from click.testing import CliRunner
 
-    from tornado_sse.server import serve_command
+    from tornado_sse.hub import serve_command
 
     result = CliRunner().invoke(
         serve_command, ["--presence", "room/*", "--presence", "a b"], env={"TORNADO_SSE_TOKEN": "t"}

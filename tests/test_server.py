@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require
 from tests.helpers import RawStream, free_port, stop_process, wait_until
-from tornado_sse.server import serve_command
+from tornado_sse.hub import serve_command
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ import tornado.web
 
 from tests.helpers import RawStream
 from tornado_sse import InProcessBroker, Metrics
-from tornado_sse.server import HubOptions, make_app, make_broker
+from tornado_sse.hub import HubOptions, make_app, make_broker
 
 TOKEN = "in-process-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -83,9 +83,7 @@ async def test_over_the_rate_a_stream_is_shed_and_other_addresses_are_not(
     assert metrics.rate_limit_keys() == {"stream": 2}
 
 
-@pytest.mark.parametrize(
-    "settings", [{"sse_stream_rate": RateLimiter(20, burst=1)}], indirect=True
-)
+@pytest.mark.parametrize("settings", [{"sse_stream_rate": RateLimiter(20, burst=1)}], indirect=True)
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_a_shed_resume_loses_nothing(
     port: int, broker: InProcessBroker, settings: dict[str, Any]

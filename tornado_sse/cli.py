@@ -18,7 +18,7 @@ from . import __version__
 
 #: command name -> "module:attribute" of a click command
 COMMANDS = {
-    "serve": "tornado_sse.server:serve_command",
+    "serve": "tornado_sse.hub.options:serve_command",
     "listen": "tornado_sse.tools:listen_command",
     "publish": "tornado_sse.tools:publish_command",
     "demo": "tornado_sse.demo.app:demo_command",

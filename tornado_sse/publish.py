@@ -1,6 +1,6 @@
 """The publish contract: one validation of an HTTP publish body, for every endpoint that takes one.
 
-The hub's ``POST /publish`` (`tornado_sse.server`) and the Jupyter extension's
+The hub's ``POST /publish`` (`tornado_sse.hub`) and the Jupyter extension's
 ``POST {base_url}sse/publish`` (`tornado_sse.jupyter.handlers`) both call `parse_publish`, so
 the two cannot drift apart: the same body is accepted or refused by both, with the same message
 (issue 12, item 8). What differs stays with each endpoint: authentication, size limits, reserved

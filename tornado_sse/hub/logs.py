@@ -1,0 +1,104 @@
+"""The hub's logs: text or JSON lines, and no credential in any of them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import tornado.web
+
+from ..redaction import RedactingFilter, redact_url
+
+access_log = logging.getLogger("tornado.access")
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """The access log: method, path (credentials redacted), status, client, duration."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return
+    request = handler.request
+    path = redact_url(request.uri or "")
+    duration = 1000.0 * request.request_time()
+    access_log.log(
+        level,
+        "%d %s %s (%s) %.2fms",
+        status,
+        request.method,
+        path,
+        request.remote_ip,
+        duration,
+        extra={
+            "status": status,
+            "method": request.method,
+            "path": path,
+            "client": request.remote_ip,
+            "duration_ms": round(duration, 3),
+        },
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the access log's fields."""
+
+    FIELDS = ("pid", "worker", "status", "method", "path", "client", "duration_ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in self.FIELDS:
+            value = record.__dict__.get(field)
+            if value is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+JsonFormatter.converter = time.gmtime
+
+
+class ProcessFilter(logging.Filter):
+    """Says which process wrote a line: ``worker``, the worker's index under ``--processes``
+    (absent otherwise), and ``where`` for text lines: ``worker 1, pid 4242``, ``supervisor,
+    pid 4240`` or ``pid 4242``. (``pid`` is the record's own ``process``.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        group = sys.modules.get("tornado_sse.process")
+        worker = group.task_id() if group is not None else None
+        record.pid = record.process
+        record.worker = worker
+        if worker is not None:
+            record.where = f"worker {worker}, pid {record.process}"
+        elif group is not None and group.is_supervisor():
+            record.where = f"supervisor, pid {record.process}"
+        else:
+            record.where = f"pid {record.process}"
+        return True
+
+
+def configure_logging(level: str, json_lines: bool) -> None:
+    """Log to stderr at *level*, as text or one JSON object per line; each line says which
+    process wrote it (`ProcessFilter`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(where)s]: %(message)s")
+        )
+    handler.addFilter(ProcessFilter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
