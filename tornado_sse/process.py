@@ -66,8 +66,6 @@ import sys
 import time
 from types import FrameType
 
-from .broker.bridge import default_socket_path
-
 __all__ = [
     "BALANCE_FACTOR",
     "BALANCE_RECHECK",
@@ -177,6 +175,10 @@ def group_socket_path(name: str = "tornado-sse") -> str:
 
     Outside a group (no `fork_processes` in this process's past) the current pid stands in.
     """
+    # Imported here: the bridge is optional for this module (serve without --processes, and an
+    # install without the bridge backend, must not need it).
+    from .broker.bridge import default_socket_path
+
     owner = _supervisor_pid if _supervisor_pid is not None else os.getpid()
     return os.path.join(os.path.dirname(default_socket_path(name)), f"group-{owner}.sock")
 
