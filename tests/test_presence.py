@@ -23,6 +23,7 @@ from tornado.ioloop import IOLoop
 from tests.broker_contract import Collector
 from tests.helpers import RawStream, wait_until
 from tests.redis_server import redis_prefix, redis_server, redis_url  # noqa: F401
+from tests.test_auth_hub import backend_url  # noqa: F401
 from tests.test_bridge_worker import Worker
 from tests.test_server import AUTH, start_hub
 from tornado_sse import ConnectionSet, EventStreamHandler, InProcessBroker
@@ -441,6 +442,70 @@ async def test_the_hubs_presence_counts_every_worker(tmp_path: Path) -> None:
             return bool(reply.json()["subscribers"] == 0)
 
         await wait_until(gone, TIMEOUT)
+    finally:
+        for stream in streams:
+            stream.close()
+        hub.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_hubs_streams_have_the_identity_of_their_credential(
+    tmp_path: Path,
+    backend_url: str,  # noqa: F811
+) -> None:
+    """A JWT's ``sub`` and an --auth-url answer's ``sub`` are who the stream is: /presence
+    names them, and --presence announces their joins and leaves (issue 14)."""
+    hub = start_hub(
+        tmp_path / "hub.log",
+        *("--jwt-secret", SECRET, "--auth-url", backend_url),
+        *("--presence", "room/*", "--presence", "user/*"),
+        open_access=False,
+    )
+
+    def token(subject: str) -> dict[str, str]:
+        return bearer(create_token(SECRET, subject=subject, subscribe=["room/*"], ttl=600))
+
+    async def tab(query: str, headers: dict[str, str]) -> RawStream:
+        stream = await hub.stream(query, headers=headers)
+        assert stream.status == 200, query
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+        return stream
+
+    def presence(channel: str) -> Any:
+        reply = httpx.get(hub.url + "/presence", params={"channel": channel}, headers=AUTH)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    streams: list[RawStream] = []
+    try:
+        # the companion channel is granted with the channel it describes
+        watcher = await tab("channel=presence:room/1", token("carol"))
+        streams.append(watcher)
+        alice = [await tab("channel=room/1", token("alice")) for _ in range(2)]
+        bob = await tab("channel=room/1", token("bob"))
+        streams += [*alice, bob]
+        assert presence("room/1") == {
+            "channel": "room/1",
+            "subscribers": 3,
+            "users": {"alice": 2, "bob": 1},
+        }
+        await watcher.events_count(2)
+        for stream in alice:
+            stream.close()
+        await watcher.events_count(3)  # one leave for both tabs, after the grace period
+        said = [(event.event, json.loads(event.data or "")) for event in watcher.events]
+        assert said == [
+            ("join", {"channel": "room/1", "user": "alice"}),
+            ("join", {"channel": "room/1", "user": "bob"}),
+            ("leave", {"channel": "room/1", "user": "alice"}),
+        ]
+        assert presence("room/1")["users"] == {"bob": 1}
+        streams.append(await tab("channel=user/alice", {"Cookie": "session=alice"}))
+        assert presence("user/alice") == {
+            "channel": "user/alice",
+            "subscribers": 1,
+            "users": {"alice": 1},
+        }
     finally:
         for stream in streams:
             stream.close()

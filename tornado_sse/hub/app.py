@@ -10,7 +10,9 @@ from typing import Any
 
 import tornado.web
 
+from ..auth import Grants
 from ..broker.base import Broker
+from ..broker.presence import described, matches_any
 from ..connections import ConnectionSet
 from ..errors import (
     AccessDeniedError,
@@ -145,10 +147,13 @@ class _HubHandler(tornado.web.RequestHandler):
 
 class HubEventsHandler(EventStreamHandler):
     """``GET /events?channel=...``: the core stream handler, with plain-text errors; the hub's
-    access policy (`.hub.access`) decides, once the channels are known to be valid."""
+    access policy (`.hub.access`) decides, once the channels are known to be valid. A
+    companion channel of ``--presence`` (``presence:<channel>``) is decided as the channel it
+    describes. The stream's identity is the ``sub`` of the credential that allowed it."""
 
     _requested: list[str] = []
     _access_checked = False
+    _grants: Grants | None = None
 
     def get_channels(self) -> list[str]:
         self._requested = self.query_values("channel")
@@ -158,8 +163,18 @@ class HubEventsHandler(EventStreamHandler):
         if not self._access_checked:
             self._access_checked = True
             hub: HubState = self.settings["tornado_sse_hub"]
-            await hub.access.authorize_subscribe(self, self._requested)
+            patterns = self.presence_patterns
+            asked = []
+            for requested in self._requested:
+                of = described(requested) if patterns else None
+                asked.append(of if of is not None and matches_any(patterns, of) else requested)
+            self._grants = await hub.access.authorize_subscribe(self, asked)
         return True
+
+    def get_identity(self) -> str | None:
+        """The ``sub`` of the signed token or of the ``--auth-url`` answer that allowed the
+        stream; ``None`` for a stream of public channels without credentials (issue 14)."""
+        return self._grants.subject if self._grants is not None else None
 
     def compute_etag(self) -> str | None:
         return None
