@@ -292,3 +292,93 @@ def test_bad_access_flags_are_usage_errors(flags: list[str], message: str) -> No
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+# ---------------------------------------------------------------------- listen with a token
+
+
+def _listen(hub: Hub, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tornado_sse.cli", "listen", hub.url, "-c", "user/alice", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _read_lines(stream: Any, count: int, deadline: float) -> list[str]:
+    """*count* lines of *stream*, read in a thread so that the wait stays bounded."""
+    lines: list[str] = []
+
+    def read() -> None:
+        while len(lines) < count:
+            line = stream.readline()
+            if not line:
+                return
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    return lines
+
+
+def test_listen_follows_a_private_channel_with_a_token(jwt_hub: Hub) -> None:
+    refused = _listen(jwt_hub)
+    _, stderr = refused.communicate(timeout=20)
+    assert refused.returncode == 1
+    assert "HTTP 401" in stderr
+    process = _listen(jwt_hub, "--token", alice(), "--json")
+    try:
+        assert _read_lines(process.stderr, 1, time.monotonic() + 15)[0].startswith("connected")
+        jwt_hub.post({"channel": "user/alice", "data": "hello"})
+        lines = _read_lines(process.stdout, 2, time.monotonic() + 15)  # the priming id, then it
+        assert [line for line in lines if '"hello"' in line], lines
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_listen_renews_its_token_with_a_token_command(jwt_hub: Hub, tmp_path: Path) -> None:
+    """The first token expires after 2 s: listen runs --token-command again at token-expired
+    and resumes, so every event published meanwhile is printed exactly once, in order."""
+    calls = tmp_path / "calls"
+    maker = tmp_path / "make_token.py"
+    maker.write_text(
+        "import pathlib, sys\n"
+        "from tornado_sse import auth\n"
+        f"calls = pathlib.Path({str(calls)!r})\n"
+        "n = len(calls.read_text()) if calls.exists() else 0\n"
+        "calls.write_text('x' * (n + 1))\n"
+        f"print(auth.create_token({SECRET!r}, subject='alice', subscribe=['user/alice'],"
+        " ttl=2 if n == 0 else 3600))\n"
+    )
+    process = _listen(jwt_hub, "--token-command", f"{sys.executable} {maker}")
+    try:
+        first = _read_lines(process.stderr, 1, time.monotonic() + 15)
+        if not first or not first[0].startswith("connected"):
+            process.kill()
+            raise AssertionError("\n".join(first) + process.communicate(timeout=10)[1])
+        published: list[str] = []
+        deadline = time.monotonic() + 30
+        while calls.read_text() == "x" or len(published) < 5:
+            assert time.monotonic() < deadline, "the token was never renewed"
+            published.append(str(len(published)))
+            assert jwt_hub.post({"channel": "user/alice", "data": published[-1]}).status_code == 202
+            time.sleep(0.1)  # a steady publisher, not a wait for a condition
+        jwt_hub.post({"channel": "user/alice", "data": "end"})
+        printed: list[str] = []
+        while "end" not in printed:
+            (line,) = _read_lines(process.stdout, 1, deadline) or ["<timeout>"]
+            assert line != "<timeout>", printed
+            event, _, data = line.split("\t", 2)
+            if event == "message":
+                printed.append(data)
+            else:
+                assert event == "token-expired", line
+        assert printed == [*published, "end"]
+        assert calls.read_text() == "xx"
+    finally:
+        process.terminate()
+        process.wait(10)

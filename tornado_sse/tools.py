@@ -21,13 +21,14 @@ import signal
 import socket
 import sys
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError, SimpleAsyncHTTPClient
 
-from .client import EventSource, retry_after, validate_url
+from .client import EventSource, TokenSource, retry_after, validate_url
 from .errors import EventStreamError, InvalidURLError, StreamIdleError, StreamParseError
 from .protocol import Event
 from .redaction import redact_url
@@ -36,6 +37,8 @@ __all__ = ["listen_command", "publish_command"]
 
 #: environment variable holding the publish token (a name, not a secret)
 TOKEN_ENV = "TORNADO_SSE_TOKEN"  # noqa: S105
+#: the environment variable ``listen --token`` reads: a signed token, not the master token
+STREAM_TOKEN_ENV = "TORNADO_SSE_STREAM_TOKEN"  # noqa: S105
 
 
 def _split_http_url(url: str) -> urllib.parse.SplitResult:
@@ -159,10 +162,38 @@ def format_event(event: Event, as_json: bool) -> str:
     return "\n".join([head, *(f"\t\t{line}" for line in lines[1:])])
 
 
+def _command_token(command: str) -> Callable[[], Awaitable[str]]:
+    """A token function for `EventSource` that runs *command* (a shell command line) for each
+    fresh token: its standard output, stripped, is the token."""
+
+    async def fresh() -> str:
+        process = await asyncio.create_subprocess_shell(
+            command, stdout=asyncio.subprocess.PIPE, stderr=None
+        )
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            raise click.ClickException(
+                f"--token-command exited with status {process.returncode}: no token"
+            )
+        token = out.decode("utf-8", "replace").strip()
+        if not token:
+            raise click.ClickException("--token-command printed no token")
+        return token
+
+    return fresh
+
+
 async def _listen(
-    url: str, last_event_id: str | None, as_json: bool, quiet: bool, idle_timeout: float
+    url: str,
+    last_event_id: str | None,
+    as_json: bool,
+    quiet: bool,
+    idle_timeout: float,
+    token: TokenSource | None = None,
 ) -> None:
-    source = _Listener(url, last_event_id=last_event_id, idle_timeout=idle_timeout or None)
+    source = _Listener(
+        url, last_event_id=last_event_id, idle_timeout=idle_timeout or None, token=token
+    )
     source.quiet = quiet
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -232,6 +263,20 @@ async def _listen(
     help="Take the connection for dead and reconnect when the server sends nothing, not even "
     "a heartbeat, for this long; 0 waits forever.",
 )
+@click.option(
+    "--token",
+    envvar=STREAM_TOKEN_ENV,
+    show_envvar=True,
+    metavar="TOKEN",
+    help="A signed token granting the channels (sent as Authorization: Bearer). At "
+    "token-expired the stream ends: use --token-command to carry on with a fresh token.",
+)
+@click.option(
+    "--token-command",
+    metavar="COMMAND",
+    help="A shell command printing a fresh token; run at start and at each token-expired, "
+    "after which the stream resumes exactly where it was (e.g. 'tornado-sse token ...').",
+)
 def listen_command(
     url: str,
     channels: tuple[str, ...],
@@ -239,6 +284,8 @@ def listen_command(
     as_json: bool,
     quiet: bool,
     idle_timeout: float,
+    token: str | None,
+    token_command: str | None,
 ) -> None:
     """Print the events of the stream at URL as they arrive.
 
@@ -249,8 +296,17 @@ def listen_command(
     target = stream_url(url, channels)
     if last_event_id is not None and any(c in last_event_id for c in "\r\n\0"):
         raise click.BadParameter("must not contain CR, LF or NUL", param_hint="--last-event-id")
+    if token is not None and token_command is not None:
+        raise click.UsageError("give either --token or --token-command, not both")
+    source: TokenSource | None = token
+    if token_command is not None:
+        source = _command_token(token_command)
+    elif token is not None and (not token or any(c in token for c in "\r\n\0 ")):
+        raise click.BadParameter(
+            "must be a token, without spaces or line breaks", param_hint="--token"
+        )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_listen(target, last_event_id, as_json, quiet, idle_timeout))
+        asyncio.run(_listen(target, last_event_id, as_json, quiet, idle_timeout, source))
 
 
 # ---------------------------------------------------------------------- publish
