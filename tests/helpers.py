@@ -15,9 +15,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psutil
+
 from tornado_sse.protocol import Event, EventStreamParser
 
 DEFAULT_TIMEOUT = 10.0
+#: what ``tornado-sse serve`` and ``tornado-sse demo`` say when their port is taken: the port
+#: `free_port` found was bound by another process before the server bound it
+PORT_TAKEN = "Address already in use"
+#: servers started on a free port try this many ports before giving up
+PORT_ATTEMPTS = 5
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -29,6 +36,22 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+
+
+def listens_on(proc: subprocess.Popen[Any], port: int, timeout: float = 20.0) -> bool:
+    """Wait (bounded) until *proc* listens on TCP *port* (True) or exits (False)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            connections = psutil.Process(proc.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            break
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {proc.pid} did not listen on {port} in {timeout}s")
+        time.sleep(0.02)
+    return False
 
 
 def free_port() -> int:
@@ -126,6 +149,7 @@ class RawStream:
         if not data:
             self.ended = True
             self.events.extend(self.parser.close())
+            self.writer.close()  # the server closed the connection: so do we
             return False
         if not self._chunked:
             self._body(data)

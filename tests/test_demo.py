@@ -33,7 +33,7 @@ from tornado.netutil import bind_sockets
 from tornado_sse.demo.app import make_app
 from tornado_sse.demo.chat import Chat, ChatConfig
 
-from tests.helpers import RawStream, free_port, wait_until
+from tests.helpers import PORT_ATTEMPTS, PORT_TAKEN, RawStream, free_port, listens_on, wait_until
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 from tornado_sse import Event, InProcessBroker, RateLimiter
 from tornado_sse.cli import main
@@ -434,11 +434,15 @@ class DemoProcess:
     """``tornado-sse demo`` run for real in a subprocess (stopped with SIGTERM)."""
 
     def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile()
-        command = [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", str(self.port)]
-        self.process = subprocess.Popen([*command, *args], stdout=self.log, stderr=self.log)
+        for _ in range(PORT_ATTEMPTS):  # a port taken in between: try another
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log = tempfile.TemporaryFile()
+            command = [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", str(self.port)]
+            self.process = subprocess.Popen([*command, *args], stdout=self.log, stderr=self.log)
+            if listens_on(self.process, self.port) or PORT_TAKEN not in self.output():
+                break
+            self.log.close()
 
     def output(self) -> str:
         self.log.seek(0)

@@ -21,7 +21,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import RawStream, free_port, stop_process, wait_until
+from tests.helpers import (
+    PORT_ATTEMPTS,
+    PORT_TAKEN,
+    RawStream,
+    free_port,
+    listens_on,
+    stop_process,
+    wait_until,
+)
 from tests.redis_server import RedisServer
 
 TOKEN = "redis-test-token-0123456789"
@@ -35,17 +43,20 @@ class Hub:
     """A ``tornado-sse serve --redis URL`` subprocess."""
 
     def __init__(self, log_path: Path, redis_url: str, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500"]
-        command += ["--public-channel", "*", "--metrics-public", *args]
         env = {**os.environ, "TORNADO_SSE_TOKEN": TOKEN}
-        with log_path.open("wb") as log_file:
-            self.proc = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=env
-            )
+        for _ in range(PORT_ATTEMPTS):  # a port taken in between: try another
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--host", "127.0.0.1"]
+            command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500"]
+            command += ["--public-channel", "*", "--metrics-public", *args]
+            with log_path.open("wb") as log_file:
+                self.proc = subprocess.Popen(
+                    command, stdout=log_file, stderr=subprocess.STDOUT, env=env
+                )
+            if listens_on(self.proc, self.port) or PORT_TAKEN not in self.log():
+                break
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")

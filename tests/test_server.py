@@ -27,7 +27,15 @@ from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require
-from tests.helpers import RawStream, free_port, stop_process, wait_until
+from tests.helpers import (
+    PORT_ATTEMPTS,
+    PORT_TAKEN,
+    RawStream,
+    free_port,
+    listens_on,
+    stop_process,
+    wait_until,
+)
 from tornado_sse.hub import serve_command
 
 TOKEN = "test-token-0123456789abcdef"
@@ -103,6 +111,12 @@ class Hub:
 ACCESS_FLAGS = ("--public-channel", "--jwt-secret", "--jwt-public-key", "--auth-url")
 
 
+def _port_taken(hub: Hub) -> bool:
+    """Whether *hub* exited because its port was taken (by another process, after `free_port`
+    found it free) rather than listening on it."""
+    return not listens_on(hub.proc, hub.port) and PORT_TAKEN in hub.log()
+
+
 def start_hub(
     log_path: Path,
     *flags: str,
@@ -120,7 +134,6 @@ def start_hub(
     """
     if open_access and not any(flag.startswith(ACCESS_FLAGS) for flag in flags):
         flags = ("--public-channel", "*", "--metrics-public", *flags)
-    port = free_port()
     if block_module is None:
         command = [sys.executable, "-m", "tornado_sse.cli"]
     else:
@@ -129,11 +142,17 @@ def start_hub(
             "from tornado_sse.cli import main; main()"
         )
         command = [sys.executable, "-c", bootstrap]
-    command += ["serve", "--host", "127.0.0.1", "--port", str(port), *flags]
     env = {**os.environ, "TORNADO_SSE_TOKEN": TOKEN}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    hub = Hub(proc, port, log_path)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = free_port()
+        serve = ["serve", "--host", "127.0.0.1", "--port", str(port), *flags]
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [*command, *serve], stdout=log_file, stderr=subprocess.STDOUT, env=env
+            )
+        hub = Hub(proc, port, log_path)
+        if not _port_taken(hub) or attempt == PORT_ATTEMPTS:
+            break
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None:
@@ -824,23 +843,24 @@ async def test_shedding_past_max_connections_and_slot_freed(small_hub: Hub) -> N
     assert shed.raw.count(b"\n") == 2  # nothing but the retry
     assert 2000 <= int(shed.raw.split(b": ")[1]) <= 3000
     assert shed.events == []
+    shed.close()
     metrics = hub.metrics()
     assert metrics["tornado_sse_connections_shed_total"] >= 1
     assert metrics["tornado_sse_connections_open"] == 2
 
-    # a closed stream frees its slot within a second (not at the next heartbeat: 60 s here)
+    # a closed stream frees its slot at once, not at the next heartbeat (60 s here): 10 s is far
+    # from both, whatever the machine's load
     held[0].close()
-    closed_at = time.monotonic()
 
     async def accepted() -> RawStream | None:
         stream = await hub.stream("channel=held0")
         await stream.read_until(lambda s: s.ended or s.parser.last_event_id != "", timeout=5)
         if stream.ended:
+            stream.close()
             return None
         return stream
 
-    replacement = await wait_until(accepted, timeout=1.0, interval=0.02)
-    assert time.monotonic() - closed_at < 1.5
+    replacement = await wait_until(accepted, timeout=10, interval=0.02)
     event_id = hub.publish("held0", "to the new stream")
     events = await replacement.events_count(1)
     assert events[0].id == event_id
@@ -875,14 +895,18 @@ async def test_signal_closes_streams_and_exits_zero(tmp_path: Path, signum: int)
         await stream.read_until(lambda s: s.parser.last_event_id != "")
         idle = httpx.Client(base_url=hub.url, timeout=10)
         assert idle.get("/healthz").status_code == 200  # an idle keep-alive connection
-        signalled = time.monotonic()
         hub.proc.send_signal(signum)
         hub.proc.send_signal(signum)  # impatient operators: a second one must not disturb it
-        await stream.read_to_end(timeout=5)
-        returncode = await asyncio.get_running_loop().run_in_executor(None, hub.proc.wait, 5)
+        await stream.read_to_end(timeout=10)
+        assert stream.last_chunk
+        stream.close()
+        returncode = await asyncio.get_running_loop().run_in_executor(None, hub.proc.wait, 10)
         assert returncode == 0, hub.log()
-        assert time.monotonic() - signalled < 5
-        assert "shutting down" in hub.log()
+        # Within 5 s by construction (each shutdown step has its deadline); that no step needed
+        # its deadline is what tells a clean stop, whatever the machine's load.
+        log = hub.log()
+        assert "shutting down" in log and "hub stopped" in log
+        assert "did not close in time" not in log
         with pytest.raises(httpx.TransportError):
             httpx.get(hub.url + "/healthz", timeout=2)
         idle.close()

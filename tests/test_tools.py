@@ -10,11 +10,13 @@ test is about the process: signals, exit status, no traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import tornado.web
 from click.testing import CliRunner, Result
 from tornado.httpclient import AsyncHTTPClient
 
-from tests.helpers import RawStream, free_port, wait_until
+from tests.helpers import PORT_ATTEMPTS, PORT_TAKEN, RawStream, free_port, wait_until
 from tornado_sse import Event, EventStreamHandler, InProcessBroker, InvalidEventError
 from tornado_sse.broker.base import validate_channel
 from tornado_sse.cli import main
@@ -391,26 +393,38 @@ async def run_script(*args: str, stdin: bytes | None = None) -> tuple[int, str, 
 @pytest.mark.gen_test(timeout=30)
 async def test_listen_and_publish_with_tornado_sse_serve() -> None:
     """The three commands together, each its own process, as an operator would run them."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    hub = await asyncio.create_subprocess_exec(
-        str(SCRIPT),
-        *("serve", "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN),
-        *("--public-channel", "*"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
     listener: asyncio.subprocess.Process | None = None
+    hub: asyncio.subprocess.Process | None = None
+    stack = contextlib.ExitStack()
     try:
         client = AsyncHTTPClient()
+        for _ in range(PORT_ATTEMPTS):  # a port taken in between: try another
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            log = stack.enter_context(tempfile.TemporaryFile())
+            hub = await asyncio.create_subprocess_exec(
+                str(SCRIPT),
+                *("serve", "--host", "127.0.0.1", "--port", str(port), "--token", TOKEN),
+                *("--public-channel", "*"),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
 
-        async def healthy() -> bool:
-            try:
-                return (await client.fetch(f"{base}/healthz", raise_error=False)).code == 200
-            except OSError:
-                return False
+            async def up(hub: asyncio.subprocess.Process = hub, base: str = base) -> bool:
+                if hub.returncode is not None:
+                    return True
+                try:
+                    return (await client.fetch(f"{base}/healthz", raise_error=False)).code == 200
+                except OSError:
+                    return False
 
-        await wait_until(healthy, timeout=15, interval=0.05)
+            await wait_until(up, timeout=15, interval=0.05)
+            if hub.returncode is None:
+                break
+            log.seek(0)
+            error = log.read().decode(errors="replace")
+            assert PORT_TAKEN in error, error
+        assert hub is not None and hub.returncode is None, "no free port in five attempts"
         listener = await asyncio.create_subprocess_exec(
             str(SCRIPT),
             *("listen", base, "-c", "room", "--json"),
@@ -446,6 +460,7 @@ async def test_listen_and_publish_with_tornado_sse_serve() -> None:
             if process is not None and process.returncode is None:
                 process.terminate()
                 await asyncio.wait_for(process.wait(), 10)
+        stack.close()
 
 
 # ---------------------------------------------------------------------- helpers
