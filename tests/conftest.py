@@ -1,17 +1,41 @@
 """Shared fixtures. pytest-tornado provides ``io_loop``, ``http_server``, ``base_url``; tests define
 ``app``. pytest-jupyter is loaded only under ``tests/jupyter`` (its fixtures would override these).
+
+Every test fails if something in the test process logs a traceback (a record with exception
+information: ``log.exception``, Tornado's "Uncaught exception", asyncio's "Task exception was
+never retrieved", ...), unless the test allows that one by name and says why::
+
+    @pytest.mark.allow_traceback("tornado_sse", "error in on_close", reason="on_close raises")
+
+The logger name matches exactly or as a parent (``"tornado_sse"`` covers ``tornado_sse.redis``);
+the message matches as a substring of the formatted message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import traceback
+from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+from tornado.ioloop import IOLoop
 
+from tests.helpers import RawStream
 from tornado_sse.connections import ConnectionSet
 from tornado_sse.metrics import Metrics
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Property tests under CI: the same examples on every run (derandomize), so that a failure seen
+# in CI is seen again by running the test with CI=true. Locally, examples stay random (a wider
+# search over many runs) and a failing one is kept in .hypothesis/ and tried first next time.
+# Both print a failing example with the @reproduce_failure blob that replays it anywhere.
+settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if IN_CI else "dev")
 
 
 def require(condition: bool, reason: str) -> None:
@@ -29,6 +53,82 @@ def _fresh_metrics() -> None:
 
 
 @pytest.fixture
+def io_loop(io_loop: IOLoop) -> Iterator[IOLoop]:
+    """pytest-tornado's loop; when the test ends, the test's own client streams it left open
+    (`tests.helpers.RawStream`) are closed while the loop still runs, rather than found unclosed
+    by the garbage collector later (a ResourceWarning in some other test)."""
+    yield io_loop
+    leftovers = [stream for stream in RawStream.unclosed if not stream.writer.is_closing()]
+    RawStream.unclosed.clear()
+    if leftovers and not io_loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+        for stream in leftovers:
+            stream.close()
+
+        async def settle() -> None:
+            for stream in leftovers:
+                with contextlib.suppress(OSError):
+                    await stream.writer.wait_closed()
+
+        io_loop.run_sync(settle, timeout=5)
+
+
+@pytest.fixture
 def port(http_server: object, http_port: int) -> int:
     """The port of pytest-tornado's server running the test's ``app`` fixture."""
     return http_port
+
+
+class _TracebackCatcher(logging.Handler):
+    """Keeps every record of level WARNING or above that carries exception information (a
+    traceback logged at DEBUG, as Tornado does for a malformed XSRF cookie, is a diagnostic for
+    expected bad input, and off in production)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc_info = record.exc_info
+        if (isinstance(exc_info, tuple) and exc_info[0] is not None) or record.exc_text:
+            self.records.append(record)
+
+
+def _allowed(record: logging.LogRecord, logger: str, message: str) -> bool:
+    name_matches = record.name == logger or record.name.startswith(logger + ".")
+    return name_matches and message in record.getMessage()
+
+
+def _describe(record: logging.LogRecord) -> str:
+    lines = [f"{record.levelname} {record.name}: {record.getMessage()}"]
+    if isinstance(record.exc_info, tuple) and record.exc_info[0] is not None:
+        lines.append("".join(traceback.format_exception(*record.exc_info)).rstrip())
+    elif record.exc_text:
+        lines.append(record.exc_text)
+    return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_tracebacks(request: pytest.FixtureRequest) -> object:
+    """Fail the test if the test process logged a traceback it did not allow (see above)."""
+    allowed = []
+    for mark in request.node.iter_markers("allow_traceback"):
+        assert mark.kwargs.get("reason"), "allow_traceback needs a reason="
+        allowed.append((mark.args[0], mark.args[1]))
+    catcher = _TracebackCatcher()
+    root = logging.getLogger()
+    root.addHandler(catcher)
+    try:
+        yield
+    finally:
+        root.removeHandler(catcher)
+    unexpected = [
+        record
+        for record in catcher.records
+        if not any(_allowed(record, logger, message) for logger, message in allowed)
+    ]
+    if unexpected:
+        pytest.fail(
+            "logged a traceback it did not allow (mark it with allow_traceback and a reason "
+            "if it is expected):\n\n" + "\n\n".join(_describe(r) for r in unexpected),
+            pytrace=False,
+        )

@@ -77,7 +77,13 @@ async def wait_until(
 
 
 class RawStream:
-    """One ``GET`` of an event stream over a raw socket."""
+    """One ``GET`` of an event stream over a raw socket.
+
+    Streams a test leaves open are closed when its event loop ends (``io_loop`` in conftest).
+    """
+
+    #: streams opened and not closed yet
+    unclosed: set[RawStream] = set()
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -91,6 +97,8 @@ class RawStream:
         self.ended = False
         #: the response ended with HTTP/1.1's last chunk (not only a closed connection)
         self.last_chunk = False
+        #: the connection ended with a reset (the server aborted it)
+        self.reset = False
         #: sizes of the HTTP/1.1 chunks of the body received so far, in order (the server
         #: writes each chunk in one write, so this counts its writes)
         self.chunk_sizes: list[int] = []
@@ -117,9 +125,14 @@ class RawStream:
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
         self = cls(reader, writer)
+        cls.unclosed.add(self)
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}")
@@ -145,11 +158,15 @@ class RawStream:
             self.ended = True
 
     async def _read_some(self) -> bool:
-        data = await self.reader.read(1 << 16)
+        try:
+            data = await self.reader.read(1 << 16)
+        except ConnectionResetError:  # the server aborted the connection (a slow consumer)
+            self.reset = True
+            data = b""
         if not data:
             self.ended = True
             self.events.extend(self.parser.close())
-            self.writer.close()  # the server closed the connection: so do we
+            self.close()  # the server closed the connection: so do we
             return False
         if not self._chunked:
             self._body(data)
@@ -209,3 +226,4 @@ class RawStream:
 
     def close(self) -> None:
         self.writer.close()
+        RawStream.unclosed.discard(self)

@@ -142,8 +142,9 @@ class RedisServer:
                 if self.tls is not None:
                     context = ssl.create_default_context(cafile=str(self.tls[0]))
                     sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                reply = sock.recv(64)
+                with sock:  # the TLS socket is a new object: close it too
+                    sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                    reply = sock.recv(64)
         except OSError:
             return False
         return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")

@@ -48,7 +48,11 @@ class GoodPeer:
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(TIMEOUT)
-        self.sock.connect(path)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
         self.decoder = FrameDecoder(PEER_BOUND)
         self.backlog: list[list[Any]] = []
         self.rid = 0
