@@ -14,6 +14,7 @@ the message matches as a substring of the formatted message.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import traceback
@@ -54,18 +55,21 @@ def _fresh_metrics() -> None:
 
 @pytest.fixture
 def io_loop(io_loop: IOLoop) -> Iterator[IOLoop]:
-    """pytest-tornado's loop; when the test ends, the test's own client streams it left open
-    (`tests.helpers.RawStream`) are closed while the loop still runs, rather than found unclosed
-    by the garbage collector later (a ResourceWarning in some other test)."""
+    """pytest-tornado's loop; when the test ends, the test's own client streams
+    (`tests.helpers.RawStream`) are closed and their sockets released while the loop still
+    runs. A transport closes its socket in a callback of the loop: a stream closed on the last
+    line of a test would otherwise leave its socket to the garbage collector (a ResourceWarning
+    in some later test)."""
     yield io_loop
-    leftovers = [stream for stream in RawStream.unclosed if not stream.writer.is_closing()]
-    RawStream.unclosed.clear()
-    if leftovers and not io_loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
-        for stream in leftovers:
+    loop = io_loop.asyncio_loop  # type: ignore[attr-defined]
+    streams = [stream for stream in RawStream.opened if stream.loop is loop]
+    RawStream.opened.clear()
+    if streams and not loop.is_closed():
+        for stream in streams:
             stream.close()
 
         async def settle() -> None:
-            for stream in leftovers:
+            for stream in streams:
                 with contextlib.suppress(OSError):
                     await stream.writer.wait_closed()
 
@@ -105,6 +109,15 @@ def _describe(record: logging.LogRecord) -> str:
     elif record.exc_text:
         lines.append(record.exc_text)
     return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after each test, so that a socket, file or loop it left unclosed is
+    reported (ResourceWarning, an error) for that test rather than for whichever test the
+    garbage collector happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)

@@ -79,15 +79,17 @@ async def wait_until(
 class RawStream:
     """One ``GET`` of an event stream over a raw socket.
 
-    Streams a test leaves open are closed when its event loop ends (``io_loop`` in conftest).
+    Streams a test leaves open are closed, and every stream's socket is released, before its
+    event loop ends (``io_loop`` in conftest).
     """
 
-    #: streams opened and not closed yet
-    unclosed: set[RawStream] = set()
+    #: streams opened since the last ``io_loop`` ended
+    opened: list[RawStream] = []
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.status = 0
         self.headers: dict[str, str] = {}
         self.header_lines: list[tuple[str, str]] = []
@@ -132,7 +134,8 @@ class RawStream:
             raise
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
         self = cls(reader, writer)
-        cls.unclosed.add(self)
+        self.loop = asyncio.get_running_loop()
+        cls.opened.append(self)
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}")
@@ -226,4 +229,3 @@ class RawStream:
 
     def close(self) -> None:
         self.writer.close()
-        RawStream.unclosed.discard(self)

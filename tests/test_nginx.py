@@ -169,11 +169,12 @@ class Nginx:
         conf.write_text(NGINX_CONF.format(dir=directory, port=self.port, hub_port=hub_port))
         binary = _nginx()
         assert binary is not None
-        self.proc = subprocess.Popen(
-            [binary, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=(directory / "stderr.log").open("wb"),
-        )
+        with (directory / "stderr.log").open("wb") as stderr:  # nginx keeps its own copy
+            self.proc = subprocess.Popen(
+                [binary, "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
         context = self.tls()
         deadline = time.monotonic() + 10
         while True:

@@ -374,6 +374,8 @@ async def test_a_vanished_redis_host_stops_counting_within_its_lease(
         if host.poll() is None:
             host.kill()
             host.wait(TIMEOUT)
+        if host.stdout is not None:
+            host.stdout.close()
         await here.close()
 
 
