@@ -80,6 +80,7 @@ def backend(io_loop: Any) -> Iterator[tornado.web.Application]:
     yield app
     app.settings["never"].set()
     server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=5)  # no socket left to the collector
 
 
 @pytest.fixture
