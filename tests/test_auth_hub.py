@@ -230,22 +230,28 @@ def backend_url() -> Iterator[str]:
 
     def run() -> None:
         async def main() -> None:
-            HTTPServer(tornado.web.Application([(r"/auth", Backend)])).listen(port, "127.0.0.1")
+            server = HTTPServer(tornado.web.Application([(r"/auth", Backend)]))
+            server.listen(port, "127.0.0.1")
+            stop = asyncio.Event()
             loop.append(IOLoop.current())
+            stopping.append(stop)
             started.set()
-            await asyncio.Event().wait()
+            await stop.wait()
+            # no socket left to the collector (issue 19): the listening socket and the hub's
+            # keep-alive connections close here, on the backend's own loop
+            server.stop()
+            await server.close_all_connections()
 
-        try:
-            asyncio.run(main())
-        except RuntimeError:
-            pass  # the loop was stopped
+        asyncio.run(main())
 
+    stopping: list[asyncio.Event] = []
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert started.wait(10)
     yield f"http://127.0.0.1:{port}/auth"
-    loop[0].add_callback(loop[0].stop)
+    loop[0].add_callback(stopping[0].set)
     thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_auth_url_up_and_down(tmp_path: Path, backend_url: str) -> None:
@@ -337,7 +343,7 @@ def test_listen_follows_a_private_channel_with_a_token(jwt_hub: Hub) -> None:
         assert [line for line in lines if '"hello"' in line], lines
     finally:
         process.terminate()
-        process.wait(10)
+        process.communicate(timeout=10)  # waits, and closes its pipes
 
 
 def test_listen_renews_its_token_with_a_token_command(jwt_hub: Hub, tmp_path: Path) -> None:
@@ -381,4 +387,4 @@ def test_listen_renews_its_token_with_a_token_command(jwt_hub: Hub, tmp_path: Pa
         assert calls.read_text() == "xx"
     finally:
         process.terminate()
-        process.wait(10)
+        process.communicate(timeout=10)  # waits, and closes its pipes
