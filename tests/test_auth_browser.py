@@ -63,9 +63,9 @@ async function follow(lastId) {
   source.onopen = () => { window.opened += 1; };
   source.onmessage = (e) => window.received.push(e.data);
   source.onerror = () => { window.failures += 1; };
-  source.addEventListener("token-expired", () => {
+  source.addEventListener("token-expired", (e) => {
     window.expired += 1;
-    const id = source.lastEventId;
+    const id = e.lastEventId;  // an EventSource has no lastEventId of its own: its events do
     source.close();
     follow(id);
   });
