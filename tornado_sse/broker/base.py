@@ -83,6 +83,7 @@ from .presence import (
     companion,
     merge_presence,
     presence_event_data,
+    record_announcement,
     validate_identity,
 )
 
@@ -770,15 +771,8 @@ class Broker(abc.ABC):
         channel if it is present (absent) in the whole deployment and was not announced so yet;
         decided in one place per deployment. Default: this process decides (one process)."""
         present = self.presence_table.has(channel, identity)
-        announced = self._announced.get(channel, set())
-        if present == (identity in announced):
+        if not record_announcement(self._announced, channel, identity, present):
             return
-        if present:
-            self._announced.setdefault(channel, set()).add(identity)
-        else:
-            announced.discard(identity)
-            if not announced:
-                self._announced.pop(channel, None)
         await self.publish(
             companion(channel),
             presence_event_data(channel, identity),

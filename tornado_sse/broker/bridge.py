@@ -138,6 +138,7 @@ from .presence import (
     companion,
     merge_presence,
     presence_event_data,
+    record_announcement,
     validate_identity,
 )
 
@@ -816,15 +817,8 @@ class BridgeHub:
         present = any(
             identity in member.presence[channel][1] for member in self._present.get(channel, ())
         )
-        announced = self._announced.get(channel, set())
-        if present == (identity in announced):
+        if not record_announcement(self._announced, channel, identity, present):
             return
-        if present:
-            self._announced.setdefault(channel, set()).add(identity)
-        else:
-            announced.discard(identity)
-            if not announced:
-                self._announced.pop(channel, None)
         self._emit(
             companion(channel),
             presence_event_data(channel, identity),

@@ -57,6 +57,7 @@ __all__ = [
     "matches_any",
     "merge_presence",
     "presence_event_data",
+    "record_announcement",
     "validate_identity",
 ]
 
@@ -110,6 +111,24 @@ def matches_any(patterns: Iterable[str], channel: str) -> bool:
 def presence_event_data(channel: str, identity: str) -> str:
     """The data of a ``join`` or ``leave`` event."""
     return json.dumps({"channel": channel, "user": identity}, ensure_ascii=False)
+
+
+def record_announcement(
+    announced: dict[str, set[str]], channel: str, identity: str, present: bool
+) -> bool:
+    """Whether *identity*'s ``join`` (*present*) or ``leave`` on *channel* is due, given what
+    was *announced* so far; if so, record it there. The one rule of the in-process broker and
+    the bridge hub: one join while present anywhere, one leave once gone everywhere."""
+    seen = announced.get(channel, set())
+    if present == (identity in seen):
+        return False
+    if present:
+        announced.setdefault(channel, set()).add(identity)
+    else:
+        seen.discard(identity)
+        if not seen:
+            announced.pop(channel, None)
+    return True
 
 
 @dataclass(frozen=True)
