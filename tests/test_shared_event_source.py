@@ -318,6 +318,7 @@ class Tab:
         channels: list[str],
         token: bool = False,
         last_event_id: str | None = None,
+        lag: bool = False,
     ) -> Tab:
         page = await context.new_page()
         tab = cls(page, channels)
@@ -326,6 +327,8 @@ class Tab:
             query += "&token=1"
         if last_event_id is not None:
             query += f"&last_event_id={last_event_id}"
+        if lag:
+            query += "&lag=1"
         await page.goto(f"{hub.url}/?{query}")
         return tab
 
@@ -438,6 +441,61 @@ def test_closing_the_leading_tab_hands_over_without_loss_or_duplicates() -> None
                 assert await tab.received() == want
             assert len([tab for tab in rest if await tab.leading()]) == 1
             assert len(hub.streams) == 1
+
+    run(scenario())
+
+
+#: a tab opened with ``?lag=1`` ignores broadcasts while ``window.deaf`` is set: a tab that fell
+#: behind the leader by a few messages (a busy or throttled tab), as a new leader may be
+LAGGING = """
+if (new URLSearchParams(location.search).has('lag')) {
+  const Real = window.BroadcastChannel;
+  window.BroadcastChannel = class extends Real {
+    set onmessage(handler) {
+      super.onmessage = (event) => { if (!window.deaf) handler.call(this, event); };
+    }
+  };
+}
+"""
+
+
+@pytest.mark.browser
+def test_a_new_leader_behind_the_others_replays_what_it_missed_and_nobody_gets_it_twice() -> None:
+    """The next leader resumes from the last id *it* knows; the events it missed come back from
+    the server and reach it once, and the tabs that already had them drop them by id."""
+
+    async def scenario() -> None:
+        async with browser_and_hub(init_script=LAGGING) as (context, hub):
+            channels = ["news", "room/1"]
+            leader = await Tab.open(context, hub, channels)
+            await leader.wait_open()
+            assert await leader.leading()
+            behind = await Tab.open(context, hub, channels, lag=True)
+            await behind.wait_open()
+            other = await Tab.open(context, hub, channels)
+            await other.wait_open()
+            await wait_until(lambda: len(hub.streams) == 1)
+            sent = await publish_round(hub, channels, 6)
+            for tab in (leader, behind, other):
+                await tab.wait_count(6)
+            await behind.page.evaluate("window.deaf = true")
+            missed = await publish_round(hub, channels, 5)
+            for tab in (leader, other):
+                await tab.wait_count(11)
+            await behind.page.evaluate("window.deaf = false")
+            assert len(await behind.received()) == 6
+            old_stream = hub.streams[0]
+            await leader.page.close()
+            await wait_until(
+                lambda: len(hub.streams) == 1 and hub.streams[0] is not old_stream, timeout=5
+            )
+            assert await behind.leading()  # queued first: it leads, from where it fell behind
+            after = await publish_round(hub, channels, 4)
+            for tab in (behind, other):
+                want = expected(tab, sent + missed + after)
+                await tab.wait_count(len(want))
+                # a duplicate would come before the events published after the handover
+                assert await tab.received() == want
 
     run(scenario())
 
