@@ -1,0 +1,256 @@
+"""A real Redis Cluster for tests: three primaries and three replicas as plain child processes.
+
+`RedisCluster` starts six ``redis-server --cluster-enabled yes`` processes (each a `RedisServer`
+with its own directory, port and cluster bus port, no persistence), joins them with
+``redis-cli --cluster create ... --cluster-replicas 1 --cluster-yes`` and waits, bounded and on
+conditions, until the cluster is usable: every node answers ``CLUSTER INFO`` with
+``cluster_state:ok`` and all 16384 slots assigned and ok, every node agrees on which node owns
+each slot, and every replica's link to its primary is up. A test can `kill -9 <kill_primary>`
+the primary holding a slot and wait for its replica's promotion (`wait_promoted`), start the
+killed node again (it rejoins as a replica), and find who owns a slot now (`owner`).
+
+``cluster-node-timeout`` is short (one second) so that a failover takes a few seconds, not the
+default fifteen. Under ``CI=true`` a cluster that cannot start fails the test; locally a missing
+``redis-server`` or ``redis-cli`` skips it.
+
+Import the fixture into a test module::
+
+    from tests.redis_cluster import redis_cluster  # noqa: F401
+
+The session shares one cluster; tests keep apart by key prefix (`tests.redis_server.redis_prefix`).
+A test that kills nodes makes its own `RedisCluster` (with ``tmp_path``), so the shared one stays
+whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require
+from tests.helpers import free_port
+from tests.redis_server import RedisServer
+
+#: seconds the cluster may take to form, or a replica to take over
+CLUSTER_TIMEOUT = 30.0
+#: ``cluster-node-timeout`` of the test cluster, milliseconds
+NODE_TIMEOUT_MS = 1000
+SLOTS = 16384
+
+
+def redis_cli_path() -> str:
+    """The ``redis-cli`` executable; skips locally (fails under CI) when it is missing."""
+    path = shutil.which("redis-cli")
+    require(path is not None, "redis-cli is not installed (apt-get install redis-tools)")
+    assert path is not None
+    return path
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisCluster:
+    """A local Redis Cluster of *primaries* primaries with *replicas* replicas each.
+
+    :param directory: where each node gets a directory of its own (``nodes.conf``, log).
+    """
+
+    def __init__(self, directory: Path, *, primaries: int = 3, replicas: int = 1) -> None:
+        self.directory = directory
+        self.primaries = primaries
+        self.replicas = replicas
+        self.cli = redis_cli_path()
+        self.nodes: list[RedisServer] = []
+
+    # ------------------------------------------------------------------ start and stop
+
+    def start(self) -> None:
+        """Start every node, create the cluster, wait until it is usable (bounded)."""
+        try:
+            for n in range(self.primaries * (1 + self.replicas)):
+                self.nodes.append(self._start_node(n))
+            create = subprocess.run(
+                [
+                    self.cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=CLUSTER_TIMEOUT,
+            )
+            if create.returncode != 0:
+                raise RuntimeError(
+                    "redis-cli --cluster create failed:\n"
+                    + create.stdout.decode(errors="replace")[-2000:]
+                    + create.stderr.decode(errors="replace")[-2000:]
+                )
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_node(self, n: int) -> RedisServer:
+        directory = self.directory / f"node{n}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            node = RedisServer(directory)
+            # The port and the cluster bus port are both fixed before the start: RedisServer
+            # retries the same port a few times, and a bus port taken in between fails the start.
+            node.port = free_port()
+            bus = free_port()
+            node.args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(NODE_TIMEOUT_MS),
+                "--cluster-port",
+                str(bus),
+            ]
+            try:
+                node.start()
+            except RuntimeError:
+                (directory / "nodes.conf").unlink(missing_ok=True)
+                continue
+            return node
+        raise RuntimeError(f"cluster node {n} did not start")
+
+    def stop(self) -> None:
+        """Stop every node this cluster started. Idempotent."""
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ what the cluster says
+
+    @property
+    def live(self) -> list[RedisServer]:
+        """The nodes whose process runs."""
+        return [node for node in self.nodes if node.process is not None]
+
+    @property
+    def url(self) -> str:
+        """The URL of one live node (any node will do for a cluster client)."""
+        return self.live[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.live]
+
+    def owner(self, slot: int) -> RedisServer:
+        """The live primary that owns *slot*, as the first live node sees it."""
+        for start, end, primary, *_ in self._slots(self.live[0]):
+            if int(start) <= slot <= int(end):
+                port = int(primary[1])
+                for node in self.live:
+                    if node.port == port:
+                        return node
+                raise RuntimeError(f"slot {slot} is owned by {port}, which is not running")
+        raise RuntimeError(f"slot {slot} is not served")
+
+    def _slots(self, node: RedisServer) -> list[list[object]]:
+        reply = node.call("CLUSTER", "SLOTS")
+        assert isinstance(reply, list)
+        return reply
+
+    def keyslot(self, key: str) -> int:
+        reply = self.live[0].call("CLUSTER", "KEYSLOT", key)
+        assert isinstance(reply, int)
+        return reply
+
+    def _problem(self) -> str | None:
+        """What keeps the cluster from being usable now, or None."""
+        maps = []
+        for node in self.live:
+            try:
+                info = _text(node.call("CLUSTER", "INFO"))
+                fields = dict(
+                    line.split(":", 1) for line in info.splitlines() if ":" in line.strip()
+                )
+                if fields.get("cluster_state", "").strip() != "ok":
+                    return f"node {node.port}: cluster_state {fields.get('cluster_state')}"
+                for field in ("cluster_slots_assigned", "cluster_slots_ok"):
+                    if fields.get(field, "").strip() != str(SLOTS):
+                        return f"node {node.port}: {field} {fields.get(field)}"
+                replication = node.info("replication")
+                if replication.get("role") == "slave":
+                    if replication.get("master_link_status") != "up":
+                        return f"replica {node.port}: link to its primary down"
+                slots = self._slots(node)
+                maps.append({int(entry[0]): int(entry[2][1]) for entry in slots})
+            except Exception as exc:  # a node still starting or being told of a change
+                return f"node {node.port}: {exc}"
+        if any(other != maps[0] for other in maps[1:]):
+            return "nodes disagree on the slot owners"
+        live_ports = {node.port for node in self.live}
+        if not set(maps[0].values()) <= live_ports:
+            return "a slot is still owned by a node that is not running"
+        return None
+
+    def wait_ok(self, timeout: float = CLUSTER_TIMEOUT) -> None:
+        """Wait (bounded) until every live node says the cluster is ok, every slot is covered
+        by a running primary, the nodes agree on the owners and the replicas are linked."""
+        deadline = time.monotonic() + timeout
+        while True:
+            problem = self._problem()
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster not usable within {timeout}s: {problem}")
+            time.sleep(0.02)
+
+    # ------------------------------------------------------------------ faults
+
+    def kill_primary(self, slot: int) -> RedisServer:
+        """``kill -9`` the primary that owns *slot* now; return it (stopped)."""
+        node = self.owner(slot)
+        node.kill()
+        return node
+
+    def wait_promoted(self, slot: int, old: RedisServer) -> RedisServer:
+        """After `kill_primary`: wait (bounded) until another node owns *slot* and the cluster
+        is ok again; return the new owner."""
+        deadline = time.monotonic() + CLUSTER_TIMEOUT
+        while True:
+            try:
+                owner = self.owner(slot)
+                if owner is not old:
+                    break
+            except RuntimeError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took over slot {slot} within {CLUSTER_TIMEOUT}s")
+            time.sleep(0.02)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
+        return owner
+
+    def restart(self, node: RedisServer) -> None:
+        """Start a killed node again on its ports; it rejoins (as a replica, if it was
+        replaced) and the cluster is waited for."""
+        node.start()
+        self.wait_ok()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """The session's shared cluster (3 primaries, 3 replicas); do not kill its nodes."""
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
