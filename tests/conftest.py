@@ -13,6 +13,7 @@ the message matches as a substring of the formatted message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -51,6 +52,19 @@ def require(condition: bool, reason: str) -> None:
 def _fresh_metrics() -> None:
     Metrics._default = None
     ConnectionSet._instances.clear()
+
+
+@pytest.fixture(autouse=True)
+def _own_event_loop() -> Iterator[None]:
+    """A current asyncio loop of the test's own, closed when it ends. pytest-tornado's
+    ``io_loop`` remembers the current loop and restores it afterwards; without one set,
+    ``asyncio.get_event_loop()`` made it a loop nobody closed, dropped (with its self-pipe
+    sockets, ResourceWarnings) by the next test that calls ``asyncio.run()``."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
 
 
 @pytest.fixture

@@ -382,11 +382,6 @@ def expected(tab: Tab, sent: list[tuple[str, str, str]]) -> list[tuple[str, str,
 CHANNEL_SETS = [["news"], ["room/1", "user/alice"], ["news", "room/1"]]
 
 
-# asyncio.run() here drops an earlier test's pytest-tornado event loop that was still set as the
-# current loop and never closed (with its self-pipe sockets); not this test's doing, and not yet
-# found (issue 19): named here until it is.
-@pytest.mark.filterwarnings("ignore:unclosed event loop:ResourceWarning")
-@pytest.mark.filterwarnings(r"ignore:unclosed <socket.socket fd=\d+, family=1:ResourceWarning")
 @pytest.mark.browser
 def test_eight_tabs_share_one_stream_and_each_gets_exactly_its_events() -> None:
     async def scenario() -> None:
