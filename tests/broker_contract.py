@@ -561,6 +561,35 @@ class BrokerContract:
         assert said()[-1] == ("leave", "bob")
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_a_close_without_grace_is_a_leave_at_once(self, make_broker: MakeBroker) -> None:
+        one = await make_broker()
+        two = await make_broker()
+        _, watcher = await subscribe(one, ["presence:now"])
+
+        async def tab(broker: Broker, user: str) -> Subscription:
+            return await broker.subscribe(
+                ["now"], Collector(), identity=user, announce=["now"], grace=3600
+            )
+
+        def said() -> list[tuple[str | None, str | None]]:
+            return [(e.event, json.loads(e.data or "")["user"]) for e in watcher.events]
+
+        ada = await tab(two, "ada")
+        kim = await tab(one, "kim")
+        await wait_until(lambda: len(said()) == 2, TIMEOUT)
+        kim_again = await tab(two, "kim")
+        with pytest.raises(InvalidArgumentError):
+            kim.close(grace=-1)
+        assert not kim.closed
+        kim.close(grace=0)  # kim still has a tab: no leave
+        ada.close(grace=0)  # ada's last: her leave now, not in an hour
+        await wait_until(lambda: len(said()) >= 3, TIMEOUT)
+        kim_again.close(grace=0)
+        await wait_until(lambda: len(said()) >= 4, TIMEOUT)
+        assert sorted(said()[:2]) == [("join", "ada"), ("join", "kim")]
+        assert said()[2:] == [("leave", "ada"), ("leave", "kim")]
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_presence_refuses_bad_input(self, make_broker: MakeBroker) -> None:
         broker = await make_broker()
         for identity in ["", "x" * 201, "tab\there", "line\n"]:

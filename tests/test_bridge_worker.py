@@ -58,6 +58,8 @@ async def _serve(args: argparse.Namespace) -> None:
                     collector,
                     command.get("last_event_id"),
                     identity=command.get("identity"),
+                    announce=command.get("announce", ()),
+                    grace=command.get("grace", 3.0),
                 )
                 collector.frames.extend(sub.replay)
                 replayed = len(sub.replay)
@@ -73,7 +75,7 @@ async def _serve(args: argparse.Namespace) -> None:
                 ]
                 reply({"events": events})
             elif op == "unsubscribe":
-                subs.pop(command["name"])[0].close()
+                subs.pop(command["name"])[0].close(grace=command.get("grace"))
                 reply({})
             elif op == "presence":
                 found = await broker.presence(command["channel"])

@@ -64,6 +64,16 @@ class Room(Named):
         return channel == "room/1"
 
 
+class Leaving(Room):
+    """Streams the test closes itself (by ``X-User``); their grace period, an hour on this
+    route only, would hide any leave but one at once."""
+
+    presence_grace = 3600.0  # type: ignore[assignment]
+
+    def open(self) -> None:
+        self.settings["open_streams"][self.request.headers["X-User"]] = self
+
+
 @pytest.fixture
 def broker() -> InProcessBroker:
     return InProcessBroker()
@@ -81,6 +91,7 @@ def app(broker: InProcessBroker, connections: ConnectionSet) -> tornado.web.Appl
             (r"/named", Named),
             (r"/tokens", Tokens),
             (r"/room", Room),
+            (r"/leaving", Leaving),
             (
                 r"/presence",
                 PresenceHandler,
@@ -94,6 +105,7 @@ def app(broker: InProcessBroker, connections: ConnectionSet) -> tornado.web.Appl
         sse_max_buffer_size=1 << 24,
         sse_presence=["room/*"],
         sse_presence_grace=1.0,
+        open_streams={},
     )
 
 
@@ -188,6 +200,26 @@ async def test_join_and_leave_events_of_a_user_with_three_tabs(port: int) -> Non
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_stream_closed_as_a_leave_is_a_leave_at_once(
+    port: int, app: tornado.web.Application
+) -> None:
+    watcher = await opened(port, "/room?channel=presence:room/1")
+    streams: dict[str, Leaving] = app.settings["open_streams"]
+    ada = await opened(port, "/leaving?channel=room/1", {"X-User": "ada"})
+    bob = await opened(port, "/leaving?channel=room/1", {"X-User": "bob"})
+    await watcher.events_count(2)
+    await wait_until(lambda: len(streams) == 2, TIMEOUT)
+    streams["bob"].close()  # like a lost connection: the grace period (an hour) holds it
+    await streams["ada"].close(leave=True)  # the user left: no grace period
+    await ada.read_to_end(TIMEOUT)
+    await watcher.events_count(3)
+    said = [(event.event, json.loads(event.data or "")["user"]) for event in watcher.events]
+    assert said == [("join", "ada"), ("join", "bob"), ("leave", "ada")]
+    bob.close()
+    watcher.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_get_presence_takes_the_master_token_or_a_token_granting_the_channel(
     port: int,
 ) -> None:
@@ -276,6 +308,45 @@ async def test_a_killed_worker_stops_counting_at_once(sock_dir: str, workers: li
         # dropped with the connection, not after a lease
         assert hub.presence("room") == Presence("room", 1, {"sam": 1})
         assert await seen_by(survivor, "room", 1, {"sam": 1})
+    finally:
+        await hub.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_leave_at_once_keeps_the_grace_of_a_killed_worker(
+    sock_dir: str, workers: list[Worker]
+) -> None:
+    path = os.path.join(sock_dir, "hub.sock")
+    hub = BridgeHub(path)
+    await hub.start()
+    try:
+        for _ in range(2):
+            workers.append(await Worker.start(path, "--no-takeover"))
+        leaver, doomed = workers
+        await leaver.call("subscribe", name="w", channels=["presence:room"])
+        tab = {"channels": ["room"], "announce": ["room"], "grace": 3600}
+        await leaver.call("subscribe", name="a", identity="ada", **tab)
+        await doomed.call("subscribe", name="d", identity="dora", **tab)
+
+        async def said(count: int) -> list[tuple[str | None, str]]:
+            events: list[list[Any]] = []
+
+            async def enough() -> bool:
+                events[:] = await leaver.events("w")
+                return len(events) >= count
+
+            await wait_until(enough, TIMEOUT)
+            return [(e[1], json.loads(e[2])["user"] if e[1] else e[2]) for e in events]
+
+        await said(2)
+        await leaver.call("unsubscribe", name="a", grace=0)  # ada left: her leave now
+        await said(3)
+        doomed.kill()  # dora's connection is lost: her grace period (an hour) holds
+        await wait_until(lambda: hub.peer_count == 1, TIMEOUT)
+        await leaver.call("publish", channel="presence:room", data="after the kill")
+        got = await said(4)
+        assert sorted(got[:2]) == [("join", "ada"), ("join", "dora")]
+        assert got[2:] == [("leave", "ada"), (None, "after the kill")]
     finally:
         await hub.close()
 

@@ -208,6 +208,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _stall_since: float | None = None
     _stall_pending = 0
     _close_reason = "closed"
+    #: set by ``close(leave=True)``: the user left, their ``leave`` is decided without a grace
+    _leave = False
     #: true once the stream took the connection over from Tornado's HTTP/1 reader
     _detached = False
     #: the stream asked for ``channel:`` fields (:attr:`with_channel`)
@@ -367,7 +369,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     @property
     def presence_grace(self) -> float:
         """Setting ``sse_presence_grace``: seconds a ``leave`` waits for the user to come back
-        (a reconnect is no leave and join). Default 3.0."""
+        (a reconnect is no leave and join). Default 3.0; 0: a lost connection is a leave at
+        once. A stream closed with ``close(leave=True)`` does not wait."""
         return float(self.settings.get("sse_presence_grace", 3.0))
 
     @property
@@ -520,12 +523,20 @@ class EventStreamHandler(tornado.web.RequestHandler):
             raise EventStreamClosedError("event stream is not open")
         self.deliver(Frame("", event_id, data, 0.0))
 
-    def close(self, event: Event | None = None) -> asyncio.Future[None]:
+    def close(self, event: Event | None = None, *, leave: bool = False) -> asyncio.Future[None]:
         """End the stream (after sending *event*, if given) and close the connection.
 
+        With *leave*, the user left (a Leave button, a logout): if this was their last stream
+        of a channel with ``join`` and ``leave`` events (:attr:`presence_patterns`), their
+        ``leave`` is sent at once instead of after :attr:`presence_grace` (which is for a
+        connection that is merely lost, and may come back). Without, a close is like a lost
+        connection.
+
         Returns a future resolved once the final bytes are written (or the connection dropped).
-        Idempotent. ``on_close`` runs once.
+        Idempotent: only the first call counts. ``on_close`` runs once.
         """
+        if leave and not self._closed_once:
+            self._leave = True
         return self._close(event, "closed")
 
     def _close(self, event: Event | None, reason: str) -> asyncio.Future[None]:
@@ -1134,7 +1145,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         channels = ""
         if self._subscription is not None:
             channels = ",".join(self._subscription.channels)
-            self._subscription.close()
+            self._subscription.close(grace=0.0 if self._leave else None)
             self._subscription = None
         if self._connections is not None:
             self._connections.discard(self)

@@ -75,7 +75,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ..errors import BrokerClosedError, BrokerError, HistoryGapError, InvalidChannelError
+from ..errors import (
+    BrokerClosedError,
+    BrokerError,
+    HistoryGapError,
+    InvalidArgumentError,
+    InvalidChannelError,
+)
 from ..protocol import Event, encode_event
 from .presence import (
     Presence,
@@ -338,11 +344,18 @@ class Subscription:
             self._floor = last
         self._broker._changed(self.channels)
 
-    def close(self) -> None:
-        """Stop delivering to the subscriber. Idempotent."""
+    def close(self, *, grace: float | None = None) -> None:
+        """Stop delivering to the subscriber. Idempotent: only the first call counts.
+
+        :param grace: seconds the ``leave`` of this subscription's identity waits for the user
+            to come back, if it was their last subscription (see `Broker.subscribe`'s
+            *announce*); ``None``: the grace given to `Broker.subscribe`. ``0``: the user left
+            (a Leave button, a logout): their ``leave`` is decided at once. It changes the wait
+            for this close only; a process that dies still gets the grace given to subscribe.
+        :raises InvalidArgumentError: for a negative *grace* (also a `ValueError`).
+        """
         if not self.closed:
-            self.closed = True
-            self._broker.unsubscribe(self)
+            self._broker.unsubscribe(self, grace=grace)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channels!r} at {self.position!r}>"
@@ -622,8 +635,11 @@ class Broker(abc.ABC):
             raise
         return sub
 
-    def unsubscribe(self, subscription: Subscription) -> None:
-        """End *subscription* (same as `Subscription.close`). Idempotent."""
+    def unsubscribe(self, subscription: Subscription, *, grace: float | None = None) -> None:
+        """End *subscription* (same as `Subscription.close`, whose *grace* this takes).
+        Idempotent."""
+        if grace is not None and not grace >= 0:
+            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
         subscription.closed = True
         self._changed(subscription.channels)
         if subscription._counted:
@@ -631,16 +647,20 @@ class Broker(abc.ABC):
             identity = subscription.identity
             self.presence_table.remove(subscription.channels, identity)
             if not self.closed:
-                self._presence_touched(subscription.channels)
+                shared = self._presence_touched(subscription.channels)
                 if identity is not None and self._loop is not None:
+                    wait = subscription._grace if grace is None else grace
                     for channel in subscription._announce:
                         if not self.presence_table.has(channel, identity):  # last one here
+                            # the backend is told the subscription's own grace: a wait of 0
+                            # for this close must not become the channel's (bridge, Redis)
                             self._loop.call_later(
-                                subscription._grace,
+                                wait,
                                 self._announce_soon,
                                 channel,
                                 identity,
                                 subscription._grace,
+                                shared,
                             )
         gone: list[str] = []
         for name in subscription.channels:
@@ -753,15 +773,30 @@ class Broker(abc.ABC):
             left.set_exception(BrokerClosedError("broker is closed"))
             left.exception()
 
-    def _announce_soon(self, channel: str, identity: str, grace: float) -> None:
+    def _announce_soon(
+        self,
+        channel: str,
+        identity: str,
+        grace: float,
+        shared: asyncio.Future[None] | None = None,
+    ) -> None:
         if self.closed or self._loop is None:
             return
-        task = self._loop.create_task(self._announce_logged(channel, identity, grace))
+        task = self._loop.create_task(self._announce_logged(channel, identity, grace, shared))
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
 
-    async def _announce_logged(self, channel: str, identity: str, grace: float) -> None:
+    async def _announce_logged(
+        self, channel: str, identity: str, grace: float, shared: asyncio.Future[None] | None
+    ) -> None:
         try:
+            if shared is not None:
+                # decide on counts that include the close: with a grace of 0 the decision
+                # could otherwise overtake the write of the counts and see the user present
+                try:
+                    await asyncio.shield(shared)
+                except Exception as exc:  # rewritten with the next change or on reconnect
+                    log.debug("presence of %s on %s not shared yet: %s", identity, channel, exc)
             await self._announce(channel, identity, grace)
         except (BrokerError, OSError) as exc:
             log.warning("presence of %s on %s not announced: %s", identity, channel, exc)
