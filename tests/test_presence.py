@@ -492,6 +492,60 @@ def test_serve_refuses_a_bad_presence_pattern() -> None:
     assert "--presence" in result.output and "invalid channel pattern 'a b'" in result.output
 
 
+@pytest.mark.parametrize("value", ["-1", "3601", "nan", "inf", "soon", ""])
+def test_serve_refuses_a_bad_presence_grace(value: str) -> None:
+    from click.testing import CliRunner
+
+    from tornado_sse.hub import serve_command
+
+    result = CliRunner().invoke(
+        serve_command, ["--presence-grace", value], env={"TORNADO_SSE_TOKEN": "t"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--presence-grace'" in result.output
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_hubs_presence_grace_is_its_flag(tmp_path: Path) -> None:
+    """With ``--presence-grace 0`` a reconnect is a leave and a join (with the default 3 s,
+    neither): the flag reaches the hub's streams."""
+    hub = start_hub(
+        tmp_path / "hub.log",
+        *("--jwt-secret", SECRET, "--presence", "room/*", "--presence-grace", "0"),
+        open_access=False,
+    )
+
+    async def tab(query: str, user: str) -> RawStream:
+        token = create_token(SECRET, subject=user, subscribe=["room/*"], ttl=600)
+        stream = await hub.stream(query, headers=bearer(token))
+        assert stream.status == 200, query
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+        return stream
+
+    def users() -> dict[str, int]:
+        reply = httpx.get(hub.url + "/presence", params={"channel": "room/1"}, headers=AUTH)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json().get("users", {}))
+
+    streams: list[RawStream] = []
+    try:
+        watcher = await tab("channel=presence:room/1", "carol")
+        streams.append(watcher)
+        streams.append(await tab("channel=room/1", "ada"))
+        await watcher.events_count(1)
+        streams[-1].close()  # a lost connection ...
+        await wait_until(lambda: users() == {}, TIMEOUT)
+        streams.append(await tab("channel=room/1", "ada"))  # ... and its reconnect
+        streams.append(await tab("channel=room/1", "zed"))
+        await watcher.read_until(lambda s: "zed" in (s.events[-1].data or ""), TIMEOUT)
+        said = [(e.event, json.loads(e.data or "")["user"]) for e in watcher.events]
+        assert said == [("join", "ada"), ("leave", "ada"), ("join", "ada"), ("join", "zed")]
+    finally:
+        for stream in streams:
+            stream.close()
+        hub.stop()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_the_hubs_presence_counts_every_worker(tmp_path: Path) -> None:
     hub = start_hub(tmp_path / "hub.log", "--processes", "2")

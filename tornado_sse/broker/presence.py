@@ -28,14 +28,14 @@ tabs is one join, then one leave when the last tab goes, whichever processes the
 leave waits for a grace period (default 3 s) and is not sent if the user is back by then (a
 reconnect); a subscription closed with ``close(grace=0)`` (the user left: a Leave button, a
 logout) has its leave decided at once, once this process's counts are shared, while a process
-that dies keeps the grace its subscriptions were given. The decision is made in one place per deployment, so that two processes never both
-announce: the in-process broker itself, the bridge hub (which holds every worker's counts and,
-when a worker dies, checks its users after the grace period), or an atomic script in Redis (which
-reads every live lease, and flips an ``announced`` mark before the event is published). A
-broker asks for a decision (`Broker._announce`) when a user's first stream opens in this
-process, and a grace period after its last one here closed. The companion channel is an ordinary
-channel: resumable, with history (``?history=N`` gives the latest joins and leaves), and a
-stream may follow it if it may follow the channel it describes.
+that dies keeps the grace its subscriptions were given. The decision is made in one place per
+deployment, so that two processes never both announce: the in-process broker itself, the bridge
+hub (which holds every worker's counts and, when a worker dies, checks its users after the grace
+period), or an atomic script in Redis (which reads every live lease, and flips an ``announced``
+mark before the event is published). A broker asks for a decision (`Broker._announce`) when a
+user's first stream opens in this process, and a grace period after its last one here closed.
+The companion channel is an ordinary channel: resumable, with history (``?history=N`` gives the
+latest joins and leaves), and a stream may follow it if it may follow the channel it describes.
 
 A subscription counts from the end of `.Broker.subscribe` (before its stream's first byte; the
 subscribe waits until the count is shared) until it is closed (the stream ended, was pruned as

@@ -434,4 +434,5 @@ def make_app(
         sse_max_buffer_size=options.max_buffer_size,
         sse_cors_origins=options.cors_origins,
         sse_presence=options.presence,
+        sse_presence_grace=options.presence_grace,
     )

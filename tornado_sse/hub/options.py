@@ -33,6 +33,8 @@ JWT_SECRET_ENV = "TORNADO_SSE_JWT_SECRET"  # noqa: S105 (a variable name, not a 
 
 #: ``--drain``'s default: seconds over which SIGTERM closes the streams
 DEFAULT_DRAIN = 2.0
+#: the longest ``--presence-grace`` (the bridge hub keeps at most an hour too)
+MAX_PRESENCE_GRACE = 3600.0
 
 
 _TOKEN_PATTERN = re.compile(r"[\x21-\x7e]+")
@@ -62,6 +64,8 @@ class HubOptions:
     :param publish_rate: publishes per credential, ``"RATE[/BURST]"``; ``None``: no limit.
     :param presence: channel patterns with join/leave events on ``presence:<channel>``
         (``--presence``; the setting ``sse_presence``).
+    :param presence_grace: seconds a ``leave`` waits for the user to come back
+        (``--presence-grace``; the setting ``sse_presence_grace``).
     :param public_channels: patterns anyone may follow (``--public-channel``); none by default:
         the hub is closed until channels are opened (see `.hub.access`).
     :param jwt_secret: HMAC secret of signed tokens (``--jwt-secret``).
@@ -94,6 +98,7 @@ class HubOptions:
     log_level: str = "info"
     log_json: bool = False
     presence: tuple[str, ...] = ()
+    presence_grace: float = 3.0
     public_channels: tuple[str, ...] = ()
     jwt_secret: str | None = dataclasses.field(default=None, repr=False)
     jwt_public_key: bytes | None = dataclasses.field(default=None, repr=False)
@@ -261,6 +266,15 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     metavar="PATTERN",
     help="Channels (a name, or a prefix ending in *) whose streams' users join and leave on "
     "the companion channel presence:<channel>; repeatable. Default: none.",
+)
+@click.option(
+    "--presence-grace",
+    type=click.FloatRange(0, MAX_PRESENCE_GRACE),
+    default=3.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a --presence leave waits for the user to come back: a reconnect within it "
+    "is no leave and join. 0: a lost connection is a leave at once.",
 )
 @click.option(
     "--max-connections",
@@ -432,6 +446,7 @@ def serve_command(
     drain: float,
     cors_origins: tuple[str, ...],
     presence: tuple[str, ...],
+    presence_grace: float,
     max_connections: int | None,
     max_connections_per_address: int,
     stream_rate: str | None,
@@ -479,8 +494,13 @@ def serve_command(
             validate_pattern(pattern)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--presence") from exc
+    if not math.isfinite(presence_grace):
+        raise click.BadParameter(
+            f"{presence_grace!r} is not a number of seconds", param_hint="'--presence-grace'"
+        )
     options = HubOptions(
         presence=tuple(dict.fromkeys(presence)),
+        presence_grace=presence_grace,
         token=token,
         host=host,
         port=port,
