@@ -3,10 +3,11 @@
 Endpoints (all JSON errors carry ``{"error": message}``, shown as is by the page):
 
 ``GET /``                          the page (plain HTML, CSS and JS from ``demo/static``)
-``GET /api/rooms/<room>?nick=N``   enter a room: members, and the URL of the room's stream
-``GET /api/rooms/<room>/events``   the room's event stream (`RoomStream`, an EventStreamHandler)
+``GET /api/rooms/<room>?nick=N``   enter a room: members now, and the URL of the room's stream
+``GET /api/rooms/<room>/events``   the room's event stream (`RoomStream`, an EventStreamHandler):
+                                   messages, and the core's join and leave events
 ``POST /api/rooms/<room>/messages`` send a message (``nick``, ``text``; XSRF-protected)
-``POST /api/rooms/<room>/drop``    close the stream of ``client`` from the server side
+``POST /api/rooms/<room>/drop``    close the stream of ``client`` as if its connection was lost
 ``POST /api/rooms/<room>/leave``   the page of ``client`` left: close its stream, absent at once
 ``GET /healthz``                   ``ok`` while the broker is healthy
 ``GET /sse/client.js``             the browser's ``SharedEventSource``: a browser's tabs in one room
@@ -153,12 +154,14 @@ class HealthHandler(ChatHandler):
 
 
 class RoomHandler(ChatHandler):
-    """``GET /api/rooms/<room>?nick=N[&client=C]``: check the nickname, follow the room, say how
-    to listen.
+    """``GET /api/rooms/<room>?nick=N[&client=C]``: check the nickname, follow the room, say who
+    is here now and how to listen.
 
-    The stream URL asks for the room's last ``config.history`` events (``history=N``, the core's
-    start position): the first connection replays them from the broker; the stream's own last
-    id takes over on every reconnect (see `demo.chat`). A page may bring its own ``client`` id
+    ``members`` is `.Broker.presence` of the room, taken before the page opens its stream: the
+    page applies the stream's joins and leaves to it (see `demo.chat`). The stream URL asks for
+    the room's last ``config.history`` events (``history=N``, the core's start position): the
+    first connection replays them from the broker; the stream's own last id takes over on every
+    reconnect. A page may bring its own ``client`` id
     (the one its browser used for this nickname before): the tabs of one browser in one room
     under one nickname then have the same stream URL, and share one stream
     (``SharedEventSource``).
@@ -168,6 +171,7 @@ class RoomHandler(ChatHandler):
         name = validate_room(room_name)
         nick = validate_nick(self.get_query_argument("nick", None))
         room = await self.chat.room(name)
+        members = await room.members()
         given = self.get_query_argument("client", None)
         client = validate_client(given) if given else secrets.token_urlsafe(12)
         query = urllib.parse.urlencode(
@@ -179,7 +183,7 @@ class RoomHandler(ChatHandler):
                 "room": name,
                 "nick": nick,
                 "client": client,
-                "members": list(room.members),
+                "members": members,
                 "events": f"/api/rooms/{name}/events?{query}",
                 "max_message": self.chat.config.max_message,
             },
@@ -200,10 +204,12 @@ class MessagesHandler(ChatHandler):
 
 
 class DropHandler(ChatHandler):
-    """``POST /api/rooms/<room>/drop`` with ``client``: close that page's stream server-side.
+    """``POST /api/rooms/<room>/drop`` with ``client``: close that page's stream server-side, as
+    a lost connection.
 
     Whichever process holds the stream closes it (the request travels through the broker); the
-    page reconnects by itself and resumes from its last event id. Answers 202.
+    page reconnects by itself and resumes from its last event id, within the grace period: the
+    others see no leave. Answers 202 once the request is published.
     """
 
     leave = False
@@ -215,28 +221,33 @@ class DropHandler(ChatHandler):
         if wait > 0:
             raise ChatError(429, "Too many requests: wait a moment.", retry_after=wait)
         room = await self.chat.room(name)
-        room.drop(client, leave=self.leave)
+        await room.drop(client, leave=self.leave)
         self.reply(202, {"client": client})
 
 
 class LeaveHandler(DropHandler):
     """``POST /api/rooms/<room>/leave`` with ``client``: the page left (its Leave button, or the
-    tab closing); its stream is closed and its nickname is absent at once, with no grace."""
+    tab closing); its stream is closed with ``close(leave=True)``, so that, if it was the
+    nickname's last, the others get its ``leave`` at once rather than after the grace period.
+    The page closes its own stream after the answer: a stream whose connection ends first is a
+    lost connection, and leaves after the grace period."""
 
     leave = True
 
 
 class RoomStream(EventStreamHandler):
-    """``GET /api/rooms/<room>/events?nick=N&client=C``: the room's channel, and presence.
+    """``GET /api/rooms/<room>/events?nick=N&client=C[&history=N]``: the room's messages and its
+    joins and leaves, in one stream.
 
-    The stream follows ``room/<room>``; on open the page's stream joins the room's local set
-    (its nickname becomes present) and receives the member list as a ``presence`` event (without
-    an id, so it does not move the resume point). Refusals are plain-text 4xx.
+    The stream follows ``room/<room>`` with the nickname as identity (`get_identity`), so the
+    core counts it in the room's presence and announces the nickname's join and leave (the
+    application's ``sse_presence`` covers ``room/*``), and ``presence:room/<room>``, where they
+    are published. While open, it is in its room's set, where a drop or leave request finds it.
+    Refusals are plain-text 4xx.
     """
 
     nick = ""
     client = ""
-    leaving = False
     room: Room | None = None
     _attached = False
 
@@ -252,18 +263,21 @@ class RoomStream(EventStreamHandler):
         self.nick = validate_nick(self.get_query_argument("nick", None))
         self.client = validate_client(self.get_query_argument("client", None))
         self.room = await self.chat.room(name)
-        return [self.room.channel]
+        return [self.room.channel, self.room.presence_channel]
+
+    def get_identity(self) -> str:
+        return self.nick
 
     def open(self) -> Awaitable[None] | None:
         if self.room is not None:
-            self.room.attach(self)
+            self.room.streams.add(self)
             self._attached = True
         return None
 
     def on_close(self) -> None:
         if self._attached and self.room is not None:
             self._attached = False
-            self.room.detach(self)
+            self.room.streams.discard(self)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -282,8 +296,9 @@ def make_app(
 
     :param broker: any broker (default: a fresh `.InProcessBroker` keeping 1000 events per
         channel). Its history per channel should exceed ``config.history``.
-    :param config: the chat's rules and timings.
-    :param settings: Tornado and ``sse_`` settings overriding the demo's.
+    :param config: the chat's rules.
+    :param settings: Tornado and ``sse_`` settings overriding the demo's (the grace period of
+        a lost connection is ``sse_presence_grace``, default 3 s).
     """
     broker = broker if broker is not None else InProcessBroker(history_size=1000)
     chat = Chat(broker, config)
@@ -300,6 +315,7 @@ def make_app(
         "sse_retry_interval": 1.0,
         "sse_max_buffer_size": 256 << 10,
         "sse_max_connections_per_address": 200,
+        "sse_presence": ["room/*"],
     }
     options.update(settings)
     return tornado.web.Application(
@@ -332,11 +348,6 @@ class DemoOptions:
     presence_grace: float = 3.0
     retry: int = 1000
 
-    @property
-    def distributed(self) -> bool:
-        """Whether other processes share the rooms (they exchange presence on entry)."""
-        return self.processes > 1 or self.redis is not None
-
 
 def make_broker(options: DemoOptions) -> Broker:
     """The broker of one demo process: Redis, the unix-socket bridge, or in-process.
@@ -363,15 +374,12 @@ async def run_demo(options: DemoOptions, sockets: list[socket.socket]) -> None:
     broker = make_broker(options)
     await broker.start()
     connections = ConnectionSet()
-    config = ChatConfig(
-        presence_grace=options.presence_grace,
-        sync_timeout=0.3 if options.distributed else 0.0,
-    )
     app = make_app(
         broker,
-        config,
+        ChatConfig(),
         connections=connections,
         sse_retry_interval=options.retry / 1000.0,
+        sse_presence_grace=options.presence_grace,
     )
     chat: Chat = app.settings["demo_chat"]
     server = HTTPServer(app, max_body_size=64 << 10, idle_connection_timeout=300.0)

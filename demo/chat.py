@@ -1,29 +1,32 @@
-"""The chat's model: rooms, presence, recent history, input rules and rate limits.
+"""The chat's model: rooms, input rules and rate limits, on the core's presence and history.
 
-Everything a room shows is derived from events in the broker, never from one process's memory,
-so the chat behaves the same with one process, ``--processes N`` (bridge) or ``--redis``:
+Everything a room shows comes from the broker, never from one process's memory, so the chat
+behaves the same with one process, ``--processes N`` (bridge) or ``--redis``:
 
-* **Messages and notices** (``message``, ``join``, ``leave``) are events of the room's channel
-  ``room/<name>``; pages follow that channel only.
-* **Presence** travels on a second channel, ``presence/<name>``, followed by each process that
-  serves the room (a `Room` is a broker subscriber). Each process publishes ``here`` events
-  carrying the *full* set of nicknames it holds in the room: on every change, when another
-  process asks (``sync``), and every ``presence_interval`` seconds as a lease that expires after
-  three intervals (so a killed worker's members disappear). The member list is the union of the
-  unexpired leases, folded by every process from the same events. State-carrying ``here`` events
-  are idempotent, so a lost or repeated one is repaired by the next.
-* **Join and leave notices** are published by the process whose own ``here`` event, folded in
-  order, changed the member list (one publisher, no duplicates); for an expired lease, by the
-  live process with the smallest id. A stream that closes keeps its nickname present for
-  ``presence_grace`` seconds, so a reconnect (a network drop, a server-side close) shows neither
-  "left" nor "joined".
-* **Recent history on entry** is the core's start position (issue 14): a page opens its stream
-  with ``history=<config.history>`` and gets the room's last events from the broker's history,
-  on whichever process and backend. The browser sends a ``Last-Event-ID`` header on every
+* **Messages** are events of the room's channel ``room/<name>``.
+* **Who is here** is the core's presence (issue 14). A page's stream has its nickname as
+  identity (`RoomStream.get_identity <demo.app.RoomStream>`), and the application's setting
+  ``sse_presence = ["room/*"]`` gives every room join and leave events, published by the core on
+  the companion channel ``presence:room/<name>``: one ``join`` per nickname however many tabs
+  and workers, one ``leave`` when its last stream is gone, and none for a reconnect within the
+  grace period (``sse_presence_grace``, 3 s), so a dropped connection or a killed worker shows
+  no "left"/"joined" flicker. A page's one stream follows both channels.
+* **The member list** starts from `.Broker.presence` (the nicknames with a stream now, in the
+  whole deployment), which the page gets from ``GET /api/rooms/<room>`` *before* it opens its
+  stream; the page then applies every ``join`` and ``leave`` its stream brings, in order, the
+  replayed ones included. A change between the snapshot and the stream is in the replay, so it
+  is not lost; one from before the snapshot, applied again, changes nothing (a join of someone
+  listed, a leave of someone not), so it is not doubled.
+* **Recent history on entry** is the core's start position: a page opens its stream with
+  ``history=<config.history>`` and gets the room's last events, messages and notices merged in
+  id order, on whichever process and backend. The browser sends a ``Last-Event-ID`` on every
   reconnect, which takes precedence, so a page gets exactly what it missed, never the backlog
-  again. The room keeps no bookkeeping of its own for it.
-* **A server-side close** (the page's "simulate network drop") is a ``drop`` event on the
-  presence channel: whichever process holds the client's stream closes it.
+  again.
+* **Leave and drop** close a page's stream from the server side, on whichever process holds it:
+  the request is published on the room's *control* channel ``control/<name>``, which every
+  process serving the room follows (a `Room` is a broker subscriber). *Leave* closes with
+  ``close(leave=True)``: the nickname is gone at once. *Drop* (the page's "simulate network
+  drop") closes like a lost connection: the page reconnects within the grace period.
 
 Only public names of tornado_sse are used, as an application would.
 """
@@ -37,13 +40,10 @@ import math
 import re
 import time
 import unicodedata
-import uuid
-from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import tornado.web
-from tornado.ioloop import PeriodicCallback
 
 from tornado_sse import (
     Broker,
@@ -54,6 +54,7 @@ from tornado_sse import (
     SSEError,
     Subscription,
 )
+from tornado_sse.broker.presence import companion
 from tornado_sse.ratelimit import address_key
 
 __all__ = [
@@ -89,15 +90,11 @@ class ChatError(tornado.web.HTTPError):
 
 @dataclass(frozen=True)
 class ChatConfig:
-    """The chat's rules and timings. Seconds everywhere.
+    """The chat's rules. Seconds everywhere. (The presence grace period is the core's setting
+    ``sse_presence_grace``.)
 
     :param history: events of a room replayed to a page on entry.
     :param max_message: characters a message may hold.
-    :param presence_interval: seconds between a process's ``here`` leases (they expire after 3).
-    :param presence_grace: seconds a closed stream's nickname stays present (a reconnect within
-        it shows no leave/join).
-    :param sync_timeout: seconds a process waits for the others' ``here`` events when it starts
-        following a room; ``0`` (one process) skips the exchange.
     :param nick_burst: messages one nickname may send at once (token bucket capacity) ...
     :param nick_rate: ... and per second after that.
     :param address_burst: the same for one client address, across nicknames ...
@@ -107,9 +104,6 @@ class ChatConfig:
 
     history: int = 50
     max_message: int = 500
-    presence_interval: float = 10.0
-    presence_grace: float = 3.0
-    sync_timeout: float = 0.0
     nick_burst: int = 5
     nick_rate: float = 1.0
     address_burst: int = 30
@@ -161,6 +155,11 @@ def validate_message(value: str | None, limit: int) -> str:
     return text
 
 
+def sorted_nicks(nicks: Any) -> list[str]:
+    """Nicknames in the order the page lists them (case-insensitive)."""
+    return sorted(nicks, key=lambda n: (n.casefold(), n))
+
+
 # ---------------------------------------------------------------------- rooms
 
 
@@ -169,12 +168,8 @@ class Stream(Protocol):
 
     nick: str
     client: str
-    #: set before closing a stream whose page left: its nickname does not linger
-    leaving: bool
 
-    def send_event(self, data: str = "", *, event: str | None = None) -> None: ...
-
-    def close(self) -> Any: ...
+    def close(self, event: Any = None, *, leave: bool = False) -> Any: ...
 
 
 def _now() -> float:
@@ -182,7 +177,8 @@ def _now() -> float:
 
 
 class Room:
-    """One room as seen by this process: a broker subscriber to its two channels.
+    """One room as seen by this process: its channels, this process's streams of it, and a
+    broker subscription to its control channel.
 
     Create it with `Chat.room`, which awaits :meth:`start`.
     """
@@ -190,142 +186,60 @@ class Room:
     def __init__(self, chat: Chat, name: str) -> None:
         self.chat = chat
         self.name = name
+        #: messages
         self.channel = f"room/{name}"
-        self.presence_channel = f"presence/{name}"
+        #: the core's join and leave events of the room's channel
+        self.presence_channel = companion(self.channel)
+        #: requests to close a page's stream, wherever it is
+        self.control_channel = f"control/{name}"
         #: this process's open streams of the room
         self.streams: set[Stream] = set()
-        #: the room's members as every process folds them from ``here`` events
-        self.members: tuple[str, ...] = ()
         self.last_used = _now()
-        self._live: Counter[str] = Counter()
-        self._lingering: dict[str, asyncio.TimerHandle] = {}
-        self._lingering_clients: dict[str, str] = {}
-        self._announced: frozenset[str] = frozenset()
-        self._leases: dict[str, tuple[frozenset[str], float]] = {}
         self._subscription: Subscription | None = None
-        self._synced: asyncio.Future[None] | None = None
-
-    # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Follow the room's channels; with other processes, exchange presence first."""
-        broker = self.chat.broker
-        self._synced = asyncio.get_running_loop().create_future()
-        sub = await broker.subscribe([self.presence_channel], self)
+        """Follow the room's control channel."""
+        sub = await self.chat.broker.subscribe([self.control_channel], self)
         self._subscription = sub
         sub.start()
-        timeout = self.chat.config.sync_timeout
-        if timeout > 0:
-            self.chat.enqueue(self.presence_channel, {"proc": self.chat.proc}, "sync")
-            try:
-                await asyncio.wait_for(asyncio.shield(self._synced), timeout)
-            except asyncio.TimeoutError:
-                pass
 
     def close(self) -> None:
         """Stop following the room (idempotent)."""
-        for handle in self._lingering.values():
-            handle.cancel()
-        self._lingering.clear()
-        self._lingering_clients.clear()
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
 
     @property
     def idle(self) -> bool:
-        """No stream of this process is in the room and none lingers."""
-        return not self.streams and not self._lingering
+        """No stream of this process is in the room."""
+        return not self.streams
 
-    # ------------------------------------------------------------ local streams
+    async def members(self) -> list[str]:
+        """The nicknames with a stream in the room now, in the whole deployment.
 
-    def attach(self, stream: Stream) -> None:
-        """A stream of this process entered the room (its replay already written)."""
-        self.streams.add(stream)
-        self.last_used = _now()
-        self._live[stream.nick] += 1
-        handle = self._lingering.pop(stream.nick, None)
-        if handle is not None:
-            handle.cancel()
-        self._send_members(stream)
-        self._local_changed()
-
-    def detach(self, stream: Stream) -> None:
-        """A stream of this process ended; its nickname lingers for the grace period."""
-        if stream not in self.streams:
-            return
-        self.streams.discard(stream)
-        self.last_used = _now()
-        nick = stream.nick
-        self._live[nick] -= 1
-        if self._live[nick] > 0:
-            return
-        del self._live[nick]
-        grace = self.chat.config.presence_grace
-        if grace > 0 and not stream.leaving:
-            loop = asyncio.get_running_loop()
-            old = self._lingering.pop(nick, None)
-            if old is not None:
-                old.cancel()
-            self._lingering[nick] = loop.call_later(grace, self._linger_over, nick)
-            self._lingering_clients[stream.client] = nick
-            if len(self._lingering_clients) > 4 * len(self._lingering) + 100:
-                self._lingering_clients = {
-                    c: n for c, n in self._lingering_clients.items() if n in self._lingering
-                }
-        self._local_changed()
-
-    def _linger_over(self, nick: str) -> None:
-        handle = self._lingering.pop(nick, None)
-        if handle is not None:
-            handle.cancel()
-        self._local_changed()
-
-    def _leave(self, client: str) -> None:
-        """The page of *client* left: close its stream here, with no grace period."""
-        for stream in [s for s in self.streams if s.client == client]:
-            stream.leaving = True
-            stream.close()
-        nick = self._lingering_clients.pop(client, None)
-        if nick is not None and nick in self._lingering:
-            self._linger_over(nick)
-
-    def local_nicks(self) -> frozenset[str]:
-        """Nicknames this process holds in the room (live or lingering)."""
-        return frozenset(self._live) | frozenset(self._lingering)
-
-    def _local_changed(self) -> None:
-        nicks = self.local_nicks()
-        if nicks != self._announced:
-            self._announced = nicks
-            self.publish_here()
-
-    def publish_here(self) -> None:
-        """Publish this process's lease: its nicknames in the room."""
-        config = self.chat.config
-        self.chat.enqueue(
-            self.presence_channel,
-            {
-                "proc": self.chat.proc,
-                "nicks": sorted(self._announced),
-                "ttl": 3 * config.presence_interval,
-            },
-            "here",
-        )
-
-    def drop(self, client: str, *, leave: bool = False) -> None:
-        """Ask every process to close the streams of *client*.
-
-        A drop (the page's "simulate network drop") keeps the nickname present for the grace
-        period, as any lost connection does; a *leave* (the page's Leave button, or the tab
-        closing) ends its presence at once.
+        :raises ChatError: 503 when the broker cannot be asked.
         """
-        self.chat.enqueue(self.presence_channel, {"client": client, "leave": leave}, "drop")
+        try:
+            presence = await self.chat.broker.presence(self.channel)
+        except BrokerError as exc:
+            raise ChatError(503, "The message broker is unavailable; try again shortly.") from exc
+        return sorted_nicks(presence.users)
 
-    # ------------------------------------------------------------ broker events
+    async def drop(self, client: str, *, leave: bool = False) -> None:
+        """Have the process holding the stream of *client* close it: as a lost connection (the
+        page's "simulate network drop"; it reconnects within the grace period), or with
+        *leave* (its Leave button: the nickname is gone at once).
+
+        :raises ChatError: 503 when the broker cannot take the request.
+        """
+        data = json.dumps({"client": client, "leave": leave})
+        try:
+            await self.chat.broker.publish(self.control_channel, data, event="drop")
+        except BrokerError as exc:
+            raise ChatError(503, "The message broker is unavailable; try again shortly.") from exc
 
     def deliver(self, frame: Frame) -> None:
-        """Take a frame of the presence channel (broker's event loop, id order)."""
+        """Take a frame of the control channel (broker's event loop, id order)."""
         parser = EventStreamParser()
         try:
             events = parser.feed(frame.data) + parser.close()
@@ -333,104 +247,33 @@ class Room:
             return
         for event in events:
             try:
-                payload = json.loads(event.data or "")
+                request = json.loads(event.data or "")
             except ValueError:
                 continue
-            if isinstance(payload, dict):
-                self._on_presence(event.event or "message", payload)
-
-    def _on_presence(self, name: str, payload: dict[str, Any]) -> None:
-        proc = payload.get("proc")
-        if name == "drop":
-            client = payload.get("client")
-            if not isinstance(client, str):
-                return
-            if payload.get("leave") is True:
-                self._leave(client)
-            else:
-                for stream in [s for s in self.streams if s.client == client]:
-                    stream.close()
-        elif name == "sync" and isinstance(proc, str) and proc != self.chat.proc:
-            self.publish_here()
-        elif name == "here" and isinstance(proc, str):
-            self._on_here(proc, payload)
-
-    def _on_here(self, proc: str, payload: dict[str, Any]) -> None:
-        nicks = payload.get("nicks")
-        ttl = payload.get("ttl")
-        if not isinstance(nicks, list) or not isinstance(ttl, (int, float)):
-            return
-        mine = proc == self.chat.proc
-        if not mine:
-            if self._synced is not None and not self._synced.done():
-                self._synced.set_result(None)
-        names = frozenset(n for n in nicks if isinstance(n, str))
-        if names:
-            self._leases[proc] = (names, _now() + float(ttl))
-        else:
-            self._leases.pop(proc, None)
-        self._fold(announce=mine)
-
-    def expire(self, now: float) -> None:
-        """Forget leases past their time (a process that died without saying goodbye).
-
-        This process's own lease never expires here: it knows its own state, and a stalled
-        event loop must not make it announce its own members' departure.
-        """
-        mine = self.chat.proc
-        gone = [p for p, (_, until) in self._leases.items() if until <= now and p != mine]
-        if not gone:
-            return
-        for proc in gone:
-            del self._leases[proc]
-        live = [*self._leases, self.chat.proc]
-        self._fold(announce=min(live) == self.chat.proc)
-
-    def _fold(self, announce: bool) -> None:
-        members: set[str] = set()
-        for names, _ in self._leases.values():
-            members |= names
-        before = set(self.members)
-        if members == before:
-            return
-        self.members = tuple(sorted(members, key=lambda n: (n.casefold(), n)))
-        for stream in list(self.streams):
-            self._send_members(stream)
-        if announce:
-            for nick in sorted(members - before):
-                self.chat.enqueue(self.channel, {"nick": nick, "ts": time.time()}, "join")
-            for nick in sorted(before - members):
-                self.chat.enqueue(self.channel, {"nick": nick, "ts": time.time()}, "leave")
-
-    def _send_members(self, stream: Stream) -> None:
-        try:
-            stream.send_event(json.dumps({"members": list(self.members)}), event="presence")
-        except SSEError:
-            pass
+            if event.event != "drop" or not isinstance(request, dict):
+                continue
+            client = request.get("client")
+            for stream in [s for s in self.streams if s.client == client]:
+                stream.close(leave=request.get("leave") is True)
 
 
 # ---------------------------------------------------------------------- the chat
 
 
 class Chat:
-    """All rooms of this process, their timers, the ordered publisher and the rate limits.
+    """All rooms of this process and the rate limits.
 
     :param broker: where rooms live; any backend.
-    :param config: rules and timings.
+    :param config: rules.
     """
 
     def __init__(self, broker: Broker, config: ChatConfig | None = None) -> None:
         self.broker = broker
         self.config = config or ChatConfig()
-        #: this process's id in presence leases
-        self.proc = uuid.uuid4().hex[:12]
         self.rooms: dict[str, Room] = {}
         self.nick_limiter = RateLimiter(self.config.nick_rate, self.config.nick_burst)
         self.address_limiter = RateLimiter(self.config.address_rate, self.config.address_burst)
         self._starting: dict[str, asyncio.Future[Room]] = {}
-        self._outbox: deque[tuple[str, str, str]] = deque()
-        self._sender: asyncio.Task[None] | None = None
-        self._timer: PeriodicCallback | None = None
         self.closed = False
 
     async def room(self, name: str) -> Room:
@@ -468,7 +311,6 @@ class Chat:
             del self._starting[name]
         self.rooms[name] = room
         future.set_result(room)
-        self._start_timer()
         return room
 
     def _make_room_for_one_more(self) -> None:
@@ -510,50 +352,11 @@ class Chat:
         except BrokerError as exc:
             raise ChatError(503, "The message broker is unavailable; try again shortly.") from exc
 
-    # ------------------------------------------------------------ ordered publishing
-
-    def enqueue(self, channel: str, payload: dict[str, Any], event: str) -> None:
-        """Publish presence and notices in the order they were decided, in the background."""
-        if self.closed:
-            return
-        self._outbox.append((channel, json.dumps(payload), event))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
-
-    async def _send_outbox(self) -> None:
-        while self._outbox and not self.closed:
-            channel, data, event = self._outbox.popleft()
-            try:
-                await self.broker.publish(channel, data, event=event)
-            except (BrokerError, SSEError) as exc:
-                log.warning("could not publish %s to %s: %s", event, channel, exc)
-
-    # ------------------------------------------------------------ timers
-
-    def _start_timer(self) -> None:
-        if self._timer is None:
-            self._timer = PeriodicCallback(self._tick, self.config.presence_interval * 1000)
-            self._timer.start()
-
-    def _tick(self) -> None:
-        now = _now()
-        for room in list(self.rooms.values()):
-            if room.local_nicks():
-                room.publish_here()
-            room.expire(now)
-
-    # ------------------------------------------------------------ shutdown
-
     def close(self) -> None:
-        """Stop every room and timer. Streams are closed by the connection set."""
+        """Stop every room. Streams are closed by the connection set."""
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.stop()
         for room in list(self.rooms.values()):
             room.close()
         self.rooms.clear()
-        self._outbox.clear()
-        if self._sender is not None and not self._sender.done():
-            self._sender.cancel()

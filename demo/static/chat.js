@@ -9,7 +9,11 @@
 // * user text is only ever put in the page with textContent (never innerHTML);
 // * the page does no de-duplication of its own: EventSource resumes with Last-Event-ID and the
 //   server sends each missed event exactly once; each message keeps its event id (data-id) and
-//   the number of the connection that delivered it (data-conn) so that this can be checked.
+//   the number of the connection that delivered it (data-conn) so that this can be checked;
+// * the member list is the server's snapshot (who had a stream when the page asked, before its
+//   stream opened), then every join and leave of the stream applied in order, the replayed ones
+//   included: what changed in between is in the replay, and an older event applied again
+//   changes nothing (see demo/chat.py).
 import { SharedEventSource } from '/sse/client.js';
 
 (() => {
@@ -19,7 +23,7 @@ import { SharedEventSource } from '/sse/client.js';
   const NICK_KEY = 'tornado-sse-demo-nick';
   const CLIENT_KEY = 'tornado-sse-demo-client:';
 
-  let session = null; // {room, nick, client, es, opens}
+  let session = null; // {room, nick, client, es, opens, members}
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -93,7 +97,11 @@ import { SharedEventSource } from '/sse/client.js';
     append(item);
   }
 
-  function renderMembers(members) {
+  function renderMembers() {
+    const order = (a, b) => (a < b ? -1 : a > b ? 1 : 0);
+    const members = [...session.members].sort(
+      (a, b) => order(a.toLowerCase(), b.toLowerCase()) || order(a, b),
+    );
     const list = $('members');
     list.replaceChildren(
       ...members.map((name) => {
@@ -110,46 +118,74 @@ import { SharedEventSource } from '/sse/client.js';
   function listen(url) {
     const es = new SharedEventSource(url);
     session.es = es;
-    es.addEventListener('open', () => {
-      if (session.es !== es) return;
+    // events of a stream we are leaving are not ours any more
+    const on = (type, handler) => {
+      es.addEventListener(type, (e) => {
+        if (session && session.es === es) handler(e);
+      });
+    };
+    on('open', () => {
       session.opens += 1;
       if (session.opens === 1) setStatus('connected', 'connected');
       else setStatus('resumed', 'resumed: missed messages delivered');
     });
-    es.addEventListener('error', () => {
-      if (session.es !== es) return;
+    on('error', () => {
       if (es.readyState === SharedEventSource.CLOSED) {
         setStatus('offline', 'disconnected: reload the page to retry');
       } else {
         setStatus('reconnecting', 'reconnecting…');
       }
     });
-    es.addEventListener('message', (e) => addMessage(JSON.parse(e.data), e.lastEventId));
-    es.addEventListener('join', (e) => {
-      addNotice(`${JSON.parse(e.data).nick} joined`, e.lastEventId, 'join');
+    on('message', (e) => addMessage(JSON.parse(e.data), e.lastEventId));
+    // the core's presence events: {"channel": "room/<name>", "user": <nickname>}
+    on('join', (e) => {
+      const { user } = JSON.parse(e.data);
+      addNotice(`${user} joined`, e.lastEventId, 'join');
+      session.members.add(user);
+      renderMembers();
     });
-    es.addEventListener('leave', (e) => {
-      addNotice(`${JSON.parse(e.data).nick} left`, e.lastEventId, 'leave');
+    on('leave', (e) => {
+      const { user } = JSON.parse(e.data);
+      addNotice(`${user} left`, e.lastEventId, 'leave');
+      session.members.delete(user);
+      renderMembers();
     });
-    es.addEventListener('presence', (e) => renderMembers(JSON.parse(e.data).members));
-    es.addEventListener('stream-reset', (e) => {
+    on('stream-reset', (e) => {
       addNotice('Some earlier messages are no longer available.', e.lastEventId, 'warning');
+      refreshMembers(); // joins and leaves may be among what was lost
     });
-    es.addEventListener('shutdown', () => {
+    on('shutdown', () => {
       addNotice('The server is restarting; reconnecting…', '', 'warning');
     });
   }
 
+  async function refreshMembers() {
+    const current = session;
+    const query = new URLSearchParams({ nick: current.nick, client: current.client });
+    const result = await api('GET', `/api/rooms/${encodeURIComponent(current.room)}?${query}`);
+    if (result.ok && session === current) {
+      current.members = new Set(result.body.members);
+      renderMembers();
+    }
+  }
+
   function enter(info) {
-    leave();
-    session = { room: info.room, nick: info.nick, client: info.client, es: null, opens: 0 };
+    leave(false);
+    session = {
+      room: info.room,
+      nick: info.nick,
+      client: info.client,
+      es: null,
+      opens: 0,
+      members: new Set(info.members),
+    };
     $('lobby').hidden = true;
     $('chat').hidden = false;
     $('room-title').textContent = `#${info.room}`;
     $('me').textContent = info.nick;
     $('log').replaceChildren();
     $('send-error').textContent = '';
-    renderMembers(info.members);
+    renderMembers();
     updateCounter();
     window.history.replaceState(null, '', `?room=${encodeURIComponent(info.room)}`);
     document.title = `#${info.room} · tornado_sse chat`;
@@ -158,22 +194,26 @@ import { SharedEventSource } from '/sse/client.js';
     $('text').focus();
   }
 
-  function leave() {
-    if (session && session.es) {
-      // Tell the server at once (the request outlives the page), so the others see us leave
-      // now; a connection that is merely lost keeps us present for a grace period instead.
-      // While another tab of ours shares the stream, we are still in the room.
-      if (session.es.tabs <= 1) {
-        api('POST', `/api/rooms/${encodeURIComponent(session.room)}/leave`, {
-          client: session.client,
-        }, true);
-      }
-      session.es.close();
-    }
+  // Leave the room. The server closes our stream as a leave, so the others see us leave now (a
+  // connection that is merely lost keeps us present for a grace period instead); with `wait`,
+  // our own stream is closed once it did, else at once (the tab is closing: the request
+  // outlives the page, but the lost connection may reach the server first). While another tab
+  // of ours shares the stream, we are still in the room, and say nothing.
+  async function leave(wait) {
+    const current = session;
     session = null;
     $('chat').hidden = true;
     $('lobby').hidden = false;
     setStatus('idle', 'not connected');
+    if (current && current.es) {
+      if (current.es.tabs <= 1) {
+        const request = api('POST', `/api/rooms/${encodeURIComponent(current.room)}/leave`, {
+          client: current.client,
+        }, true);
+        if (wait) await request;
+      }
+      current.es.close();
+    }
   }
 
   $('join-form').addEventListener('submit', async (event) => {
@@ -210,7 +250,7 @@ import { SharedEventSource } from '/sse/client.js';
   });
 
   $('leave').addEventListener('click', () => {
-    leave();
+    leave(true);
     $('nick').focus();
   });
 
@@ -261,7 +301,7 @@ import { SharedEventSource } from '/sse/client.js';
   });
 
   window.addEventListener('pagehide', () => {
-    if (session) leave();
+    if (session) leave(false);
   });
 
   // ------------------------------------------------------------------ start
