@@ -133,9 +133,41 @@ Deliberate choices, and why:
   password), and `healthy` is false meanwhile (the hub's ``/healthz`` answers 503). Publishing
   and subscribing fail fast with `.BrokerUnavailableError` (the handler tells new streams to
   retry later), each Redis call bounded by ``timeout``; open streams stay open.
-* **One hash slot.** The script and the reader's ``XREAD`` use several keys together; on a
-  Redis Cluster give the prefix a hash tag (``key_prefix="{sse}:"``). docs/scaling.md says what
-  that means for throughput and what sharding would take.
+* **One hash slot.** The script and the reader's ``XREAD`` use several keys together, so every
+  key of a broker lives in one hash slot. On a Redis Cluster, a broker is one shard
+  (``cluster_tag``, or `RedisBroker.for_cluster_shard`): see "Redis Cluster" below.
+
+Redis Cluster (issue 17)
+------------------------
+
+A broker made with ``cluster_tag="ts4"`` puts ``{ts4}`` into every key (``tornado_sse:{ts4}:last``
+...), so all its keys share one slot and its scripts stay atomic; the URL may name any node.
+Several such brokers, one per tag, are the shards of a ``ShardedBroker``. `.cluster` picks the
+tags (`.cluster.shard_tag`: shard *i* of *k* in the *i*-th of *k* equal slot ranges).
+
+* **Plain connections to the slot's primary, not redis-py's** ``RedisCluster`` **client.** The
+  broker asks any node for ``CLUSTER SLOTS`` and then talks only to the primary of its slot,
+  through an ordinary client whose every new connection runs the check script first, as on a
+  single Redis. ``RedisCluster`` keeps connections to every node and sends each command where
+  its keys are: the check script (keys in our slot) run on connect to another node would be
+  refused, a connection to the new primary after a failover would carry commands before any
+  check, its pipelines cannot be ``MULTI``/``EXEC`` transactions (the history pages are), and
+  the reader's blocking ``XREAD`` needs one dedicated connection to one node anyway.
+* **Following the slot.** A call refused with ``MOVED`` (the slot went to another node: a
+  resharding, or a failover seen from the old node) re-binds the broker to the node named and
+  runs again; ``ASK`` and ``TRYAGAIN`` (the slot is migrating: some keys on each side) and
+  ``CLUSTERDOWN`` are retried with backoff. All of these stay within ``timeout``, and are safe
+  to retry: Redis refused the call before running it. A lost connection is not retried (the
+  script may have run): the call fails with `.BrokerUnavailableError` and the broker asks the
+  cluster where its slot is now, so the next call goes there. The reader asks before every
+  (re)connection.
+* **A new primary is a new incarnation.** The connection to another node runs the check
+  script, which finds another ``run_id`` (the ``run`` key came along by replication or by
+  migration): unless ``durable=True``, the data may lack writes the old primary acknowledged
+  (a replica lags; a ``kill -9`` does not wait for it), so a new incarnation starts and the
+  shard's subscribers get one ``stream-reset``; a resume from before it is a gap. With
+  ``durable=True``, only evidence counts: a broker that saw ids the promoted replica never
+  got starts a new incarnation above them.
 """
 
 from __future__ import annotations
@@ -149,19 +181,20 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from ..errors import BrokerError, BrokerUnavailableError, HistoryGapError
 from ..protocol import Event, encode_event
 from .base import Broker, Frame, Subscription
+from .cluster import key_slot, node_url, shard_tag, slot_owner, validate_tag
 from .presence import Presence, companion, merge_presence, presence_event_data
 
 __all__ = ["RedisBroker"]
@@ -464,8 +497,23 @@ class RedisBroker(Broker):
         presence_lease: float = 15.0,
         presence: bool = True,
         redis_options: Mapping[str, Any] | None = None,
+        cluster_tag: str | None = None,
     ) -> None:
         super().__init__(history_size=history_size, presence=presence)
+        #: the hash tag of every key, when this broker is one shard of a Redis Cluster
+        self.cluster_tag = None if cluster_tag is None else validate_tag(cluster_tag)
+        #: the hash slot of every key (cluster shards only)
+        self.slot: int | None = None
+        if self.cluster_tag is not None:
+            if "{" in key_prefix or "}" in key_prefix:
+                raise ValueError(
+                    "key_prefix of a cluster shard must not hold braces: the broker adds the "
+                    "hash tag {cluster_tag} itself"
+                )
+            if urlsplit(url).scheme not in ("redis", "rediss"):
+                raise ValueError("a cluster shard needs a redis:// or rediss:// URL of any node")
+            key_prefix = f"{key_prefix}{{{self.cluster_tag}}}:"
+            self.slot = key_slot(self.cluster_tag)
         if timeout <= 0 or read_block <= 0 or presence_lease <= 0:
             raise ValueError("timeout, read_block and presence_lease must be positive")
         if read_count < 1 or min_stream_length < 1 or index_length < 1:
@@ -492,6 +540,7 @@ class RedisBroker(Broker):
         #: ``stream-reset`` events sent to live subscriptions because continuity was lost
         self.live_resets = 0
 
+        self._seed = url
         self._url = url
         self._options: dict[str, Any] = {
             "socket_timeout": timeout,
@@ -504,11 +553,14 @@ class RedisBroker(Broker):
             # process behind it may have lost data (see the module docstring).
             "redis_connect_func": self._on_connect,
         }
+        # cluster shards: the nodes CLUSTER SLOTS named, bumped with each move to another node,
+        # clients of nodes left (closed with the broker), one relocation at a time
+        self._nodes: list[tuple[str, int]] = []
+        self._generation = 0
+        self._retired: list[Client] = []
+        self._relocation: asyncio.Lock | None = None
         # Parse the URL now, so that a malformed one fails where the broker is made.
-        self._redis: Client = aioredis.from_url(url, **self._options)
-        self._publish_script = self._redis.register_script(_PUBLISH)
-        self._check_script = self._redis.register_script(_CHECK)
-        self._evidence_script = self._redis.register_script(_EVIDENCE)
+        self._bind(url)
         self._last_key = f"{key_prefix}last"
         self._floor_key = f"{key_prefix}floor"
         self._tops_key = f"{key_prefix}tops"
@@ -522,9 +574,6 @@ class RedisBroker(Broker):
         self._leases_key = f"{key_prefix}presence"
         self._presence_prefix = f"{key_prefix}presence:"
         self._presence_key = self._presence_prefix + self._token
-        self._share_script = self._redis.register_script(_SHARE)
-        self._ask_script = self._redis.register_script(_ASK)
-        self._announce_script = self._redis.register_script(_ANNOUNCE)
         #: channels with join/leave events seen here, and their grace periods (swept for the
         #: users of hosts that vanished)
         self._announce_graces: dict[str, float] = {}
@@ -554,6 +603,26 @@ class RedisBroker(Broker):
         self._index_pos: Key | None = None
         # the floor the reader's positions belong to: when it changes, the reader resyncs
         self._reader_floor: Key | None = None
+
+    @classmethod
+    def for_cluster_shard(cls, url: str, shard: int, shards: int, **options: Any) -> RedisBroker:
+        """Shard *shard* of *shards* on the Redis Cluster that *url* (any of its nodes) is part
+        of: a broker whose keys all carry the hash tag `.cluster.shard_tag` gives it, so they
+        live in one slot, on the primary that owns that slot now. *options* are those of
+        `RedisBroker`."""
+        return cls(url, cluster_tag=shard_tag(shard, shards), **options)
+
+    def _bind(self, url: str) -> None:
+        """Talk to the Redis at *url* from now on (a client and its scripts)."""
+        self._url = url
+        self.address = _redacted(url)
+        self._redis: Client = aioredis.from_url(url, **self._options)
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._check_script = self._redis.register_script(_CHECK)
+        self._evidence_script = self._redis.register_script(_EVIDENCE)
+        self._share_script = self._redis.register_script(_SHARE)
+        self._ask_script = self._redis.register_script(_ASK)
+        self._announce_script = self._redis.register_script(_ANNOUNCE)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -597,13 +666,16 @@ class RedisBroker(Broker):
         except (RedisError, OSError, asyncio.TimeoutError):
             pass
         await self._redis.aclose()
+        for client in self._retired:
+            await client.aclose()
+        self._retired = []
 
     # ------------------------------------------------------------------ the contract
 
     async def _publish(self, channel: str, event: Event) -> str:
         body = encode_event(event)
         result = await self._call(
-            self._publish_script(
+            lambda: self._publish_script(
                 keys=[
                     self._last_key,
                     self._floor_key,
@@ -676,19 +748,25 @@ class RedisBroker(Broker):
         # read past it; otherwise the trim check below still proves nothing was lost.
         check_window = first and per_stream >= window
         count = window if check_window else per_stream
-        pipe = self._redis.pipeline(transaction=True)
-        # `last` and `floor` after the evidence check (a new incarnation if this broker saw ids
-        # that Redis no longer has), in the same transaction as the reads
-        await self._evidence_script(
-            keys=[self._last_key, self._floor_key, self._tops_key],
-            args=self._evidence(),
-            client=pipe,
-        )
-        if start is not None:
-            pipe.hmget(self._tops_key, list(channels))
-            for channel in channels:
-                pipe.xrange(self._stream_prefix + channel, min=f"({after}", max="+", count=count)
-        results = await self._call(pipe.execute())
+
+        async def read() -> Any:
+            pipe = self._redis.pipeline(transaction=True)
+            # `last` and `floor` after the evidence check (a new incarnation if this broker saw
+            # ids that Redis no longer has), in the same transaction as the reads
+            await self._evidence_script(
+                keys=[self._last_key, self._floor_key, self._tops_key],
+                args=self._evidence(),
+                client=pipe,
+            )
+            if start is not None:
+                pipe.hmget(self._tops_key, list(channels))
+                for channel in channels:
+                    pipe.xrange(
+                        self._stream_prefix + channel, min=f"({after}", max="+", count=count
+                    )
+            return await pipe.execute()
+
+        results = await self._call(read)
         last, floor = self._learn(results[0][0], results[0][1])
         current = _format(last)
         if start is None:
@@ -735,13 +813,17 @@ class RedisBroker(Broker):
         # stream that filled it may hold older entries outside the window, so the start is cut
         # at the entry before its oldest one read (its ``p``).
         reach = min(count, self.history_size)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.get(self._last_key)
-        pipe.get(self._floor_key)
-        if reach:
-            for channel in channels:
-                pipe.xrevrange(self._stream_prefix + channel, max="+", min="-", count=reach)
-        results = await self._call(pipe.execute())
+
+        async def read() -> Any:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.get(self._last_key)
+            pipe.get(self._floor_key)
+            if reach:
+                for channel in channels:
+                    pipe.xrevrange(self._stream_prefix + channel, max="+", min="-", count=reach)
+            return await pipe.execute()
+
+        results = await self._call(read)
         if results[0] is None:
             last, _ = await self._check()
             return _format(last)
@@ -777,7 +859,7 @@ class RedisBroker(Broker):
             count, identities = table.counts(channel)
             args += [channel, json.dumps([count, identities]) if count else ""]
         existed = await self._call(
-            self._share_script(keys=[self._leases_key, self._presence_key], args=args)
+            lambda: self._share_script(keys=[self._leases_key, self._presence_key], args=args)
         )
         if not existed:
             rest = set(table.channels()) - set(channels)
@@ -786,7 +868,7 @@ class RedisBroker(Broker):
 
     async def _presence(self, channel: str) -> Presence:
         values = await self._call(
-            self._ask_script(keys=[self._leases_key], args=[self._presence_prefix, channel])
+            lambda: self._ask_script(keys=[self._leases_key], args=[self._presence_prefix, channel])
         )
         parts: list[tuple[int, dict[str, int]]] = []
         for value in values:
@@ -800,7 +882,7 @@ class RedisBroker(Broker):
     async def _announce(self, channel: str, identity: str, grace: float) -> None:
         self._announce_graces[channel] = grace
         verdict = await self._call(
-            self._announce_script(
+            lambda: self._announce_script(
                 keys=[self._leases_key, f"{self.key_prefix}announced:{channel}"],
                 args=[self._presence_prefix, channel, identity],
             )
@@ -817,7 +899,7 @@ class RedisBroker(Broker):
         check every announced user of the channels with join/leave events seen here."""
         for channel, grace in list(self._announce_graces.items()):
             key = f"{self.key_prefix}announced:{channel}"
-            names = await self._call(self._redis.hkeys(key))
+            names = await self._call(lambda key=key: self._redis.hkeys(key))  # type: ignore[misc]
             if not names and not self.presence_table.counts(channel)[0]:
                 del self._announce_graces[channel]
                 continue
@@ -869,14 +951,107 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------------ Redis calls
 
-    async def _call(self, awaitable: Awaitable[T]) -> T:
-        """Await a Redis call, bounded by the timeout; failures become BrokerUnavailableError."""
-        try:
-            return await asyncio.wait_for(awaitable, self.timeout + 0.5)
-        except asyncio.TimeoutError as exc:
-            raise BrokerUnavailableError(f"redis at {self.address} did not answer") from exc
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Make and await a Redis call, bounded by the timeout; failures become
+        BrokerUnavailableError. A cluster shard follows ``MOVED`` to the slot's new primary and
+        retries while the slot migrates (``ASK``, ``TRYAGAIN``) or the cluster is down,
+        within the same bound: Redis refused those calls, so they never ran."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout + 0.5
+        pause = 0.01
+        while True:
+            generation = self._generation
+            try:
+                return await asyncio.wait_for(make(), max(0.001, deadline - loop.time()))
+            except asyncio.TimeoutError as exc:
+                raise BrokerUnavailableError(f"redis at {self.address} did not answer") from exc
+            except MovedError as exc:
+                if self.cluster_tag is None:
+                    raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
+                failure: RedisError = exc
+                await self._relocate(generation, (exc.host, int(exc.port)))
+            except (AskError, TryAgainError, ClusterDownError) as exc:
+                if self.cluster_tag is None:
+                    raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
+                failure = exc
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
+            except (RedisError, OSError) as exc:
+                if self.cluster_tag is not None and isinstance(
+                    exc, (RedisConnectionError, OSError)
+                ):
+                    # perhaps a failover: the next call goes where the cluster says now (not
+                    # this one: it may have run before the connection broke)
+                    await self._relocate(generation)
+                raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
+            if loop.time() >= deadline:
+                raise BrokerUnavailableError(f"redis at {self.address}: {failure}") from failure
+
+    # ------------------------------------------------------------------ Redis Cluster
+
+    async def _relocate(self, generation: int, hint: tuple[str, int] | None = None) -> None:
+        """A cluster shard: talk to the primary of its slot from now on, *hint* (a ``MOVED``
+        reply's node) or whichever node ``CLUSTER SLOTS`` names. Nothing if another call moved
+        the broker since *generation*. Bounded by the timeout; finding nothing changes nothing."""
+        if self.cluster_tag is None:
+            return
+        if self._relocation is None:
+            self._relocation = asyncio.Lock()
+        async with self._relocation:
+            if generation != self._generation:
+                return
+            where = hint
+            if where is None:
+                try:
+                    where = await asyncio.wait_for(self._discover(), self.timeout)
+                except asyncio.TimeoutError:
+                    where = None
+            if where is None:
+                return
+            url = node_url(self._seed, *where)
+            if url == self._url:
+                return
+            old = self._redis
+            self._bind(url)
+            self._generation += 1
+            self._retired.append(old)
+            # idle connections go now; one in use finishes its call (refused by a node that no
+            # longer has the slot) and is closed with the broker
+            await old.connection_pool.disconnect(inuse_connections=False)
+        log.info(
+            "redis cluster: the keys {%s} (slot %s) are served by %s now",
+            self.cluster_tag,
+            self.slot,
+            self.address,
+        )
+
+    async def _discover(self) -> tuple[str, int] | None:
+        """The primary of this shard's slot per ``CLUSTER SLOTS``, asked of the node in use,
+        the node of the URL given, then every node seen before, until one answers."""
+        candidates: list[tuple[str, int]] = []
+        for url in (self._url, self._seed):
+            parts = urlsplit(url)
+            candidates.append((parts.hostname or "127.0.0.1", parts.port or 6379))
+        options = {
+            key: value for key, value in self._options.items() if key != "redis_connect_func"
+        }
+        options["retry"] = Retry(NoBackoff(), 0)
+        assert self.slot is not None
+        for host, port in dict.fromkeys([*candidates, *self._nodes]):
+            client: Client = aioredis.from_url(node_url(self._seed, host, port), **options)
+            try:
+                reply = await asyncio.wait_for(
+                    client.execute_command("CLUSTER", "SLOTS"), self.timeout
+                )
+            except (RedisError, OSError, asyncio.TimeoutError):
+                continue
+            finally:
+                await client.aclose()
+            owner, nodes = slot_owner(reply, self.slot, (host, port))
+            self._nodes = nodes
+            if owner is not None:
+                return owner
+        return None
 
     def _evidence(self) -> list[str]:
         """The high-water mark and the known floor, as the scripts take them."""
@@ -920,22 +1095,29 @@ class RedisBroker(Broker):
 
     async def _check(self, client: Client | None = None) -> tuple[Key, Key]:
         """``last`` and ``floor`` after the check script (a new incarnation if Redis lost data)."""
-        script = self._check_script if client is None else client.register_script(_CHECK)
         keys = [self._last_key, self._floor_key, self._tops_key, self._run_key]
-        return self._checked(await self._call(script(keys=keys, args=self._check_args())))
+
+        def check() -> Awaitable[Any]:
+            script = self._check_script if client is None else client.register_script(_CHECK)
+            return script(keys=keys, args=self._check_args())  # type: ignore[no-any-return]
+
+        return self._checked(await self._call(check))
 
     async def _current(self) -> Key:
-        value = await self._call(self._redis.get(self._last_key))
+        value = await self._call(lambda: self._redis.get(self._last_key))
         if value is None:
             last, _ = await self._check()
             return last
         return _parse(value) or _ZERO
 
     async def _wake(self) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=True)
-        pipe.pexpire(self._wake_key, 86_400_000)
-        await self._call(pipe.execute())
+        def wake() -> Awaitable[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=10, approximate=True)
+            pipe.pexpire(self._wake_key, 86_400_000)
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        await self._call(wake)
 
     def _frame(self, channel: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Frame:
         try:
@@ -952,6 +1134,10 @@ class RedisBroker(Broker):
     async def _read_forever(self) -> None:
         delay = self.reconnect_backoff[0]
         while not self.closed:
+            if self.cluster_tag is not None:
+                # (re)connect to the slot's primary now: a failover or a resharding may have
+                # moved it
+                await self._relocate(self._generation)
             client: Client = aioredis.from_url(
                 self._url,
                 **{
