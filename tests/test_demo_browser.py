@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,20 @@ def _playwright_available() -> bool:
 @pytest.fixture(scope="module")
 def demo_url() -> Iterator[str]:
     """``tornado-sse demo`` in a subprocess; its base URL."""
+    with demo("--presence-grace", str(PRESENCE_GRACE), "--retry", str(RETRY)) as (url, _):
+        yield url
+
+
+@contextmanager
+def demo(*args: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """``tornado-sse demo *args`` in a subprocess: its base URL, and the headers of its first
+    ``/healthz`` answer (``X-Demo-Hub`` names the process running the bridge hub)."""
     require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
     require(_playwright_available(), "the playwright package is missing (pip install playwright)")
     for _ in range(PORT_ATTEMPTS):  # a port taken in between: try another
         port = free_port()
         log = tempfile.TemporaryFile()
-        command = [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", str(port)]
-        command += ["--presence-grace", str(PRESENCE_GRACE), "--retry", str(RETRY)]
+        command = [sys.executable, "-m", "tornado_sse.cli", "demo", "--port", str(port), *args]
         process = subprocess.Popen(command, stdout=log, stderr=log)
         if listens_on(process, port) or PORT_TAKEN not in _read(log):
             break
@@ -77,12 +85,13 @@ def demo_url() -> Iterator[str]:
             try:
                 with urllib.request.urlopen(url + "/healthz", timeout=1) as response:
                     if response.status == 200:
+                        headers = {k.lower(): v for k, v in response.headers.items()}
                         break
             except OSError:
                 pass
             assert time.monotonic() < deadline, "the demo did not start:\n" + _read(log)
             time.sleep(0.05)
-        yield url
+        yield url, headers
     finally:
         process.terminate()
         try:
@@ -116,7 +125,14 @@ class Tab:
     def __init__(self, page: Any) -> None:
         self.page = page
         self.errors: list[str] = []
+        #: the process (``X-Demo-Process``) that answered each of this page's stream requests
+        self.stream_workers: list[str] = []
         page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("response", self._response)
+
+    def _response(self, response: Any) -> None:
+        if "/events?" in response.url and "until=" not in response.url:
+            self.stream_workers.append(response.headers.get("x-demo-process", ""))
 
     @classmethod
     async def open(cls, browser: Any, url: str, **context: Any) -> Tab:
@@ -338,3 +354,93 @@ def test_rate_limit_message_is_shown(demo_url: str) -> None:
             assert (await alice.page.input_value("#text")).startswith("message ")
 
     run(scenario())
+
+
+#: records every change of the member list and every notice the page shows, from now on
+RECORD_CHANGES = """() => {
+    window.__changes = [];
+    const members = document.getElementById('members');
+    new MutationObserver(() => {
+        const names = [...members.querySelectorAll('li')].map((n) => n.textContent);
+        window.__changes.push('members: ' + names.join(','));
+    }).observe(members, { childList: true, subtree: true, characterData: true });
+    new MutationObserver((mutations) => {
+        for (const mutation of mutations) {
+            for (const node of mutation.addedNodes) {
+                if (node.classList && node.classList.contains('notice')) {
+                    window.__changes.push('notice: ' + node.textContent);
+                }
+            }
+        }
+    }).observe(document.getElementById('log'), { childList: true });
+}"""
+
+#: seconds a lost connection keeps its member listed in the killed-worker test: its pages
+#: reconnect within it (a jittered retry of at most RETRY ms, on a busy machine)
+KILL_GRACE = 10.0
+
+
+def test_a_killed_workers_members_stay_listed_while_their_pages_move() -> None:
+    """``--processes 3``: pages in one room spread over the workers; one worker (not the one
+    running the bridge hub) is killed with ``kill -9``. Its pages reconnect to another worker
+    within the grace period, and no page ever shows a member leaving or joining."""
+
+    async def scenario(url: str, hub: str) -> None:
+        async with chromium() as browser:
+            tabs: list[Tab] = []
+            nicks: list[str] = []
+
+            def by_worker() -> dict[str, list[int]]:
+                held: dict[str, list[int]] = {}
+                for n, tab in enumerate(tabs):
+                    held.setdefault(tab.stream_workers[-1], []).append(n)
+                return held
+
+            def victim() -> str | None:
+                # a worker other than the hub's, holding a page, with a page elsewhere to watch
+                for worker, held in by_worker().items():
+                    if worker != hub and len(held) < len(tabs):
+                        return worker
+                return None
+
+            while len(tabs) < 4 or victim() is None:
+                assert len(tabs) < 16, f"the pages all landed on one worker: {by_worker()}"
+                tab = await Tab.open(browser, url)
+                nick = f"user{len(tabs)}"
+                await tab.join(nick, "workers")
+                assert tab.stream_workers, "the page's stream request was not seen"
+                tabs.append(tab)
+                nicks.append(nick)
+            for tab in tabs:
+                await tab.wait_members(nicks)
+                await tab.page.evaluate(RECORD_CHANGES)
+            doomed = victim()
+            assert doomed is not None
+            moved = by_worker()[doomed]
+            os.kill(int(doomed), signal.SIGKILL)
+            for n in moved:
+                await tabs[n].page.wait_for_function(
+                    "() => document.getElementById('status').dataset.state === 'resumed'",
+                    timeout=WAIT + KILL_GRACE * 1000,
+                )
+                assert tabs[n].stream_workers[-1] not in ("", doomed)
+            # Each moved page speaks once it is back; once every page shows every one of these,
+            # it also shows any join or leave published before them (ids are in order): a
+            # reconnect later than the grace period would have been a leave, then a join.
+            for n in moved:
+                await tabs[n].say(f"{nicks[n]} is back")
+            for tab in tabs:
+                for n in moved:
+                    await tab.wait_texts(f"{nicks[n]} is back", 1)
+            for n, tab in enumerate(tabs):
+                changes = await tab.page.evaluate("() => window.__changes")
+                assert [c for c in changes if c != "members: " + ",".join(nicks)] == [], (
+                    f"page of {nicks[n]} (moved: {[nicks[m] for m in moved]})"
+                )
+                assert tab.errors == []
+
+    with demo("--processes", "3", "--presence-grace", str(KILL_GRACE), "--retry", str(RETRY)) as (
+        url,
+        headers,
+    ):
+        asyncio.run(asyncio.wait_for(scenario(url, headers["x-demo-hub"]), 90))
