@@ -252,6 +252,37 @@ def free_port() -> int:
 # ---------------------------------------------------------------------- processes
 
 
+async def start_redis(
+    workdir: Path, core: set[int] | None, name: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A throwaway redis-server (no persistence) pinned to *core*: the process and its URL."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
+        *("--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir)),
+        *("--logfile", str(workdir / f"{name}-redis.log")),
+        stdin=asyncio.subprocess.DEVNULL,
+        preexec_fn=_pinned(core),
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(b"PING\r\n")
+            reply = await asyncio.wait_for(reader.readline(), 2)
+            writer.close()
+            if reply.startswith(b"+PONG"):
+                return proc, f"redis://{HOST}:{port}/0"
+        except (OSError, asyncio.TimeoutError):
+            pass
+        if time.monotonic() > deadline or proc.returncode is not None:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise RuntimeError("redis-server did not start")
+        await asyncio.sleep(0.02)
+
+
 def _proc_times(pid: int) -> tuple[float, float]:
     """Seconds of user and system CPU (all threads) used by *pid* so far."""
     with open(f"/proc/{pid}/stat") as fh:
@@ -425,29 +456,9 @@ class Server:
         return float(sum(seconds for _, seconds in reply["generations"]))
 
     async def _start_redis(self) -> str:
-        """A throwaway redis-server (no persistence) on the server's core; its URL."""
-        port = free_port()
-        self.redis = await asyncio.create_subprocess_exec(
-            *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
-            *("--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            *("--logfile", str(self.workdir / f"{self.peer.name}-redis.log")),
-            stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_pinned(self.core),
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                reader, writer = await asyncio.open_connection(HOST, port)
-                writer.write(b"PING\r\n")
-                reply = await asyncio.wait_for(reader.readline(), 2)
-                writer.close()
-                if reply.startswith(b"+PONG"):
-                    return f"redis://{HOST}:{port}/0"
-            except (OSError, asyncio.TimeoutError):
-                pass
-            if time.monotonic() > deadline or self.redis.returncode is not None:
-                raise RuntimeError("redis-server did not start")
-            await asyncio.sleep(0.02)
+        """A throwaway redis-server on the server's core; its URL."""
+        self.redis, url = await start_redis(self.workdir, self.core, self.peer.name)
+        return url
 
     def _pids(self) -> list[int]:
         """The server's processes: the peer, and its redis-server if it has one."""

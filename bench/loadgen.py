@@ -29,6 +29,12 @@ Commands (``cmd`` and its arguments):
 ``stall`` n
     make *n* streams stop reading (slow consumers); they are left out of the checks (they
     cannot tell whether the server cut them off: the harness asks the server).
+``storm_open`` n, offset, channels, urls, src, timeout
+    open *n* browser-like streams (`tornado_sse.bench.browser`): they reconnect by themselves,
+    honour ``retry:``, resume with ``Last-Event-ID`` and fail over along *urls*.
+``storm_status``, ``storm_wait`` lasts, timeout, ``storm_report`` lasts, unknown,
+``storm_close``
+    how many of them are down; wait until all are back and caught up; their counts.
 ``stats``, ``quit``
 """
 
@@ -44,6 +50,7 @@ import sys
 import time
 from typing import Any
 
+from .browser import StreamGroup
 from .events import DEFAULT_SIZE, PAYLOAD, make_payload
 
 monotonic_ns = time.monotonic_ns
@@ -220,6 +227,38 @@ class Worker:
         self.stalled: list[Client] = []
         self.latencies: array.array[int] | None = None
         self.run_first = 0
+        self.storm: StreamGroup | None = None
+
+    async def storm_open(
+        self,
+        n: int,
+        offset: int,
+        channels: int,
+        urls: list[list[Any]],
+        src: str,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        if self.storm is None:
+            self.storm = StreamGroup(self.index, self.latency_dir, src)
+        return await self.storm.open(n, offset, channels, urls, timeout)
+
+    async def storm_status(self) -> dict[str, Any]:
+        assert self.storm is not None
+        return self.storm.status()
+
+    async def storm_wait(self, lasts: dict[str, int], timeout: float) -> dict[str, Any]:
+        assert self.storm is not None
+        return await self.storm.wait(lasts, timeout)
+
+    async def storm_report(
+        self, lasts: dict[str, int], unknown: dict[str, list[int]]
+    ) -> dict[str, Any]:
+        assert self.storm is not None
+        return self.storm.report(lasts, unknown)
+
+    async def storm_close(self) -> dict[str, Any]:
+        group, self.storm = self.storm, None
+        return group.close() if group is not None else {"ok": True, "closed": 0}
 
     async def connect(
         self, n: int, host: str, port: int, path: str, src: str, concurrency: int = 1000
@@ -471,6 +510,8 @@ async def serve(index: int, latency_dir: str) -> None:
             if name == "quit":
                 for client in worker.clients:
                     client.close()
+                if worker.storm is not None:
+                    worker.storm.close()
                 reply: dict[str, Any] = {"ok": True}
             elif name == "stats":
                 reply = {"ok": True, "clients": len(worker.clients)}
