@@ -5,6 +5,7 @@ Examples::
     tornado-sse bench --quick                       # about a minute
     tornado-sse bench --out docs/benchmarks         # the full run behind docs/benchmarks.md
     tornado-sse bench --scenario fanout --peers floor,tornado_sse
+    tornado-sse bench storm --out docs/benchmarks   # the restart storm (bench/storm.py)
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _command_line(
     return shlex.join(argv)
 
 
-@click.command(name="bench")
+@click.group(name="bench", invoke_without_command=True)
 @click.option(
     "--quick",
     is_flag=True,
@@ -157,7 +158,9 @@ def _command_line(
     help="Override a field of the plan (repeatable), e.g. fanout_subscribers=100,1000 or "
     "latency_duration=5; see tornado_sse.bench.harness.Plan.",
 )
+@click.pass_context
 def bench_command(
+    ctx: click.Context,
     quick: bool,
     scenarios: tuple[str, ...],
     peers: str | None,
@@ -172,7 +175,10 @@ def bench_command(
     Each server runs in its own process pinned to one core, the load generator on the other;
     events carry their publish time and a sequence number so every client checks latency,
     loss, duplication and order. Writes JSON, a markdown table and plots (with matplotlib).
+    ``tornado-sse bench storm`` runs the restart storm instead.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     plan = Plan.quick() if quick else Plan()
     if repeats is not None:
         plan.fanout_repeats = max(1, repeats)
@@ -234,3 +240,130 @@ def bench_command(
     click.echo(report.markdown(data))
     for path in written:
         click.echo(f"wrote {path}", err=True)
+
+
+def _cases(value: str) -> list[str]:
+    from .storm import CASES
+
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CASES]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown case(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(CASES)}"
+        )
+    return names
+
+
+@bench_command.command(name="storm")
+@click.option(
+    "--streams",
+    type=click.IntRange(1, 100_000),
+    default=10_000,
+    show_default=True,
+    help="Streams open during the storm.",
+)
+@click.option(
+    "--cases",
+    default="a,b,b-hub,c",
+    show_default=True,
+    help="Comma-separated cases: a (one hub SIGTERMed and started again), b (one worker of "
+    "--processes 2 killed with kill -9), b-hub (the worker running the hub), c (two --redis "
+    "hubs, one SIGTERMed).",
+)
+@click.option(
+    "--channels", type=click.IntRange(1), default=100, show_default=True, help="Channels."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0.1, 10_000),
+    default=100.0,
+    show_default=True,
+    help="Events per second published, over all channels.",
+)
+@click.option(
+    "--retry", type=click.IntRange(1), default=3000, show_default=True, help="The hubs' --retry."
+)
+@click.option(
+    "--drain",
+    type=click.FloatRange(0, 60),
+    default=2.0,
+    show_default=True,
+    help="The hubs' --drain.",
+)
+@click.option(
+    "--steady",
+    type=click.FloatRange(0.1, 600),
+    default=3.0,
+    show_default=True,
+    help="Seconds of steady state measured before the storm.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Load generator processes.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Directory for storm.json and storm.md.",
+)
+def storm_command(
+    streams: int,
+    cases: str,
+    channels: int,
+    rate: float,
+    retry: int,
+    drain: float,
+    steady: float,
+    workers: int,
+    out: Path,
+) -> None:
+    """The restart storm: streams open while events flow, then a hub goes away.
+
+    Browser-like clients (retry:, then Last-Event-ID) count per stream the events lost,
+    duplicated, reordered and missed after a stream-reset; the report gives the time until
+    every stream is back, the latency in the storm against the steady state and the spread of
+    the reconnects. See docs/benchmarks.md.
+    """
+    from .storm import StormPlan, run_storm
+
+    names = _cases(cases)
+    plan = StormPlan(
+        streams=streams,
+        channels=min(channels, streams),
+        rate=rate,
+        retry=retry,
+        drain=drain,
+        steady=steady,
+        workers=workers,
+    )
+    server_core, client_core = cores()
+    if server_core is None:
+        click.echo("warning: fewer than 2 cores; hubs and load generator share them", err=True)
+    argv = ["tornado-sse", "bench", "storm", "--streams", str(streams), "--cases", cases]
+    argv += ["--channels", str(channels), "--rate", f"{rate:g}", "--retry", str(retry)]
+    argv += ["--drain", f"{drain:g}", "--steady", f"{steady:g}", "--workers", str(workers)]
+    argv += ["--out", str(out)]
+    started = time.monotonic()
+    results = asyncio.run(run_storm(plan, names))
+    data = {
+        "command": shlex.join(argv),
+        "environment": report.environment(),
+        "placement": {
+            "server": sorted(server_core) if server_core else "any",
+            "clients": sorted(client_core) if client_core else "any",
+        },
+        "plan": asdict(plan),
+        "elapsed_s": time.monotonic() - started,
+        "cases": results,
+    }
+    written = report.write_storm(data, out)
+    click.echo(report.storm_markdown(data))
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+    if any(row.get("status") != "ok" for row in results.values()):
+        raise click.ClickException("a case did not run: see its status above")

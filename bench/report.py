@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment", "markdown", "plots", "write"]
+__all__ = ["environment", "markdown", "plots", "storm_markdown", "write", "write_storm"]
 
 FLOOR = "floor"
 
@@ -360,6 +360,83 @@ def markdown(data: dict[str, Any]) -> str:
             f"{totals['reordered']} | {totals['dropped']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- the restart storm
+
+#: what each case of `tornado_sse.bench.storm` does, for the table's readers
+STORM_CASES = {
+    "a": "one hub (in-process broker) SIGTERMed, drained, started again on its port",
+    "b": "`--processes 2`: the worker not running the hub killed with kill -9",
+    "b-hub": "`--processes 2`: the worker running the hub killed with kill -9",
+    "c": "two `--redis` hubs: hub A SIGTERMed and drained, its clients fail over to B",
+}
+
+
+def _span(row: dict[str, Any] | None, digits: int) -> str:
+    if not row:
+        return "-"
+    return " / ".join(_num(row[key], digits) for key in ("min", "median", "max"))
+
+
+def storm_table(cases: dict[str, Any]) -> list[str]:
+    """One row per storm case."""
+    lines = [
+        "| case | streams | every stream back after (s) | lost / dup / reordered | streams "
+        "reset / events missed after a reset | p99 ms steady -> storm | retry: held at the "
+        "close (ms) min / median / max | close to back (s) min / median / max | publishes "
+        "refused / answer lost |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in cases.items():
+        what = f"{name}: {STORM_CASES.get(name, name)}"
+        if row.get("status") != "ok":
+            lines.append(f"| {what} | {row.get('status')} | | | | | | | |")
+            continue
+        steady = row["latency_steady_ms"].get("p99")
+        storm = row["latency_storm_ms"].get("p99")
+        lines.append(
+            f"| {what} | {_num(row['streams'])} ({_num(row['streams_closed'])} closed) | "
+            f"{_num(row['all_back_s'], 2)} | "
+            f"{row['lost']} / {row['duplicated']} / {row['reordered']} | "
+            f"{_num(row['streams_reset'])} / {_num(row['missed_after_reset'])} | "
+            f"{_num(steady, 1)} -> {_num(storm, 1)}{_ratio(storm, steady)} | "
+            f"{_span(row['retry_ms'], 0)} | {_span(row['outage_s'], 2)} | "
+            f"{row['publishes_refused']} / {row['publishes_unknown']} |"
+        )
+    return lines
+
+
+def storm_markdown(data: dict[str, Any]) -> str:
+    """A storm run as markdown: the command, the machine, the plan and one table."""
+    plan = data["plan"]
+    env = data["environment"]
+    lines = [
+        f"Command: `{data['command']}`  ",
+        f"Machine: {env['cpu']}, {env['cores']} cores, Linux {env['kernel']}, "
+        f"{env['implementation']} {env['python']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}  ",
+        f"Placement: hubs (and redis-server) on core(s) {data['placement']['server']}, load "
+        f"generator on {data['placement']['clients']}.  ",
+        f"{_num(plan['streams'])} streams over {plan['channels']} channels, "
+        f"{plan['rate']:g} events/s in all ({plan['size']}-byte events), "
+        f"{plan['steady']:g} s steady before the storm; hubs with `--retry {plan['retry']}` "
+        f"(jittered up to 1.5x), `--drain {plan['drain']:g}`, `--history {plan['history']}`.",
+        "",
+        *storm_table(data["cases"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_storm(data: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``storm.json`` and ``storm.md`` into *out*; the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "storm.json"
+    json_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md_path = out / "storm.md"
+    md_path.write_text(storm_markdown(data))
+    return [json_path, md_path]
 
 
 # ---------------------------------------------------------------------- plots
