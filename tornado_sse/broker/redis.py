@@ -437,6 +437,11 @@ def _reset_frame(channel: str, key: Key, reason: str) -> Frame:
     return Frame.from_event(channel, Event(data=data, event="stream-reset", id=event_id))
 
 
+#: connections the broker's pool holds at most (a ``max_connections`` in the URL's query or in
+#: ``redis_options`` overrides it); commands beyond it wait for a free one, up to ``timeout``
+POOL_SIZE = 100
+
+
 class RedisBroker(Broker):
     """A broker whose ids, history and fan-in live in Redis, for several processes or hosts.
 
@@ -477,7 +482,9 @@ class RedisBroker(Broker):
         `presence` within this time.
     :param presence: count subscriptions for `presence` (default ``True``; see `.Broker`).
     :param redis_options: further keyword arguments for `redis.asyncio.from_url` (options in
-        the URL's query take precedence over them).
+        the URL's query take precedence over them). The broker's pool is a
+        `redis.asyncio.BlockingConnectionPool` of `POOL_SIZE` connections (``max_connections``
+        changes it): past it, a command waits up to *timeout* for a connection to be free.
     """
 
     def __init__(
@@ -616,7 +623,16 @@ class RedisBroker(Broker):
         """Talk to the Redis at *url* from now on (a client and its scripts)."""
         self._url = url
         self.address = _redacted(url)
-        self._redis: Client = aioredis.from_url(url, **self._options)
+        # A command finding every pooled connection busy waits for one (up to the timeout)
+        # rather than failing at once: redis-py's default pool raises "Too many connections",
+        # which a burst of new streams (a reconnect storm, issue 15) took for Redis being down,
+        # and every stream past the pool's size was shed.
+        pool: Any = aioredis.BlockingConnectionPool.from_url(
+            url, **{"max_connections": POOL_SIZE, "timeout": self.timeout, **self._options}
+        )
+        client: Client = aioredis.Redis(connection_pool=pool)
+        client.auto_close_connection_pool = True  # aclose() closes the pool: Redis.from_pool
+        self._redis = client
         self._publish_script = self._redis.register_script(_PUBLISH)
         self._check_script = self._redis.register_script(_CHECK)
         self._evidence_script = self._redis.register_script(_EVIDENCE)
