@@ -126,12 +126,14 @@ class Peer:
     #: tornado_sse's broker: "memory", "bridge" (the process is its own hub, over the unix
     #: socket) or "redis" (a redis-server of its own, on the server's core)
     backend: str = "memory"
+    #: the stream's path and query (the hub takes its channels from ``?channel=``)
+    stream_path: str = "/events"
 
     @property
     def path(self) -> str:
         """The stream's path: with ``auth=jwt``, carrying a signed token (`JWT_SECRET`)."""
         if "auth=jwt" not in self.options:
-            return "/events"
+            return self.stream_path
         from tornado_sse.auth import create_token
 
         return "/events?access_token=" + create_token(JWT_SECRET, subscribe=["bench"], ttl=None)
@@ -195,6 +197,14 @@ PEERS: dict[str, Peer] = {
             "tornado_sse_peer",
             options=("gc=hub",),
             why="what tornado-sse serve's garbage-collector policy does to connect time",
+            scenarios=("idle",),
+        ),
+        Peer(
+            "tornado_sse_hub",
+            "tornado-sse serve (the hub's application, server, access, logs and GC policy)",
+            "hub_peer",
+            stream_path="/events?channel=bench",
+            why="what a stream costs the hub itself, beside the embedded handler",
             scenarios=("idle",),
         ),
         Peer("tornado_plain", "plain Tornado (queue per client, write + flush)", "tornado_plain"),

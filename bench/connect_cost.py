@@ -1,0 +1,157 @@
+"""What connecting a storm of streams costs the server, beside Tornado's empty handler.
+
+    python -m tornado_sse.bench.connect_cost --streams 10000 --rounds 5
+
+Issue 15, item 2: the hub should connect 10,000 streams for no more server CPU than an empty
+Tornado `RequestHandler` (1.0x), an embedded `EventStreamHandler` within 1.2x of it. On a
+shared machine one run of each proves little, so the peers take turns: every round starts each
+peer afresh (in a rotated order), warms it up, connects the streams from the load generator
+(`tornado_sse.bench.loadgen`, two processes on their own core), reads the server's CPU
+(``/proc``, user + system) from the first connect until the server counts every stream, then
+closes them and stops the server. The figure is the median over the rounds of each peer's CPU,
+and each ratio the median of the per-round ratios to the empty handler (the peers of one round
+ran within seconds of each other, so they shared the machine's load). The load average is
+read at the start and the end.
+
+Printed as a Markdown table; ``--out`` writes every round as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .harness import PEERS, PeerRun, Plan, Progress, Server, Workers, cores
+
+#: the peers compared by default; the first is the reference
+DEFAULT_PEERS = ("tornado_empty", "tornado_sse", "tornado_sse_hubgc", "tornado_sse_hub")
+
+
+async def one(
+    name: str, plan: Plan, workers: Workers, work: Path, server_core: Any, client_core: Any
+) -> dict[str, Any]:
+    """Start *name*, warm it up, connect ``plan.idle_streams`` streams; its connect CPU."""
+    peer = PEERS[name]
+    runner = PeerRun(peer, plan, work, Progress(), server_core, client_core)
+    runner.server = Server(peer, plan, server_core, work)
+    runner.workers = workers
+    runner.clients = list(range(plan.workers))
+    runner.publisher = None
+    await runner.server.start()
+    try:
+        await runner.warm_up()
+        await runner.server.gc()
+        cpu0 = runner.server.cpu()
+        connect = await runner.connect(plan.idle_streams)
+        seen = await runner.server.wait_streams(connect["connected"], 30, at_least=True)
+        cpu = runner.server.cpu() - cpu0
+        await runner._close_all()
+        await runner.server.wait_streams(0, plan.settle_timeout)
+        return {
+            "peer": name,
+            "streams": connect["connected"],
+            "server_cpu_s": cpu,
+            "wall_s": connect["seconds"],
+            "seen": seen is not None,
+            "errors": connect["errors"],
+        }
+    finally:
+        await runner.server.stop()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    names = [name.strip() for name in args.peers.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peers: {', '.join(unknown)}")
+    plan = Plan(idle_streams=args.streams, heartbeat=15.0)
+    server_core, client_core = cores()
+    load0 = os.getloadavg()
+    rounds: list[list[dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        workers = Workers(plan.workers, client_core, work)
+        await workers.start()
+        try:
+            for index in range(args.rounds):
+                shift = index % len(names)
+                order = names[shift:] + names[:shift]
+                results = {}
+                for name in order:
+                    results[name] = await one(name, plan, workers, work, server_core, client_core)
+                rounds.append([results[name] for name in names])
+                print(
+                    f"round {index + 1}: "
+                    + ", ".join(f"{r['peer']} {r['server_cpu_s']:.2f}s" for r in rounds[-1]),
+                    flush=True,
+                )
+        finally:
+            await workers.stop()
+    load1 = os.getloadavg()
+    reference = names[0]
+    summary = []
+    for column, name in enumerate(names):
+        cpus = [r[column]["server_cpu_s"] for r in rounds]
+        ratios = [r[column]["server_cpu_s"] / r[0]["server_cpu_s"] for r in rounds]
+        summary.append(
+            {
+                "peer": name,
+                "label": PEERS[name].label,
+                "median_cpu_s": statistics.median(cpus),
+                "median_ratio": statistics.median(ratios),
+                "ratios": ratios,
+            }
+        )
+    return {
+        "streams": args.streams,
+        "rounds": rounds,
+        "summary": summary,
+        "reference": reference,
+        "loadavg_start": load0,
+        "loadavg_end": load1,
+        "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['streams']:,} streams, {len(result['rounds'])} rounds, load average "
+        f"{result['loadavg_start'][0]:.1f} at the start, {result['loadavg_end'][0]:.1f} at the end",
+        "",
+        f"| server | server CPU to connect (median) | ratio to {result['reference']} "
+        "(median) | ratios per round |",
+        "|---|---|---|---|",
+    ]
+    for row in result["summary"]:
+        per_round = " ".join(f"{ratio:.2f}" for ratio in row["ratios"])
+        lines.append(
+            f"| {row['label']} | {row['median_cpu_s']:.2f} s | {row['median_ratio']:.2f}x "
+            f"| {per_round} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--peers", default=",".join(DEFAULT_PEERS), help="comma-separated; the first is 1.0x"
+    )
+    parser.add_argument("--out", help="write every round as JSON here")
+    args = parser.parse_args(argv)
+    result = asyncio.run(main_async(args))
+    print(table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
