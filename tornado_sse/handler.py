@@ -106,12 +106,6 @@ def parse_history(value: str) -> int:
     return int(value)
 
 
-async def _maybe_await(value: Any) -> Any:
-    if isinstance(value, Awaitable):
-        return await value
-    return value
-
-
 class _StreamParams:
     """Settings resolved once per stream so the hot path never reads the settings dict."""
 
@@ -669,7 +663,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 self._shed("rate", wait)
                 return
         try:
-            channels = list(await _maybe_await(self.get_channels()))
+            # Each hook may be a coroutine; most are not, and awaiting a helper coroutine for
+            # each would make four coroutine objects a stream (issue 15, item 2).
+            answer: Any = self.get_channels()
+            if isinstance(answer, Awaitable):
+                answer = await answer
+            channels = list(answer)
             if not channels:
                 raise InvalidChannelError("name at least one channel (?channel=...)")
             for channel in channels:
@@ -684,14 +683,23 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 # a companion channel is granted with the channel it describes (issue 14)
                 of = described(channel) if patterns else None
                 asked = of if of is not None and matches_any(patterns, of) else channel
-                if not await _maybe_await(self.check_channel(asked)):
+                answer = self.check_channel(asked)
+                if isinstance(answer, Awaitable):
+                    answer = await answer
+                if not answer:
                     raise AccessDeniedError(channel)
-            history = int(await _maybe_await(self.get_history()))
+            answer = self.get_history()
+            if isinstance(answer, Awaitable):
+                answer = await answer
+            history = int(answer)
             if not 0 <= history <= MAX_HISTORY:
                 raise InvalidArgumentError(
                     f"history must be a whole number of events from 0 to {MAX_HISTORY}"
                 )
-            identity = validate_identity(await _maybe_await(self.get_identity()))
+            answer = self.get_identity()
+            if isinstance(answer, Awaitable):
+                answer = await answer
+            identity = validate_identity(answer)
         except (InvalidChannelError, InvalidArgumentError) as exc:
             self._refuse(400, str(exc))
             return
