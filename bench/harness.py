@@ -207,6 +207,15 @@ PEERS: dict[str, Peer] = {
             why="what a stream costs the hub itself, beside the embedded handler",
             scenarios=("idle",),
         ),
+        Peer(
+            "tornado_sse_hub_quiet",
+            "tornado-sse serve --log-level warning (no log line per stream)",
+            "hub_peer",
+            options=("log=warning",),
+            stream_path="/events?channel=bench",
+            why="what the hub's info lines per stream cost",
+            scenarios=("idle",),
+        ),
         Peer("tornado_plain", "plain Tornado (queue per client, write + flush)", "tornado_plain"),
         Peer(
             "tornado_empty",

@@ -10,7 +10,8 @@ and no ``--stream-rate`` (both are per client address). It opens up to 2,000 con
 once: no ``--max-idle-connections`` (default 1,000), which would close the connections whose
 request head has not been read yet, past the thousandth, and the storm would be measured
 with retries. The driver publishes through the
-hub's broker in the server's own event loop, as the other peers do.
+hub's broker in the server's own event loop, as the other peers do. ``--option log=warning``
+runs it with ``--log-level warning`` (no line per stream), to show what the logs cost.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ import tornado.netutil
 from tornado_sse import ConnectionSet, gcpolicy
 from tornado_sse.httpserver import HubHTTPServer
 from tornado_sse.hub.app import HubState, make_app
-from tornado_sse.hub.logs import configure_logging
+from tornado_sse.hub.logs import configure_logging, lighten_records
 from tornado_sse.hub.options import HubOptions
 from tornado_sse.hub.run import make_broker
 
-from .common import Driver, parse_args, run
+from .common import Driver, options, parse_args, run
 
 
 async def main(args: argparse.Namespace) -> None:
-    options = HubOptions(
-        token="bench-master-token-not-used",  # noqa: S106 (the driver publishes in-process)
+    level = options(args).get("log", "info")
+    hub_options = HubOptions(
+        token="bench-master-token-not-used",  # the driver publishes in-process
         host=args.host,
         port=args.port,
         heartbeat=args.heartbeat,
@@ -40,19 +42,21 @@ async def main(args: argparse.Namespace) -> None:
         max_connections_per_address=None,
         stream_rate=None,
         max_idle_connections=None,
+        log_level=level,
     )
-    configure_logging(options.log_level, options.log_json)
-    broker = make_broker(options)
+    configure_logging(hub_options.log_level, hub_options.log_json)
+    lighten_records()
+    broker = make_broker(hub_options)
     await broker.start()
     connections = ConnectionSet()
-    app = make_app(options, broker, connections=connections)
+    app = make_app(hub_options, broker, connections=connections)
     hub: HubState = app.settings["tornado_sse_hub"]
     server = HubHTTPServer(
         app,
-        max_body_size=options.max_body_size,
+        max_body_size=hub_options.max_body_size,
         body_timeout=60.0,
-        idle_connection_timeout=options.idle_connection_timeout,
-        max_idle_connections=options.max_idle_connections,
+        idle_connection_timeout=hub_options.idle_connection_timeout,
+        max_idle_connections=hub_options.max_idle_connections,
         metrics=hub.metrics,
     )
     server.add_sockets(tornado.netutil.bind_sockets(args.port, args.host, backlog=args.backlog))

@@ -22,7 +22,7 @@ from ..errors import (
 )
 from ..httpserver import HubHTTPServer
 from .app import HubState, make_app
-from .logs import configure_logging
+from .logs import configure_logging, lighten_records
 from .options import HubOptions
 
 log = logging.getLogger("tornado_sse.server")
@@ -191,6 +191,7 @@ def serve(options: HubOptions) -> None:
     _check_backends(options)
     sockets = bind(options)
     configure_logging(options.log_level, options.log_json)
+    lighten_records()
     if len(options.token) < 16:
         log.warning("the publish token is short: use a long random secret")
     if options.processes > 1:
