@@ -52,7 +52,10 @@ class HubOptions:
         process); ``None``: no limit.
     :param max_channels_per_stream: channels one stream may follow; ``None``: no limit.
     :param processes: worker processes sharing the port (``--processes``, bridge backend).
-    :param redis: Redis URL (``--redis``, Redis backend); ``None``: in-process broker.
+    :param redis: Redis URL (``--redis``, Redis backend); ``None``: in-process broker. With
+        several ``--redis``, the first of them.
+    :param redis_shards: every URL when ``--redis`` is given more than once: channels are
+        sharded over those Redis servers (`.ShardedBroker`, in this order); else empty.
     :param redis_durable: declare that Redis never loses an acknowledged write
         (``--redis-durable``; `RedisBroker`'s ``durable``).
     :param idle_connection_timeout: seconds a non-stream connection may take to send a request's
@@ -89,6 +92,7 @@ class HubOptions:
     max_buffer_size: int = 1 << 20
     processes: int = 1
     redis: str | None = None
+    redis_shards: tuple[str, ...] = ()
     redis_durable: bool = False
     xheaders: bool = False
     stream_rate: str | None = DEFAULT_STREAM_RATE
@@ -349,8 +353,10 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     "--redis",
     "redis_url",
     type=RedisUrl(),
-    default=None,
-    help="Redis URL (redis://host:6379/0): several hubs on several machines act as one.",
+    multiple=True,
+    help="Redis URL (redis://host:6379/0): several hubs on several machines act as one. "
+    "Repeat it to shard the channels over several Redis servers (every hub and publisher "
+    "must list the same URLs in the same order).",
 )
 @click.option(
     "--redis-durable",
@@ -455,7 +461,7 @@ def serve_command(
     max_body_size: int,
     max_buffer_size: int,
     processes: int,
-    redis_url: str | None,
+    redis_url: tuple[str, ...],
     redis_durable: bool,
     idle_connection_timeout: float,
     max_idle_connections: int,
@@ -498,6 +504,8 @@ def serve_command(
         raise click.BadParameter(
             f"{presence_grace!r} is not a number of seconds", param_hint="'--presence-grace'"
         )
+    if len(set(redis_url)) != len(redis_url):
+        raise click.BadParameter("the same Redis URL is given twice", param_hint="'--redis'")
     options = HubOptions(
         presence=tuple(dict.fromkeys(presence)),
         presence_grace=presence_grace,
@@ -517,7 +525,8 @@ def serve_command(
         max_body_size=max_body_size,
         max_buffer_size=max_buffer_size,
         processes=processes,
-        redis=redis_url,
+        redis=redis_url[0] if redis_url else None,
+        redis_shards=redis_url if len(redis_url) > 1 else (),
         redis_durable=redis_durable,
         xheaders=xheaders,
         idle_connection_timeout=idle_connection_timeout,

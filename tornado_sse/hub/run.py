@@ -44,16 +44,24 @@ _STOP_AFTER_STREAMS = 2.0
 def make_broker(options: HubOptions) -> Broker:
     """The broker the hub publishes to and streams subscribe to.
 
-    ``--redis URL``: `tornado_sse.broker.redis.RedisBroker`; else ``--processes N`` (N > 1): a
-    `tornado_sse.broker.bridge.BridgeBroker` on the group's socket; otherwise an
+    ``--redis URL``: `tornado_sse.broker.redis.RedisBroker`; ``--redis`` given several times: a
+    `tornado_sse.broker.sharded.ShardedBroker` over one `.RedisBroker` per URL; else
+    ``--processes N`` (N > 1): a `tornado_sse.broker.bridge.BridgeBroker` on the group's
+    socket; otherwise an
     `.InProcessBroker`. Called once per process, after the sockets are bound (and after
     forking, if any).
     """
     if options.redis is not None:
         module = importlib.import_module("tornado_sse.broker.redis")
-        broker: Broker = module.RedisBroker(
-            options.redis, history_size=options.history, durable=options.redis_durable
-        )
+        urls = options.redis_shards or (options.redis,)
+        shards: list[Broker] = [
+            module.RedisBroker(url, history_size=options.history, durable=options.redis_durable)
+            for url in urls
+        ]
+        if len(shards) == 1:
+            return shards[0]
+        sharded = importlib.import_module("tornado_sse.broker.sharded")
+        broker: Broker = sharded.ShardedBroker(shards)
         return broker
     if options.processes > 1:
         bridge = importlib.import_module("tornado_sse.broker.bridge")
