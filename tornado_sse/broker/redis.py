@@ -1218,10 +1218,13 @@ class RedisBroker(Broker):
             self.address,
             len(self._positions),
         )
-        self._horizon = last
+        # Reset to the new incarnation's floor, not to `last`: the events published since it
+        # began (by brokers that got there first) are still delivered, after the reset.
+        position = floor if horizon < floor else last
+        self._horizon = position
         for channel in self._positions:
-            self._positions[channel] = last
-        for _, frame, targets in self._resets(dict.fromkeys(self._positions, last), "broker"):
+            self._positions[channel] = position
+        for _, frame, targets in self._resets(dict.fromkeys(self._positions, position), "broker"):
             self._deliver_to(targets or [], frame)
 
     async def _check_eviction(self, client: Client) -> None:
