@@ -25,6 +25,7 @@ whole.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -241,6 +242,51 @@ class RedisCluster:
             time.sleep(0.02)
         self.wait_ok(max(1.0, deadline - time.monotonic()))
         return owner
+
+    def node_id(self, node: RedisServer) -> str:
+        return _text(node.call("CLUSTER", "MYID"))
+
+    def replicas_of(self, primary: RedisServer) -> list[RedisServer]:
+        """The live replicas of *primary*."""
+        found = []
+        for node in self.live:
+            replication = node.info("replication")
+            if replication.get("role") == "slave" and replication["master_port"] == str(
+                primary.port
+            ):
+                found.append(node)
+        return found
+
+    def pause(self, node: RedisServer) -> None:
+        """SIGSTOP *node*: it holds its data and connections but answers nothing (a replica
+        paused this way misses the writes its primary acknowledges meanwhile)."""
+        assert node.process is not None
+        node.process.send_signal(signal.SIGSTOP)
+
+    def resume(self, node: RedisServer) -> None:
+        """SIGCONT a node `pause` stopped."""
+        assert node.process is not None
+        node.process.send_signal(signal.SIGCONT)
+
+    def move_slot(self, slot: int, target: RedisServer, batch: int = 10) -> None:
+        """Migrate *slot* to the primary *target*, as ``redis-cli --cluster reshard`` does for
+        each slot it moves: ``IMPORTING`` on the target, ``MIGRATING`` on the owner, ``MIGRATE``
+        of its keys *batch* at a time, then ``SETSLOT ... NODE`` on every node. (redis-cli
+        picks which slots to move; a test needs to move one shard's slot.)"""
+        source = self.owner(slot)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while True:
+            keys = source.call("CLUSTER", "GETKEYSINSLOT", slot, batch)
+            assert isinstance(keys, list)
+            if not keys:
+                break
+            source.call("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for node in (target, source, *self.live):
+            if node.info("replication").get("role") == "master":
+                node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_ok()
 
     def restart(self, node: RedisServer) -> None:
         """Start a killed node again on its ports; it rejoins (as a replica, if it was

@@ -1,0 +1,163 @@
+"""A cluster shard (`RedisBroker.for_cluster_shard`) through a failover (``kill -9`` of the
+primary holding it, its replica lagging) and a resharding (its slot moved to another primary),
+each on a real Redis Cluster of its own (issue 17)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.ioloop import IOLoop
+
+from tests.broker_contract import Collector, close_brokers, subscribe
+from tests.helpers import wait_until
+from tests.redis_cluster import CLUSTER_TIMEOUT, RedisCluster
+from tornado_sse.broker.base import Broker
+from tornado_sse.broker.cluster import key_slot, shard_tag
+from tornado_sse.broker.redis import RedisBroker
+from tornado_sse.errors import BrokerUnavailableError
+
+MakeRedis = Callable[..., Awaitable[RedisBroker]]
+SHARD, SHARDS = 0, 3
+SLOT = key_slot(shard_tag(SHARD, SHARDS))
+TIMEOUT = 90
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A cluster of this test's own: it kills or reshards nodes."""
+    with RedisCluster(tmp_path) as made:
+        yield made
+
+
+@pytest.fixture
+def make_broker(io_loop: IOLoop, cluster: RedisCluster) -> Iterator[MakeRedis]:
+    made: list[Broker] = []
+
+    async def make(**options: Any) -> RedisBroker:
+        options.setdefault("reconnect_backoff", (0.05, 0.2))
+        options.setdefault("timeout", 1.0)
+        options.setdefault("read_block", 1.0)
+        broker = RedisBroker.for_cluster_shard(cluster.url, SHARD, SHARDS, **options)
+        made.append(broker)
+        await broker.start()
+        assert broker.healthy
+        return broker
+
+    yield make
+
+    close_brokers(io_loop, made)
+
+
+class Publisher:
+    """Publishes ``0``, ``1``, ... alternately on channels ``a`` and ``b`` until stopped, through
+    outages; keeps the id of every publish Redis acknowledged."""
+
+    def __init__(self, broker: RedisBroker, start: int) -> None:
+        self.broker = broker
+        self.next = start
+        self.acked: dict[str, str] = {}
+        self.failed: list[str] = []
+
+    async def publish(self) -> None:
+        data = str(self.next)
+        self.next += 1
+        try:
+            self.acked[data] = await self.broker.publish("ab"[int(data) % 2], data)
+        except BrokerUnavailableError:
+            self.failed.append(data)
+
+    async def run_until(self, done: Callable[[], bool]) -> None:
+        deadline = asyncio.get_running_loop().time() + CLUSTER_TIMEOUT
+        while not done():
+            assert asyncio.get_running_loop().time() < deadline, "the shard did not come back"
+            await self.publish()
+            if self.failed and self.failed[-1] == str(self.next - 1):
+                await asyncio.sleep(0.02)  # pacing while the shard is down, not a wait
+
+
+def resets(got: Collector) -> list[int]:
+    """Indexes of the stream-reset events in *got*."""
+    return [n for n, event in enumerate(got.events) if event.event == "stream-reset"]
+
+
+def stream_ids(node: Any, key: str) -> set[str]:
+    entries = node.call("XRANGE", key, "-", "+")
+    return {(entry[0].decode() if isinstance(entry[0], bytes) else entry[0]) for entry in entries}
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["default", "durable"])
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_failover_to_a_lagging_replica_is_a_stream_reset_never_a_gap(
+    make_broker: MakeRedis, cluster: RedisCluster, durable: bool
+) -> None:
+    publisher_broker = await make_broker(durable=durable)
+    reader = await make_broker(durable=durable)
+    sub, got = await subscribe(reader, ["a", "b"])
+    pub = Publisher(publisher_broker, 0)
+    for _ in range(6):
+        await pub.publish()
+    assert len(pub.acked) == 6
+    await wait_until(lambda: len(got.events) == 6)
+    primary = cluster.owner(SLOT)
+    (replica,) = cluster.replicas_of(primary)
+    assert primary.call("WAIT", 1, 5000) == 1  # the replica has the first six
+
+    # The replica misses the next six, which the primary acknowledges and the reader delivers:
+    # paused, so that it cannot connect again, and cut off (whatever the primary had sent
+    # before would still reach it from the socket buffers).
+    cluster.pause(replica)
+    try:
+        assert primary.call("CLIENT", "KILL", "TYPE", "replica") == 1
+        for _ in range(6):
+            await pub.publish()
+        assert len(pub.acked) == 12
+        await wait_until(lambda: len(got.events) == 12)
+        cluster.kill_primary(SLOT)
+    finally:
+        cluster.resume(replica)
+    promotion = asyncio.ensure_future(asyncio.to_thread(cluster.wait_promoted, SLOT, primary))
+    await pub.run_until(promotion.done)
+    assert await promotion is replica
+    after = pub.next
+    await pub.run_until(lambda: sum(int(data) >= after for data in pub.acked) >= 6)
+    await wait_until(
+        lambda: {e.data for e in got.events} >= {d for d in pub.acked if int(d) >= after}
+    )
+
+    # the loss is real: the promoted replica lacks the six
+    tag = f"tornado_sse:{{{shard_tag(SHARD, SHARDS)}}}:"
+    kept = stream_ids(replica, f"{tag}s:a") | stream_ids(replica, f"{tag}s:b")
+    lost = [pub.acked[str(n)] for n in range(6, 12)]
+    assert not kept & set(lost)
+    assert {pub.acked[str(n)] for n in range(6)} <= kept
+
+    # live: one stream-reset, past every id delivered before it; nothing twice, in id order
+    (at,) = resets(got)
+    ids = [event.id for event in got.events]
+    keys = [reader.id_key(event_id) for event_id in ids if event_id is not None]
+    assert len(keys) == len(ids) and keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert [event.data for event in got.events[:at]] == [str(n) for n in range(12)]
+    reset_id = json.loads(got.events[at].data or "")["id"]
+    later = [event.data for event in got.events[at + 1 :]]
+    assert all(d is not None and int(d) >= 12 for d in later)
+    acked_later = [d for d in pub.acked if int(d) >= after]
+    assert [d for d in later if d in acked_later] == acked_later
+    sub.close()
+
+    # a resume from an id the replica never got, or one it has: stream-reset, never a gap
+    fresh = await make_broker(durable=durable)
+    for last_event_id in (lost[0], lost[-1], pub.acked["3"]):
+        resumed, replay = await subscribe(fresh, ["a", "b"], last_event_id)
+        assert resumed.reset and replay.frames == [], last_event_id
+        resumed.close()
+    # from the reset: exactly what was published after it
+    resumed, replay = await subscribe(fresh, ["a", "b"], reset_id)
+    assert not resumed.reset
+    assert [e.data for e in replay.events if e.data in acked_later] == acked_later
+    assert all(int(e.data or "") >= 12 for e in replay.events)
+    resumed.close()
