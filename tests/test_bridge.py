@@ -39,6 +39,7 @@ from tornado_sse.broker.bridge import (
     secure_directory,
 )
 from tornado_sse.broker.framing import (
+    ANNOUNCE,
     HISTORY,
     MAX_ARRAY_LEN,
     PEER_BOUND,
@@ -723,6 +724,8 @@ BAD_INPUT = {
     "negative rid": pack(SUBSCRIBE, -1, ["a"]),
     "oversize frame": pack(PUBLISH, 1, "c", "x" * 70_000, None, None, 0.0),
     "huge array header": b"\xdd\xff\xff\xff\xff",
+    "grace not a number": pack(ANNOUNCE, 1, "c", "alice", float("nan")),
+    "negative grace": pack(ANNOUNCE, 1, "c", "alice", -1.0),
 }
 
 

@@ -72,6 +72,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -803,7 +804,9 @@ class BridgeHub:
         validate_channel(channel)
         validate_channel(companion(channel))
         validate_identity(identity)
-        self._graces[channel] = min(max(float(grace), 0.0), 3600.0)
+        if not (math.isfinite(grace) and grace >= 0):  # a NaN would disorder the timer heap
+            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        self._graces[channel] = min(float(grace), 3600.0)
         self._decide(channel, identity)
         peer.send(pack(ANNOUNCED, rid))
         self._flush()
