@@ -650,3 +650,22 @@ async def test_presence_off_counts_nothing_and_says_so() -> None:
         await broker.presence("room")
     sub.close()
     await broker.close()
+
+
+@pytest.mark.parametrize("grace", [float("nan"), -1.0])
+@pytest.mark.gen_test
+async def test_a_grace_that_is_no_number_of_seconds_is_refused(grace: float) -> None:
+    """NaN got through to ``call_later``, where it disorders the loop's timers."""
+    from tornado_sse.errors import InvalidArgumentError
+
+    broker = InProcessBroker()
+    try:
+        with pytest.raises(InvalidArgumentError, match="grace"):
+            await broker.subscribe(["a"], Collector(), identity="ada", announce=["a"], grace=grace)
+        sub = await broker.subscribe(["a"], Collector(), identity="ada", announce=["a"])
+        with pytest.raises(InvalidArgumentError, match="grace"):
+            sub.close(grace=grace)
+        sub.close()
+        assert (await broker.presence("a")).subscribers == 0
+    finally:
+        await broker.close()

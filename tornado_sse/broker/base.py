@@ -562,8 +562,11 @@ class Broker(abc.ABC):
         :param announce: channels (of *channels*) whose ``join`` and ``leave`` events this
             subscription takes part in, when it has an *identity* (see
             `tornado_sse.broker.presence`); *grace*: seconds a leave waits for a reconnect.
-        :raises InvalidArgumentError: for an invalid *identity* (also a `ValueError`).
+        :raises InvalidArgumentError: for an invalid *identity*, a negative or NaN *grace*
+            (also a `ValueError`).
         """
+        if not grace >= 0:
+            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1")
         if history < 0:
