@@ -229,8 +229,8 @@ class LeaveHandler(DropHandler):
     """``POST /api/rooms/<room>/leave`` with ``client``: the page left (its Leave button, or the
     tab closing); its stream is closed with ``close(leave=True)``, so that, if it was the
     nickname's last, the others get its ``leave`` at once rather than after the grace period.
-    The page closes its own stream after the answer: a stream whose connection ends first is a
-    lost connection, and leaves after the grace period."""
+    The page closes its own stream after the answer; when its connection ended first (a closing
+    tab), the leave still waiting for the grace period is sent at once."""
 
     leave = True
 
@@ -242,7 +242,8 @@ class RoomStream(EventStreamHandler):
     The stream follows ``room/<room>`` with the nickname as identity (`get_identity`), so the
     core counts it in the room's presence and announces the nickname's join and leave (the
     application's ``sse_presence`` covers ``room/*``), and ``presence:room/<room>``, where they
-    are published. While open, it is in its room's set, where a drop or leave request finds it.
+    are published. Its room's sets hold it while open, and among the last that ended after,
+    where a drop or leave request finds it.
     Refusals are plain-text 4xx.
     """
 
@@ -270,14 +271,14 @@ class RoomStream(EventStreamHandler):
 
     def open(self) -> Awaitable[None] | None:
         if self.room is not None:
-            self.room.streams.add(self)
+            self.room.add(self)
             self._attached = True
         return None
 
     def on_close(self) -> None:
         if self._attached and self.room is not None:
             self._attached = False
-            self.room.streams.discard(self)
+            self.room.discard(self)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "text/plain; charset=utf-8")

@@ -25,8 +25,10 @@ behaves the same with one process, ``--processes N`` (bridge) or ``--redis``:
 * **Leave and drop** close a page's stream from the server side, on whichever process holds it:
   the request is published on the room's *control* channel ``control/<name>``, which every
   process serving the room follows (a `Room` is a broker subscriber). *Leave* closes with
-  ``close(leave=True)``: the nickname is gone at once. *Drop* (the page's "simulate network
-  drop") closes like a lost connection: the page reconnects within the grace period.
+  ``close(leave=True)``: the nickname is gone at once, even when the page's connection ended
+  first (a closing tab: its last stream's leave, still waiting for the grace period, is sent
+  then). *Drop* (the page's "simulate network drop") closes like a lost connection: the page
+  reconnects within the grace period.
 
 Only public names of tornado_sse are used, as an application would.
 """
@@ -40,6 +42,7 @@ import math
 import re
 import time
 import unicodedata
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,6 +76,8 @@ log = logging.getLogger("tornado_sse.demo")
 _NICK = re.compile(r"[\w\-. ]{1,32}")
 _ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _CLIENT = re.compile(r"[A-Za-z0-9_-]{8,64}")
+#: streams of a room that ended, remembered per process for a leave that comes after them
+_ENDED = 256
 
 
 class ChatError(tornado.web.HTTPError):
@@ -194,6 +199,8 @@ class Room:
         self.control_channel = f"control/{name}"
         #: this process's open streams of the room
         self.streams: set[Stream] = set()
+        #: its streams that ended last, by client (a leave may come after its connection ended)
+        self.ended: OrderedDict[str, Stream] = OrderedDict()
         self.last_used = _now()
         self._subscription: Subscription | None = None
 
@@ -213,6 +220,19 @@ class Room:
     def idle(self) -> bool:
         """No stream of this process is in the room."""
         return not self.streams
+
+    def add(self, stream: Stream) -> None:
+        """A stream of this process opened."""
+        self.streams.add(stream)
+        self.ended.pop(stream.client, None)
+
+    def discard(self, stream: Stream) -> None:
+        """A stream of this process ended."""
+        self.streams.discard(stream)
+        self.ended[stream.client] = stream
+        self.ended.move_to_end(stream.client)
+        if len(self.ended) > _ENDED:
+            self.ended.popitem(last=False)
 
     async def members(self) -> list[str]:
         """The nicknames with a stream in the room now, in the whole deployment.
@@ -253,8 +273,12 @@ class Room:
             if event.event != "drop" or not isinstance(request, dict):
                 continue
             client = request.get("client")
+            leave = request.get("leave") is True
             for stream in [s for s in self.streams if s.client == client]:
-                stream.close(leave=request.get("leave") is True)
+                stream.close(leave=leave)
+            ended = self.ended.get(client) if isinstance(client, str) else None
+            if leave and ended is not None:
+                ended.close(leave=True)  # its connection ended first: its leave goes now
 
 
 # ---------------------------------------------------------------------- the chat

@@ -601,6 +601,12 @@ class BrokerContract:
         await wait_until(lambda: len(said()) >= 4, TIMEOUT)
         assert sorted(said()[:2]) == [("join", "ada"), ("join", "kim")]
         assert said()[2:] == [("leave", "ada"), ("leave", "kim")]
+        lou = await tab(two, "lou")
+        await wait_until(lambda: len(said()) >= 5, TIMEOUT)
+        lou.close()  # a lost connection: the leave waits an hour ...
+        lou.close(grace=0)  # ... until the user says they left
+        await wait_until(lambda: len(said()) >= 6, TIMEOUT)
+        assert said()[4:] == [("join", "lou"), ("leave", "lou")]
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_presence_refuses_bad_input(self, make_broker: MakeBroker) -> None:

@@ -308,16 +308,25 @@ async def test_presence_join_and_leave(port: int, app: tornado.web.Application) 
 
 @pytest.mark.gen_test(timeout=10)
 @pytest.mark.parametrize("grace", [60.0], indirect=True)
-async def test_leave_is_announced_at_once_despite_the_grace_period(port: int, grace: float) -> None:
+@pytest.mark.parametrize("closed_first", [False, True])
+async def test_leave_is_announced_at_once_despite_the_grace_period(
+    port: int, app: tornado.web.Application, grace: float, closed_first: bool
+) -> None:
     client = Client(port)
     await client.load_page()
     _, alice = await client.enter("leaving", "alice")
     info, bob = await client.enter("leaving", "bob")
     await alice.read_until(lambda s: members(s) == ["alice", "bob"])
+    if closed_first:
+        # The tab closed: its connection ended before its leave request arrived.
+        bob.close()
+        room = await chat_of(app).room("leaving")
+        await wait_until(lambda: {s.nick for s in room.streams} == {"alice"})
     code, _, _ = await client.post("/api/rooms/leaving/leave", client=info["client"])
     assert code == 202
-    await bob.read_to_end()  # closed by the server, as a leave
-    bob.close()
+    if not closed_first:
+        await bob.read_to_end()  # closed by the server, as a leave
+        bob.close()
     await alice.read_until(has_notice("leave", "bob"), timeout=5)
     assert members(alice) == ["alice"]
     alice.close()

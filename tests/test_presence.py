@@ -201,7 +201,7 @@ async def test_join_and_leave_events_of_a_user_with_three_tabs(port: int) -> Non
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_a_stream_closed_as_a_leave_is_a_leave_at_once(
-    port: int, app: tornado.web.Application
+    port: int, app: tornado.web.Application, broker: InProcessBroker
 ) -> None:
     watcher = await opened(port, "/room?channel=presence:room/1")
     streams: dict[str, Leaving] = app.settings["open_streams"]
@@ -209,13 +209,15 @@ async def test_a_stream_closed_as_a_leave_is_a_leave_at_once(
     bob = await opened(port, "/leaving?channel=room/1", {"X-User": "bob"})
     await watcher.events_count(2)
     await wait_until(lambda: len(streams) == 2, TIMEOUT)
-    streams["bob"].close()  # like a lost connection: the grace period (an hour) holds it
+    bob.close()  # a lost connection: the grace period (an hour) holds bob's leave
+    await wait_until(lambda: _is(broker, Presence("room/1", 1, {"ada": 1})), TIMEOUT)
     await streams["ada"].close(leave=True)  # the user left: no grace period
     await ada.read_to_end(TIMEOUT)
     await watcher.events_count(3)
+    await streams["bob"].close(leave=True)  # bob says he left, after his connection ended
+    await watcher.events_count(4)
     said = [(event.event, json.loads(event.data or "")["user"]) for event in watcher.events]
-    assert said == [("join", "ada"), ("join", "bob"), ("leave", "ada")]
-    bob.close()
+    assert said == [("join", "ada"), ("join", "bob"), ("leave", "ada"), ("leave", "bob")]
     watcher.close()
 
 

@@ -205,6 +205,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
     _close_reason = "closed"
     #: set by ``close(leave=True)``: the user left, their ``leave`` is decided without a grace
     _leave = False
+    #: the subscription of a stream that ended, whose leave may still wait for the grace period
+    _ended: Subscription | None = None
     #: true once the stream took the connection over from Tornado's HTTP/1 reader
     _detached = False
     #: the stream asked for ``channel:`` fields (:attr:`with_channel`)
@@ -525,13 +527,18 @@ class EventStreamHandler(tornado.web.RequestHandler):
         of a channel with ``join`` and ``leave`` events (:attr:`presence_patterns`), their
         ``leave`` is sent at once instead of after :attr:`presence_grace` (which is for a
         connection that is merely lost, and may come back). Without, a close is like a lost
-        connection.
+        connection. On a stream that already ended (its connection was lost first), *leave*
+        still sends the leave still waiting for the grace period at once.
 
         Returns a future resolved once the final bytes are written (or the connection dropped).
-        Idempotent: only the first call counts. ``on_close`` runs once.
+        Idempotent. ``on_close`` runs once.
         """
-        if leave and not self._closed_once:
-            self._leave = True
+        if leave:
+            if self._closed_once:
+                if self._ended is not None:
+                    self._ended.close(grace=0.0)
+            else:
+                self._leave = True
         return self._close(event, "closed")
 
     def _close(self, event: Event | None, reason: str) -> asyncio.Future[None]:
@@ -1157,6 +1164,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         if self._subscription is not None:
             channels = ",".join(self._subscription.channels)
             self._subscription.close(grace=0.0 if self._leave else None)
+            self._ended = self._subscription
             self._subscription = None
         if self._connections is not None:
             self._connections.discard(self)

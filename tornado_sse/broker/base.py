@@ -223,6 +223,7 @@ class Subscription:
         "_floor",
         "_grace",
         "_last_key",
+        "_leaving",
         "_max_pending",
         "_on_overflow",
         "_page_size",
@@ -263,6 +264,8 @@ class Subscription:
         self._counted = False
         self._announce: tuple[str, ...] = ()
         self._grace = 0.0
+        #: the leaves of this subscription's identity waiting for its grace period, by channel
+        self._leaving: dict[str, tuple[asyncio.TimerHandle, asyncio.Future[None] | None]] = {}
 
     def _deliver(self, frame: Frame) -> None:
         pending = self._pending
@@ -345,17 +348,21 @@ class Subscription:
         self._broker._changed(self.channels)
 
     def close(self, *, grace: float | None = None) -> None:
-        """Stop delivering to the subscriber. Idempotent: only the first call counts.
+        """Stop delivering to the subscriber. Idempotent.
 
         :param grace: seconds the ``leave`` of this subscription's identity waits for the user
             to come back, if it was their last subscription (see `Broker.subscribe`'s
             *announce*); ``None``: the grace given to `Broker.subscribe`. ``0``: the user left
             (a Leave button, a logout): their ``leave`` is decided at once. It changes the wait
             for this close only; a process that dies still gets the grace given to subscribe.
+            On a subscription already closed, a shorter *grace* hastens its leaves still
+            waiting (the user says they left after their connection was lost).
         :raises InvalidArgumentError: for a negative *grace* (also a `ValueError`).
         """
         if not self.closed:
             self._broker.unsubscribe(self, grace=grace)
+        elif grace is not None:
+            self._broker._hasten(self, grace)
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channels!r} at {self.position!r}>"
@@ -655,16 +662,10 @@ class Broker(abc.ABC):
                     wait = subscription._grace if grace is None else grace
                     for channel in subscription._announce:
                         if not self.presence_table.has(channel, identity):  # last one here
-                            # the backend is told the subscription's own grace: a wait of 0
-                            # for this close must not become the channel's (bridge, Redis)
-                            self._loop.call_later(
-                                wait,
-                                self._announce_soon,
-                                channel,
-                                identity,
-                                subscription._grace,
-                                shared,
+                            handle = self._loop.call_later(
+                                wait, self._leave_due, subscription, channel
                             )
+                            subscription._leaving[channel] = (handle, shared)
         gone: list[str] = []
         for name in subscription.channels:
             subs = self._subscriptions.get(name)
@@ -775,6 +776,29 @@ class Broker(abc.ABC):
         if left is not None and not left.done():
             left.set_exception(BrokerClosedError("broker is closed"))
             left.exception()
+
+    def _leave_due(self, subscription: Subscription, channel: str) -> None:
+        """The grace period of *subscription*'s leave of *channel* is over: ask for a decision.
+        The backend is told the subscription's own grace, not this close's wait: a wait of 0
+        must not become the channel's (the bridge hub and Redis keep it for dead processes)."""
+        _, shared = subscription._leaving.pop(channel)
+        identity = subscription.identity
+        if identity is not None:
+            self._announce_soon(channel, identity, subscription._grace, shared)
+
+    def _hasten(self, subscription: Subscription, grace: float) -> None:
+        """Have the leaves of closed *subscription* still waiting wait *grace* seconds at most
+        from now (`Subscription.close` on a closed subscription)."""
+        if not grace >= 0:
+            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        if self._loop is None:
+            return
+        now = self._loop.time()
+        for channel, (handle, shared) in list(subscription._leaving.items()):
+            if handle.when() > now + grace:
+                handle.cancel()
+                handle = self._loop.call_later(grace, self._leave_due, subscription, channel)
+                subscription._leaving[channel] = (handle, shared)
 
     def _announce_soon(
         self,

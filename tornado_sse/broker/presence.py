@@ -27,8 +27,9 @@ on the *companion* channel ``presence:<channel>`` (`companion`), data
 tabs is one join, then one leave when the last tab goes, whichever processes the tabs are on. A
 leave waits for a grace period (default 3 s) and is not sent if the user is back by then (a
 reconnect); a subscription closed with ``close(grace=0)`` (the user left: a Leave button, a
-logout) has its leave decided at once, once this process's counts are shared, while a process
-that dies keeps the grace its subscriptions were given. The decision is made in one place per
+logout) has its leave decided at once, once this process's counts are shared (``close(grace=0)``
+after a close hastens a leave still waiting), while a process that dies keeps the grace its
+subscriptions were given. The decision is made in one place per
 deployment, so that two processes never both announce: the in-process broker itself, the bridge
 hub (which holds every worker's counts and, when a worker dies, checks its users after the grace
 period), or an atomic script in Redis (which reads every live lease, and flips an ``announced``
