@@ -161,3 +161,51 @@ async def test_failover_to_a_lagging_replica_is_a_stream_reset_never_a_gap(
     assert [e.data for e in replay.events if e.data in acked_later] == acked_later
     assert all(int(e.data or "") >= 12 for e in replay.events)
     resumed.close()
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["default", "durable"])
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_resharding_moves_the_shard_while_events_flow(
+    make_broker: MakeRedis, cluster: RedisCluster, durable: bool
+) -> None:
+    publisher_broker = await make_broker(durable=durable)
+    reader = await make_broker(durable=durable)
+    sub, got = await subscribe(reader, ["a", "b"])
+    pub = Publisher(publisher_broker, 0)
+    for _ in range(6):
+        await pub.publish()
+    await wait_until(lambda: len(got.events) == 6)
+    source = cluster.owner(SLOT)
+    target = next(
+        node
+        for node in cluster.live
+        if node is not source and node.info("replication")["role"] == "master"
+    )
+    # a few keys at a time, as redis-cli does, while publishes go on: they meet ASK and
+    # TRYAGAIN, then MOVED
+    moving = asyncio.ensure_future(asyncio.to_thread(cluster.move_slot, SLOT, target, 2))
+    await pub.run_until(moving.done)
+    await moving
+    for _ in range(6):
+        await pub.publish()
+    assert pub.failed == []  # every publish went through, on one node or the other
+    await wait_until(lambda: got.events and got.events[-1].data == str(pub.next - 1))
+    assert publisher_broker.address == reader.address == f"redis://127.0.0.1:{target.port}/0"
+
+    ids = [event.id for event in got.events]
+    keys = [reader.id_key(event_id) for event_id in ids if event_id is not None]
+    assert len(keys) == len(ids) and keys == sorted(keys) and len(set(keys)) == len(keys)
+    data = [event.data for event in got.events if event.event is None]
+    if durable:
+        # the keys moved whole: nothing lost, so nothing to reset
+        assert resets(got) == []
+        assert data == list(pub.acked)
+    else:
+        # another Redis process now holds the shard: it may lack writes, so a new incarnation
+        (at,) = resets(got)
+        reset_key = reader.id_key(json.loads(got.events[at].data or "")["id"])
+        assert reset_key is not None
+        after = [d for d, i in pub.acked.items() if (reader.id_key(i) or (0, 0)) > reset_key]
+        assert [e.data for e in got.events[at + 1 :]] == after
+        assert data == [d for d in pub.acked if d in data]
+    sub.close()

@@ -967,11 +967,12 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------------ Redis calls
 
-    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, make: Callable[[], Awaitable[T]], follow: bool = True) -> T:
         """Make and await a Redis call, bounded by the timeout; failures become
-        BrokerUnavailableError. A cluster shard follows ``MOVED`` to the slot's new primary and
-        retries while the slot migrates (``ASK``, ``TRYAGAIN``) or the cluster is down,
-        within the same bound: Redis refused those calls, so they never ran."""
+        BrokerUnavailableError. A cluster shard follows ``MOVED`` to the slot's new primary
+        (unless not *follow*: a call on the reader's own connection) and retries while the
+        slot migrates (``ASK``, ``TRYAGAIN``) or the cluster is down, within the same bound:
+        Redis refused those calls, so they never ran."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout + 0.5
         pause = 0.01
@@ -982,10 +983,13 @@ class RedisBroker(Broker):
             except asyncio.TimeoutError as exc:
                 raise BrokerUnavailableError(f"redis at {self.address} did not answer") from exc
             except MovedError as exc:
-                if self.cluster_tag is None:
+                if self.cluster_tag is None or not follow:
                     raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
                 failure: RedisError = exc
                 await self._relocate(generation, (exc.host, int(exc.port)))
+                if self._generation == generation:
+                    await asyncio.sleep(pause)  # told to go where we are: wait for the cluster
+                    pause = min(pause * 2, 0.2)
             except (AskError, TryAgainError, ClusterDownError) as exc:
                 if self.cluster_tag is None:
                     raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
@@ -1117,7 +1121,7 @@ class RedisBroker(Broker):
             script = self._check_script if client is None else client.register_script(_CHECK)
             return script(keys=keys, args=self._check_args())  # type: ignore[no-any-return]
 
-        return self._checked(await self._call(check))
+        return self._checked(await self._call(check, follow=client is None))
 
     async def _current(self) -> Key:
         value = await self._call(lambda: self._redis.get(self._last_key))
@@ -1175,7 +1179,17 @@ class RedisBroker(Broker):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, BrokerUnavailableError) as exc:
-                self._lost(exc)
+                moved = exc if isinstance(exc, MovedError) else exc.__cause__
+                if self.cluster_tag is not None and isinstance(moved, MovedError):
+                    # a resharding or a failover moved the slot: reconnect there at once
+                    log.info("redis cluster: %s; the reader follows", moved)
+                    self._healthy = False
+                    before = self._generation
+                    await self._relocate(before, (moved.host, int(moved.port)))
+                    if self._generation != before:
+                        continue
+                else:
+                    self._lost(exc)
             except Exception:
                 log.exception("redis reader failed; restarting it")
                 self._lost(None)
