@@ -306,8 +306,13 @@ class Stream:
             return
         self.after_reset = False
         stamp = int(match.group(2))
-        self.group.stamps.append(stamp)
-        self.group.latencies.append(now - stamp)
+        group = self.group
+        if stamp < self.back_at:  # published before this connection was up: a replay
+            group.replay_stamps.append(stamp)
+            group.replay_latencies.append(now - stamp)
+        else:
+            group.stamps.append(stamp)
+            group.latencies.append(now - stamp)
 
 
 class StreamGroup:
@@ -319,9 +324,13 @@ class StreamGroup:
         self.src = src
         self.streams: list[Stream] = []
         self.tasks: set[asyncio.Future[Any]] = set()
-        #: publish time and publish-to-receive latency of every delivery (ns)
+        #: publish time and publish-to-receive latency of every live delivery (ns)
         self.stamps: array.array[int] = array.array("q")
         self.latencies: array.array[int] = array.array("q")
+        #: the same for replayed deliveries: events published before their stream's connection
+        #: was up, sent on its resume
+        self.replay_stamps: array.array[int] = array.array("q")
+        self.replay_latencies: array.array[int] = array.array("q")
         #: when a connection was lost (monotonic ns), and the retry: the stream held then (ms)
         self.closes: list[int] = []
         self.retries: list[int] = []
@@ -386,8 +395,8 @@ class StreamGroup:
             missed += len(set(s.missed_after_reset) - skip)
         name = os.path.join(self.workdir, f"storm-{self.index}.bin")
         with open(name, "wb") as fh:
-            self.stamps.tofile(fh)
-            self.latencies.tofile(fh)
+            for samples in (self.stamps, self.latencies, self.replay_stamps, self.replay_latencies):
+                samples.tofile(fh)
         return {
             "ok": True,
             "streams": len(self.streams),
@@ -407,6 +416,7 @@ class StreamGroup:
             "failed_connects": sum(s.failed_connects for s in self.streams),
             "refused_status": sum(s.refused_status for s in self.streams),
             "deliveries": len(self.stamps),
+            "replayed": len(self.replay_stamps),
             "samples_file": name,
         }
 

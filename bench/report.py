@@ -383,24 +383,26 @@ def storm_table(cases: dict[str, Any]) -> list[str]:
     """One row per storm case."""
     lines = [
         "| case | streams | every stream back after (s) | lost / dup / reordered | streams "
-        "reset / events missed after a reset | p99 ms steady -> storm | retry: held at the "
-        "close (ms) min / median / max | close to back (s) min / median / max | publishes "
-        "refused / answer lost |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "reset / events missed after a reset | live p99 ms: steady -> storm | replayed: "
+        "events, p99 s | retry: held at the close (ms) min / median / max | close to back (s) "
+        "min / median / max | publishes refused / answer lost |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in cases.items():
         what = f"{name}: {STORM_CASES.get(name, name)}"
         if row.get("status") != "ok":
-            lines.append(f"| {what} | {row.get('status')} | | | | | | | |")
+            lines.append(f"| {what} | {row.get('status')} | | | | | | | | |")
             continue
         steady = row["latency_steady_ms"].get("p99")
         storm = row["latency_storm_ms"].get("p99")
+        replay = row.get("latency_replayed_ms") or {}
         lines.append(
             f"| {what} | {_num(row['streams'])} ({_num(row['streams_closed'])} closed) | "
             f"{_num(row['all_back_s'], 2)} | "
             f"{row['lost']} / {row['duplicated']} / {row['reordered']} | "
             f"{_num(row['streams_reset'])} / {_num(row['missed_after_reset'])} | "
             f"{_num(steady, 1)} -> {_num(storm, 1)}{_ratio(storm, steady)} | "
+            f"{_num(row['replayed'])}, {_num(replay.get('p99', 0) / 1000, 2)} | "
             f"{_span(row['retry_ms'], 0)} | {_span(row['outage_s'], 2)} | "
             f"{row['publishes_refused']} / {row['publishes_unknown']} |"
         )

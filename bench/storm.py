@@ -28,12 +28,13 @@ Measured per case: the time from the SIGTERM / kill until every stream is back (
 head that is not a shed one), events lost, duplicated, reordered (must be 0 where history covers
 the gap) and missed after a ``stream-reset``; the publish-to-receive latency of the events
 published in the steady window and in the storm (from the SIGTERM / kill until every stream is
-back; a stream's replayed events count with the time they waited); the ``retry:`` the streams
-held when their connection ended, the delay from the close to the reconnect attempt, and from
-the close to the stream being back (min / median / max). Publishes refused while no hub takes
-them are retried; a publish whose answer was lost (the connection died under it) is not
-retried and not counted as lost if it never arrives: the publisher cannot know whether it
-happened.
+back) delivered live, and apart from them the events replayed to resuming streams (published
+before the stream's connection was up: their latency is the time they waited); the
+``retry:`` the streams held when their connection ended, the delay from the close to the
+reconnect attempt, and from the close to the stream being back (min / median / max).
+Publishes refused while no hub takes them are retried; a publish whose answer was lost (the
+connection died under it) is not retried and not counted as lost if it never arrives: the
+publisher cannot know whether it happened.
 """
 
 from __future__ import annotations
@@ -472,12 +473,15 @@ class Case:
         t0 = times["t0"]
         steady: array.array[int] = array.array("q")
         storm: array.array[int] = array.array("q")
+        replayed: array.array[int] = array.array("q")
         for report in reports:
             stamps: array.array[int] = array.array("q")
             latencies: array.array[int] = array.array("q")
             with open(report["samples_file"], "rb") as fh:
                 stamps.fromfile(fh, report["deliveries"])
                 latencies.fromfile(fh, report["deliveries"])
+                fh.seek(report["replayed"] * 8, os.SEEK_CUR)  # their publish times
+                replayed.fromfile(fh, report["replayed"])
             os.unlink(report["samples_file"])
             for stamp, latency in zip(stamps, latencies, strict=True):
                 if times["steady0"] <= stamp < t0:
@@ -500,6 +504,7 @@ class Case:
                 "failed_connects",
                 "refused_status",
                 "deliveries",
+                "replayed",
             )
         }
         return {
@@ -511,6 +516,7 @@ class Case:
             "back_seen_s": (times["t_back"] - t0) / 1e9,
             "latency_steady_ms": percentiles(steady, (50, 99)),
             "latency_storm_ms": percentiles(storm, (50, 99)),
+            "latency_replayed_ms": percentiles(replayed, (50, 99)),
             "retry_ms": _spread([ms for r in reports for ms in r["retries"]], 1),
             "closes_after_s": _spread([at - t0 for r in reports for at in r["closes"]]),
             "reconnect_delay_s": _spread([d for r in reports for d in r["delays"]]),

@@ -248,9 +248,10 @@ def test_storm_brings_every_stream_back_and_loses_nothing_history_covers(tmp_pat
         # each stream waited the jittered retry: it held (300 to 450 ms) before reconnecting
         assert 300 <= case["retry_ms"]["min"] <= case["retry_ms"]["max"] <= 450, (name, case)
         assert case["reconnect_delay_s"]["min"] >= 0.3, (name, case)
-    # history survived: every resume exact
+    # history survived: every resume exact, what was missed replayed
     for name in ("b", "c"):
         assert cases[name]["stream_resets"] == cases[name]["missed_after_reset"] == 0, cases[name]
+        assert cases[name]["replayed"] > 0, cases[name]
     assert 0 < cases["b"]["streams_closed"] < 50  # only the killed worker's streams
     assert cases["c"]["failed_connects"] >= cases["c"]["streams_closed"] > 0  # failed over
     # history died with the hub (in-process; the bridge's hub): every stream told so
