@@ -33,6 +33,12 @@ log = logging.getLogger("tornado_sse.server")
 SHUTDOWN_STREAMS_TIMEOUT = 2.5
 
 
+#: connections the kernel holds for the hub before it accepts them (capped by the kernel at
+#: ``net.core.somaxconn``). Tornado's default, 128, is too short for a reconnect storm: past it the
+#: kernel drops a client's SYN, which the client sends again only after 1, 3, 7, 15 s (issue 15)
+LISTEN_BACKLOG = 4096
+
+
 #: seconds the last streams of a drain get to write their final bytes
 DRAIN_GRACE = 0.5
 
@@ -94,7 +100,7 @@ def _check_backends(options: HubOptions) -> None:
 def bind(options: HubOptions) -> list[socket.socket]:
     """Bind the listening sockets, or fail with a command-line error saying why."""
     try:
-        return bind_sockets(options.port, options.host)
+        return bind_sockets(options.port, options.host, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise click.ClickException(
