@@ -11,13 +11,15 @@ import pytest
 import redis
 from tornado.ioloop import IOLoop
 
+import tests.test_sharded as sharded_tests
 from tests.broker_contract import TIMEOUT, BrokerContract, close_brokers, subscribe
 from tests.helpers import wait_until
 from tests.redis_cluster import RedisCluster, redis_cluster
 from tests.redis_server import redis_prefix
 from tornado_sse.broker.base import Broker
-from tornado_sse.broker.cluster import SLOTS, key_slot, shard_tag
+from tornado_sse.broker.cluster import SLOTS, cluster_broker, key_slot, shard_tag
 from tornado_sse.broker.redis import RedisBroker
+from tornado_sse.broker.sharded import ShardedBroker
 
 MakeRedis = Callable[..., Awaitable[RedisBroker]]
 
@@ -108,3 +110,61 @@ async def test_every_key_of_a_shard_is_in_its_slot(
     for node in redis_cluster.live:  # the other primaries have none (replicas have copies)
         if node is not owner and node.info("replication")["role"] == "master":
             assert node.call("KEYS", f"{redis_prefix}*") == []
+
+
+class TestShardedCluster(sharded_tests.TestShardedBroker):
+    """The whole broker contract on `cluster_broker`: three shards of the cluster (one per
+    primary), given the URL of any node."""
+
+    @pytest.fixture
+    def make_broker(
+        self, io_loop: IOLoop, redis_cluster: RedisCluster, redis_prefix: str
+    ) -> Iterator[Callable[..., Awaitable[Broker]]]:
+        made: list[Broker] = []
+
+        async def make(history_size: int = 1000, **options: Any) -> Broker:
+            options.pop("max_channels", None)
+            options.setdefault("key_prefix", redis_prefix)
+            options.setdefault("reconnect_backoff", (0.05, 0.2))
+            broker = cluster_broker(
+                redis_cluster.url, sharded_tests.SHARDS, history_size=history_size, **options
+            )
+            made.append(broker)
+            await broker.start()
+            assert broker.healthy
+            return broker
+
+        yield make
+
+        close_brokers(io_loop, made)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_cluster_shards_sit_one_per_primary_and_a_stream_over_all_resumes(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    broker = cluster_broker(redis_cluster.url, 3, key_prefix=redis_prefix)
+    assert isinstance(broker, ShardedBroker)
+    await broker.start()
+    try:
+        addresses = {shard.address for shard in broker.shards}  # type: ignore[attr-defined]
+        assert len(addresses) == 3
+        channels = [sharded_tests.on_shard(n, "room")[0] for n in range(3)]
+        sub, got = await subscribe(broker, channels)
+        for n in range(9):
+            await broker.publish(channels[n % 3], str(n))
+        await wait_until(lambda: len(got.events) == 9)
+        sub.close()
+        middle = got.events[4].id
+        resumed, replay = await subscribe(broker, channels, middle)
+        assert not resumed.reset
+        assert [e.data for e in got.events] == [str(n) for n in range(9)]
+        # each shard's events in its order; across shards, the replay gives them in turn
+        assert sorted(replay.data, key=lambda d: int(d or -1)) == [str(n) for n in range(5, 9)]
+        resumed.close()
+    finally:
+        await broker.close()
+    one = cluster_broker(redis_cluster.url, 1, key_prefix=redis_prefix)
+    assert isinstance(one, RedisBroker)
+    with pytest.raises(ValueError, match="shards"):
+        cluster_broker(redis_cluster.url, 0)

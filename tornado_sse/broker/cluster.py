@@ -14,6 +14,14 @@ imports nothing but the standard library:
 * `slot_owner`: the primary of a slot in a ``CLUSTER SLOTS`` reply, and every node it names.
 * `node_url`: the URL of a node, made from the URL the application gave (its scheme, user,
   password and options) with the node's host and port.
+* `cluster_broker`: the whole thing, a `.ShardedBroker` over *k* cluster shards (``tornado-sse
+  serve --redis-cluster URL --redis-cluster-shards K``).
+
+Choosing *k*: every process that publishes or follows channels must use the same *k* (it
+places the channels). Each shard is one slot, so one primary carries a shard whole: *k* is the
+most primaries the channels can ever spread over without changing *k* (which moves channels,
+see `tornado_sse.broker.sharded`). A multiple of the number of primaries keeps them even. A
+process opens a reader connection per shard whose channels it follows, never for the others.
 
 How the broker uses them is in the module docstring of `tornado_sse.broker.redis` ("Redis
 Cluster").
@@ -23,13 +31,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["SLOTS", "key_slot", "node_url", "shard_tag", "slot_owner", "validate_tag"]
+if TYPE_CHECKING:
+    from .base import Broker
+
+__all__ = [
+    "DEFAULT_SHARDS",
+    "SLOTS",
+    "cluster_broker",
+    "key_slot",
+    "node_url",
+    "shard_tag",
+    "slot_owner",
+    "validate_tag",
+]
 
 #: hash slots of a Redis Cluster
 SLOTS = 16384
+#: shards of `cluster_broker` (and ``--redis-cluster-shards``) unless told: a multiple of 1, 2,
+#: 3, 4 and 6 primaries
+DEFAULT_SHARDS = 12
 _TAG = re.compile(r"[A-Za-z0-9._~:-]{1,64}")
 
 
@@ -116,3 +139,20 @@ def node_url(url: str, host: str, port: int) -> str:
     where = f"[{host}]" if ":" in host else host
     netloc = f"{credentials}@{where}:{port}" if credentials else f"{where}:{port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def cluster_broker(url: str, shards: int = DEFAULT_SHARDS, **options: Any) -> Broker:
+    """The channels spread over *shards* shards of the Redis Cluster *url* (any of its nodes)
+    is part of: a `.ShardedBroker` over `.RedisBroker.for_cluster_shard` ``(url, i, shards)``
+    for each *i* (one shard: that `.RedisBroker` alone, its ids unchanged). *options* go to
+    every `.RedisBroker` (``history_size``, ``key_prefix``, ``durable`` ...). Needs redis-py
+    (``pip install 'tornado-sse[redis]'``)."""
+    if not isinstance(shards, int) or not 1 <= shards <= SLOTS:
+        raise ValueError(f"shards must be between 1 and {SLOTS} (got {shards!r})")
+    from .redis import RedisBroker
+    from .sharded import ShardedBroker
+
+    brokers = [RedisBroker.for_cluster_shard(url, n, shards, **options) for n in range(shards)]
+    if shards == 1:
+        return brokers[0]
+    return ShardedBroker(brokers)
