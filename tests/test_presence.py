@@ -398,8 +398,9 @@ class Nobody:
 
 async def main():
     broker = RedisBroker(sys.argv[1], key_prefix=sys.argv[2], presence_lease=float(sys.argv[3]))
+    announce = {"announce": ["room"], "grace": float(sys.argv[4])} if sys.argv[4:] else {}
     for n in range(2):
-        await broker.subscribe(["room"], Nobody(), identity="vera")
+        await broker.subscribe(["room"], Nobody(), identity="vera", **announce)
     print("ready", flush=True)
     await asyncio.sleep(3600)
 
@@ -450,6 +451,77 @@ async def test_a_vanished_redis_host_stops_counting_within_its_lease(
         if host.stdout is not None:
             host.stdout.close()
         await here.close()
+
+
+async def _renewed(broker: Any, times: int) -> None:
+    """Wait until *broker* renewed its presence lease *times* times (each renewal is followed
+    by a sweep for the users of vanished hosts)."""
+    scores: set[float] = set()
+
+    async def more() -> bool:
+        scores.add(await broker._redis.zscore(broker._leases_key, broker._token))
+        return len(scores) > times
+
+    await wait_until(more, TIMEOUT)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_redis_leave_waits_for_its_grace_through_the_sweeps(
+    redis_url: str,  # noqa: F811
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    """The sweep that sends the leaves of vanished hosts' users waits for their grace period
+    too: a user whose connection was just lost is no leave while they may come back."""
+    from tornado_sse.broker.redis import RedisBroker
+
+    one = RedisBroker(redis_url, key_prefix=redis_prefix, presence_lease=0.3)
+    two = RedisBroker(redis_url, key_prefix=redis_prefix, presence_lease=0.3)
+    await one.start()
+    await two.start()
+    host: subprocess.Popen[bytes] | None = None
+    try:
+        watcher = Collector()
+        (await one.subscribe(["presence:room"], watcher)).start()
+
+        def said() -> list[tuple[str | None, str | None]]:
+            return [
+                (e.event, json.loads(e.data or "")["user"] if e.event else e.data)
+                for e in watcher.events
+            ]
+
+        lou = await two.subscribe(
+            ["room"], Collector(), identity="lou", announce=["room"], grace=3600
+        )
+        await wait_until(lambda: len(said()) == 1, TIMEOUT)
+        lou.close()  # a lost connection: lou may come back within the hour
+        for broker in (one, two):
+            await _renewed(broker, 2)
+        await one.publish("presence:room", "after two sweeps")
+        await wait_until(lambda: len(said()) >= 2, TIMEOUT)
+        assert said() == [("join", "lou"), (None, "after two sweeps")]
+        # a host that vanishes: its user leaves once the lease and the grace period are over
+        host = subprocess.Popen(
+            [sys.executable, "-c", HOST, redis_url, redis_prefix, "0.3", "0.2"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        assert host.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(host.stdout.readline), TIMEOUT)
+        assert line == b"ready\n"
+        await wait_until(lambda: len(said()) >= 3, TIMEOUT)
+        host.kill()
+        host.wait(TIMEOUT)
+        await wait_until(lambda: len(said()) >= 4, TIMEOUT)
+        assert said()[2:] == [("join", "vera"), ("leave", "vera")]
+    finally:
+        if host is not None:
+            if host.poll() is None:
+                host.kill()
+                host.wait(TIMEOUT)
+            if host.stdout is not None:
+                host.stdout.close()
+        await one.close()
+        await two.close()
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)

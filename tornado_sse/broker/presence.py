@@ -33,7 +33,9 @@ subscriptions were given. The decision is made in one place per
 deployment, so that two processes never both announce: the in-process broker itself, the bridge
 hub (which holds every worker's counts and, when a worker dies, checks its users after the grace
 period), or an atomic script in Redis (which reads every live lease, and flips an ``announced``
-mark before the event is published). A broker asks for a decision (`Broker._announce`) when a
+mark before the event is published; every host sweeps the marks after each lease renewal for
+the users of hosts that vanished, and sends the leave of one absent everywhere for the grace
+period kept with its mark). A broker asks for a decision (`Broker._announce`) when a
 user's first stream opens in this process, and a grace period after its last one here closed.
 The companion channel is an ordinary channel: resumable, with history (``?history=N`` gives the
 latest joins and leaves), and a stream may follow it if it may follow the channel it describes.

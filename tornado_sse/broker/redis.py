@@ -27,7 +27,9 @@ Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
     Presence leases (issue 14): a sorted set of broker tokens, each scored with the time (Redis's
     clock, ms) its lease ends. A broker renews its lease every third of ``presence_lease``.
 ``<prefix>announced:<channel>``
-    The identities announced present on a channel with join/leave events (a set, as a hash).
+    The identities announced present on a channel with join/leave events: a hash of identity ->
+    the grace period of the stream that announced it (seconds), which the sweep for the users
+    of vanished hosts waits for.
 ``<prefix>presence:<token>``
     A broker's presence: a hash of channel -> JSON ``[streams, {identity: streams}]``, the
     absolute counts of its subscriptions, rewritten per changed channel (changes coalesced) and
@@ -368,9 +370,10 @@ return found
 
 
 # KEYS: the lease set, the channel's announced set. ARGV: the prefix of presence hashes, the
-# channel, the identity. Decides, atomically for every host, whether the identity's join (it has
-# a stream under a live lease, and was not announced) or leave (the reverse) is to be published,
-# and marks it announced (or not). Returns 'join', 'leave' or ''.
+# channel, the identity, its grace period (kept with the mark, for the sweep). Decides,
+# atomically for every host, whether the identity's join (it has a stream under a live lease,
+# and was not announced) or leave (the reverse) is to be published, and marks it announced (or
+# not). Returns 'join', 'leave' or ''.
 _ANNOUNCE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -388,12 +391,21 @@ end
 local announced = redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1
 if present == announced then return '' end
 if present then
-  redis.call('HSET', KEYS[2], ARGV[3], '1')
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
   return 'join'
 end
 redis.call('HDEL', KEYS[2], ARGV[3])
 return 'leave'
 """
+
+
+def _grace_of(mark: object, default: float) -> float:
+    """The grace period kept with an ``announced`` mark (*default* for a mark without one)."""
+    try:
+        grace = float(mark.decode() if isinstance(mark, bytes) else str(mark))
+    except ValueError:
+        return default
+    return grace if 0 <= grace <= 3600 else default
 
 
 def _parse(event_id: str | bytes) -> Key | None:
@@ -584,6 +596,9 @@ class RedisBroker(Broker):
         #: channels with join/leave events seen here, and their grace periods (swept for the
         #: users of hosts that vanished)
         self._announce_graces: dict[str, float] = {}
+        #: per such channel, the announced users the sweep found absent, and since when (loop
+        #: time): a leave waits for the grace period from then (they may be reconnecting)
+        self._absent: dict[str, dict[str, float]] = {}
         self._renewer: asyncio.Task[None] | None = None
 
         # The largest id this broker saw issued (published, or read as ``last``) and the latest
@@ -900,7 +915,7 @@ class RedisBroker(Broker):
         verdict = await self._call(
             lambda: self._announce_script(
                 keys=[self._leases_key, f"{self.key_prefix}announced:{channel}"],
-                args=[self._presence_prefix, channel, identity],
+                args=[self._presence_prefix, channel, identity, repr(float(grace))],
             )
         )
         if isinstance(verdict, bytes):
@@ -912,16 +927,32 @@ class RedisBroker(Broker):
 
     async def _sweep_announced(self) -> None:
         """Leave events for the users of hosts whose lease ended (nobody else would send them):
-        check every announced user of the channels with join/leave events seen here."""
+        check every announced user of the channels with join/leave events seen here. One found
+        absent from the whole deployment leaves once still absent a grace period later: until
+        then, their host may be waiting for them to reconnect, as this sweep cannot tell a host
+        that vanished from a user whose connection was just lost."""
+        now = asyncio.get_running_loop().time()
         for channel, grace in list(self._announce_graces.items()):
             key = f"{self.key_prefix}announced:{channel}"
-            names = await self._call(lambda key=key: self._redis.hkeys(key))  # type: ignore[misc]
-            if not names and not self.presence_table.counts(channel)[0]:
+            marks = await self._call(lambda key=key: self._redis.hgetall(key))  # type: ignore[misc]
+            if not marks and not self.presence_table.counts(channel)[0]:
                 del self._announce_graces[channel]
+                self._absent.pop(channel, None)
                 continue
-            for name in names:
+            graces: dict[str, float] = {}
+            for name, value in marks.items():
                 identity = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
-                if not self.presence_table.has(channel, identity):
+                graces[identity] = _grace_of(value, grace)
+            missing = [i for i in graces if not self.presence_table.has(channel, i)]
+            users = (await self._presence(channel)).users if missing else {}
+            before = self._absent.get(channel, {})
+            absent = {i: before.get(i, now) for i in missing if i not in users}
+            if absent:
+                self._absent[channel] = absent
+            else:
+                self._absent.pop(channel, None)
+            for identity, since in absent.items():
+                if now - since >= graces[identity]:
                     await self._announce(channel, identity, grace)
 
     async def _renew_forever(self) -> None:
