@@ -40,7 +40,8 @@ PASSWORD = "redis-pass-4f9e2c"
 
 
 class Hub:
-    """A ``tornado-sse serve --redis URL`` subprocess."""
+    """A ``tornado-sse serve --redis URL`` subprocess (*redis_url* ``""``: *args* give the
+    backend, e.g. ``--redis-cluster URL``)."""
 
     def __init__(self, log_path: Path, redis_url: str, *args: str) -> None:
         self.log_path = log_path
@@ -49,7 +50,8 @@ class Hub:
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"
             command = [sys.executable, "-m", "tornado_sse.cli", "serve", "--host", "127.0.0.1"]
-            command += ["--port", str(self.port), "--redis", redis_url, "--retry", "500"]
+            command += ["--port", str(self.port), "--retry", "500"]
+            command += ["--redis", redis_url] if redis_url else []  # "": *args name the backend
             command += ["--public-channel", "*", "--metrics-public", *args]
             with log_path.open("wb") as log_file:
                 self.proc = subprocess.Popen(

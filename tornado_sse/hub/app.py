@@ -83,7 +83,12 @@ class HubState:
         worker that does not answer within a second is left out; ``tornado_sse_processes``
         says how many did); ``None`` otherwise, or when the bridge cannot ask them now."""
         collect = getattr(self.broker, "collect_metrics", None)
-        if collect is None or self.options.processes < 2 or self.options.redis is not None:
+        if (
+            collect is None
+            or self.options.processes < 2
+            or self.options.redis is not None
+            or self.options.redis_cluster is not None
+        ):
             return None
         try:
             group: list[Any] = await collect()

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from ..broker.cluster import DEFAULT_SHARDS, SLOTS
 from ..cli import HostName, RedisUrl, require_module
 from ..errors import (
     InvalidKeyError,
@@ -56,6 +57,9 @@ class HubOptions:
         several ``--redis``, the first of them.
     :param redis_shards: every URL when ``--redis`` is given more than once: channels are
         sharded over those Redis servers (`.ShardedBroker`, in this order); else empty.
+    :param redis_cluster: the URL of any node of a Redis Cluster (``--redis-cluster``): channels
+        are sharded over ``redis_cluster_shards`` slots of it (`.cluster.cluster_broker`).
+    :param redis_cluster_shards: shards on the cluster (``--redis-cluster-shards``, default 12).
     :param redis_durable: declare that Redis never loses an acknowledged write
         (``--redis-durable``; `RedisBroker`'s ``durable``).
     :param idle_connection_timeout: seconds a non-stream connection may take to send a request's
@@ -93,6 +97,8 @@ class HubOptions:
     processes: int = 1
     redis: str | None = None
     redis_shards: tuple[str, ...] = ()
+    redis_cluster: str | None = None
+    redis_cluster_shards: int = DEFAULT_SHARDS
     redis_durable: bool = False
     xheaders: bool = False
     stream_rate: str | None = DEFAULT_STREAM_RATE
@@ -359,6 +365,20 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     "must list the same URLs in the same order).",
 )
 @click.option(
+    "--redis-cluster",
+    "redis_cluster",
+    type=RedisUrl(),
+    help="URL of any node of a Redis Cluster (redis://host:7000): the channels are sharded "
+    "over its primaries, each shard one hash slot. Not with --redis.",
+)
+@click.option(
+    "--redis-cluster-shards",
+    type=click.IntRange(min=1, max=SLOTS),
+    metavar="K",
+    help=f"Shards on the --redis-cluster (default {DEFAULT_SHARDS}); every hub and publisher "
+    "must use the same K. A multiple of the number of primaries spreads them evenly.",
+)
+@click.option(
     "--redis-durable",
     is_flag=True,
     help="Declare that Redis never loses an acknowledged write (appendfsync always, no "
@@ -462,6 +482,8 @@ def serve_command(
     max_buffer_size: int,
     processes: int,
     redis_url: tuple[str, ...],
+    redis_cluster: str | None,
+    redis_cluster_shards: int | None,
     redis_durable: bool,
     idle_connection_timeout: float,
     max_idle_connections: int,
@@ -506,6 +528,18 @@ def serve_command(
         )
     if len(set(redis_url)) != len(redis_url):
         raise click.BadParameter("the same Redis URL is given twice", param_hint="'--redis'")
+    if redis_cluster is not None:
+        if redis_url:
+            raise click.BadParameter(
+                "give either --redis or --redis-cluster", param_hint="'--redis-cluster'"
+            )
+        if not redis_cluster.lower().startswith(("redis://", "rediss://")):
+            raise click.BadParameter(
+                "a cluster node is reached by redis:// or rediss://",
+                param_hint="'--redis-cluster'",
+            )
+    elif redis_cluster_shards is not None:
+        raise click.BadParameter("needs --redis-cluster", param_hint="'--redis-cluster-shards'")
     options = HubOptions(
         presence=tuple(dict.fromkeys(presence)),
         presence_grace=presence_grace,
@@ -527,6 +561,8 @@ def serve_command(
         processes=processes,
         redis=redis_url[0] if redis_url else None,
         redis_shards=redis_url if len(redis_url) > 1 else (),
+        redis_cluster=redis_cluster,
+        redis_cluster_shards=redis_cluster_shards or DEFAULT_SHARDS,
         redis_durable=redis_durable,
         xheaders=xheaders,
         idle_connection_timeout=idle_connection_timeout,

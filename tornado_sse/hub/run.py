@@ -50,6 +50,8 @@ _STOP_AFTER_STREAMS = 2.0
 def make_broker(options: HubOptions) -> Broker:
     """The broker the hub publishes to and streams subscribe to.
 
+    ``--redis-cluster URL``: `tornado_sse.broker.cluster.cluster_broker` (a
+    `tornado_sse.broker.sharded.ShardedBroker` over ``--redis-cluster-shards`` cluster shards);
     ``--redis URL``: `tornado_sse.broker.redis.RedisBroker`; ``--redis`` given several times: a
     `tornado_sse.broker.sharded.ShardedBroker` over one `.RedisBroker` per URL; else
     ``--processes N`` (N > 1): a `tornado_sse.broker.bridge.BridgeBroker` on the group's
@@ -57,6 +59,15 @@ def make_broker(options: HubOptions) -> Broker:
     `.InProcessBroker`. Called once per process, after the sockets are bound (and after
     forking, if any).
     """
+    if options.redis_cluster is not None:
+        cluster = importlib.import_module("tornado_sse.broker.cluster")
+        clustered: Broker = cluster.cluster_broker(
+            options.redis_cluster,
+            options.redis_cluster_shards,
+            history_size=options.history,
+            durable=options.redis_durable,
+        )
+        return clustered
     if options.redis is not None:
         module = importlib.import_module("tornado_sse.broker.redis")
         urls = options.redis_shards or (options.redis,)
@@ -82,11 +93,15 @@ def _check_backends(options: HubOptions) -> None:
     asks for more than the backend carries."""
     if options.redis is not None:
         require_module("tornado_sse.broker.redis", "--redis", "pip install 'tornado-sse[redis]'")
+    elif options.redis_cluster is not None:
+        require_module(
+            "tornado_sse.broker.redis", "--redis-cluster", "pip install 'tornado-sse[redis]'"
+        )
     elif options.redis_durable:
-        raise click.UsageError("--redis-durable needs --redis")
+        raise click.UsageError("--redis-durable needs --redis or --redis-cluster")
     if options.processes > 1:
         require_module("tornado_sse.broker.bridge", "--processes", "pip install tornado-sse")
-        if options.redis is None:
+        if options.redis is None and options.redis_cluster is None:
             framing = importlib.import_module("tornado_sse.broker.framing")
             largest = framing.DEFAULT_MAX_FRAME_SIZE - framing.PUBLISH_OVERHEAD
             if options.max_body_size > largest:
