@@ -37,26 +37,40 @@ def _peer_names(value: str | None) -> list[str]:
     return names
 
 
-#: the scaling-out benchmarks (other modules of tornado_sse.bench), run by ``--scaling``
-SCALING = {
-    "bridge": "tornado_sse.bench.bridge_cost",
-    "redis": "tornado_sse.bench.redis_cost",
+#: the scaling-out and cost benchmarks (other modules of tornado_sse.bench), run by
+#: ``--scaling``: module, arguments, and the arguments ``--quick`` adds
+SCALING: dict[str, tuple[str, list[str], list[str]]] = {
+    "bridge": (
+        "tornado_sse.bench.bridge_cost",
+        ["--subscribers", "1000"],
+        ["--burst", "500", "--seconds", "2"],
+    ),
+    "redis": (
+        "tornado_sse.bench.redis_cost",
+        ["--subscribers", "1000"],
+        ["--burst", "500", "--seconds", "2"],
+    ),
+    "serve --processes 2 against 1 (CPU per delivery)": (
+        "tornado_sse.bench.serve_cost",
+        ["--subscribers", "1000", "--rounds", "5"],
+        ["--events", "300", "--rounds", "1"],
+    ),
+    "connect CPU against the empty Tornado handler": (
+        "tornado_sse.bench.connect_cost",
+        ["--streams", "10000", "--rounds", "5"],
+        ["--streams", "1000", "--rounds", "1"],
+    ),
 }
 
 
-def _run_scaling(name: str, module: str, quick: bool, out: Path) -> dict[str, Any]:
+def _run_scaling(
+    module: str, args: list[str], quick_args: list[str], quick: bool, out: Path
+) -> dict[str, Any]:
     """Run one scaling benchmark as a subprocess; its Markdown table and JSON, or why not."""
-    argv = [
-        sys.executable,
-        "-m",
-        module,
-        "--subscribers",
-        "1000",
-        "--out",
-        str(out / f"{name}.json"),
-    ]
+    slug = module.rsplit(".", 1)[-1]
+    argv = [sys.executable, "-m", module, *args, "--out", str(out / f"{slug}.json")]
     if quick:
-        argv += ["--burst", "500", "--seconds", "2"]
+        argv += quick_args
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -148,7 +162,9 @@ def _command_line(
 @click.option(
     "--scaling",
     is_flag=True,
-    help="Also run the bridge and Redis cost benchmarks (bench/bridge_cost.py, redis_cost.py).",
+    help="Also run the cost benchmarks: the bridge and Redis (bench/bridge_cost.py, redis_cost.py),"
+    " serve --processes 2 against one process (serve_cost.py) and the connect CPU against the"
+    " empty Tornado handler, interleaved (connect_cost.py).",
 )
 @click.option(
     "--set",
@@ -218,9 +234,9 @@ def bench_command(
     scaling_results: dict[str, Any] = {}
     if scaling:
         out.mkdir(parents=True, exist_ok=True)
-        for name, module in SCALING.items():
+        for name, (module, args, quick_args) in SCALING.items():
             click.echo(f"running {module} ...", err=True)
-            scaling_results[name] = _run_scaling(name, module, quick, out)
+            scaling_results[name] = _run_scaling(module, args, quick_args, quick, out)
     data = {
         "command": _command_line(
             quick, scenarios, peers, out, repeats, streams, scaling, overrides

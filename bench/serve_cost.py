@@ -227,6 +227,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         f"--processes {n}: {runs[n]['cpu_us_per_delivery']:.2f} us/delivery"
                         for n in (1, 2)
                     ),
+                    file=sys.stderr,
                     flush=True,
                 )
         finally:
