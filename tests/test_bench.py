@@ -194,6 +194,63 @@ def test_presence_cost_measures_every_broker_on_and_off(tmp_path: Path) -> None:
     assert "| redis | on |" in done.stdout
 
 
+@pytest.mark.timeout(120)
+def test_connect_cost_compares_the_hub_with_the_empty_handler(tmp_path: Path) -> None:
+    """bench/connect_cost.py (issue 15, item 2): the peers take turns, every stream connects,
+    each ratio is taken to the first peer (here the empty handler, then the real hub)."""
+    import subprocess
+
+    out = tmp_path / "connect.json"
+    peers = "tornado_empty,tornado_sse_hub"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "tornado_sse.bench.connect_cost"),
+            *("--streams", "60", "--rounds", "1", "--peers", peers, "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [row["peer"] for row in result["summary"]] == peers.split(",")
+    assert result["summary"][0]["ratios"] == [1.0]
+    for run in (run for round_ in result["rounds"] for run in round_):
+        assert run["streams"] == 60 and run["seen"], run
+        assert run["server_cpu_s"] > 0
+    assert "| tornado-sse serve (the hub's" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_serve_cost_sums_every_process_of_the_group(tmp_path: Path) -> None:
+    """bench/serve_cost.py (issue 15, item 5): the real serve, one process and two; every
+    event reaches every subscriber once and in order in both."""
+    import subprocess
+
+    out = tmp_path / "serve.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "tornado_sse.bench.serve_cost"),
+            *("--subscribers", "40", "--events", "30", "--rounds", "1", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    runs = result["rounds"][0]
+    assert set(runs) == {"1", "2"}
+    for run in runs.values():
+        assert run["deliveries"] == 40 * 30, run
+        assert run["lost"] == run["duplicated"] == run["reordered"] == 0, run
+        assert run["server_cpu_s"] > 0
+    assert result["ratios"][0] > 0
+    assert "| --processes 2 |" in done.stdout
+
+
 def test_ratelimit_cost_reports_takes_and_bytes_per_bucket(tmp_path: Path) -> None:
     """bench/ratelimit_cost.py (issue 20): churn leaves a small table; max_keys bounds memory."""
     import subprocess
