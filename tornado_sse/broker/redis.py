@@ -578,6 +578,7 @@ class RedisBroker(Broker):
         self._generation = 0
         self._retired: list[Client] = []
         self._relocation: asyncio.Lock | None = None
+        self._discovered_at = float("-inf")
         # Parse the URL now, so that a malformed one fails where the broker is made.
         self._bind(url)
         self._last_key = f"{key_prefix}last"
@@ -1017,7 +1018,7 @@ class RedisBroker(Broker):
                 if self.cluster_tag is None or not follow:
                     raise BrokerUnavailableError(f"redis at {self.address}: {exc}") from exc
                 failure: RedisError = exc
-                await self._relocate(generation, (exc.host, int(exc.port)))
+                await self._relocate(generation, self._moved_to(exc))
                 if self._generation == generation:
                     await asyncio.sleep(pause)  # told to go where we are: wait for the cluster
                     pause = min(pause * 2, 0.2)
@@ -1053,10 +1054,16 @@ class RedisBroker(Broker):
                 return
             where = hint
             if where is None:
+                # one look at the map per reconnect_backoff[0] at most: every call failing in an
+                # outage would otherwise send every node a CLUSTER SLOTS
+                now = asyncio.get_running_loop().time()
+                if now - self._discovered_at < self.reconnect_backoff[0]:
+                    return
                 try:
                     where = await asyncio.wait_for(self._discover(), self.timeout)
                 except asyncio.TimeoutError:
                     where = None
+                self._discovered_at = asyncio.get_running_loop().time()
             if where is None:
                 return
             url = node_url(self._seed, *where)
@@ -1075,6 +1082,12 @@ class RedisBroker(Broker):
             self.slot,
             self.address,
         )
+
+    def _moved_to(self, exc: MovedError) -> tuple[str, int]:
+        """Where a ``MOVED`` reply sends us (a node that does not know its own address names
+        none: then the host of the node in use)."""
+        host = exc.host if exc.host not in ("", "?") else urlsplit(self._url).hostname
+        return (host or "127.0.0.1", int(exc.port))
 
     async def _discover(self) -> tuple[str, int] | None:
         """The primary of this shard's slot per ``CLUSTER SLOTS``, asked of the node in use,
@@ -1216,7 +1229,7 @@ class RedisBroker(Broker):
                     log.info("redis cluster: %s; the reader follows", moved)
                     self._healthy = False
                     before = self._generation
-                    await self._relocate(before, (moved.host, int(moved.port)))
+                    await self._relocate(before, self._moved_to(moved))
                     if self._generation != before:
                         continue
                 else:
