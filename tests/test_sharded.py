@@ -476,3 +476,56 @@ async def test_presence_and_overflow_over_shards(make_broker: MakeSharded) -> No
 
 async def _empty(broker: ShardedBroker, channel: str) -> bool:
     return (await broker.presence(channel)).subscribers == 0
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_part_at_the_shared_horizon_resumes_exactly(make_broker: MakeSharded) -> None:
+    """A live stream's part for a shard moves with every event that shard delivers here, its
+    channels or not (the shared horizon): resuming from such a part loses and repeats nothing."""
+    broker = await make_broker()
+    news = on_shard(0, "hnews")[0]
+    mine, theirs = on_shard(1, "hmine", 2)
+    one, got_one = await subscribe(broker, [news, mine])
+    two, got_two = await subscribe(broker, [news, theirs])
+    await broker.publish(mine, "m0")
+    await wait_until(lambda: len(got_one.frames) == 1, TIMEOUT)
+    for n in range(3):
+        await broker.publish(theirs, f"t{n}")  # moves shard 1's horizon past "m0"
+    await wait_until(lambda: len(got_two.frames) == 3, TIMEOUT)
+    await broker.publish(news, "n0")
+    await wait_until(lambda: len(got_one.frames) == 2 and len(got_two.frames) == 4, TIMEOUT)
+    shared = got_one.frames[-1]
+    assert shared is got_two.frames[-1]  # one frame for both streams
+    assert parts_of(shared)[1] == parts_of(got_two.frames[2])[1]  # at "t2", not "m0"
+    one.close()
+    missed = [await broker.publish(mine, "m1"), await broker.publish(news, "n1")]
+    again, got = await subscribe(broker, [news, mine], shared.id)
+    assert not again.reset
+    # the replay gives shard 0's events, then shard 1's
+    assert [parse(f.data)[0].data for f in got.frames] == ["n1", "m1"]
+    assert [parts_of(f)[placement(f.channel, SHARDS)] for f in got.frames] == missed[::-1]
+    again.close()
+    two.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_events_held_back_until_start_never_claim_a_later_horizon(
+    make_broker: MakeSharded,
+) -> None:
+    """At `start`, the events held back are released shard by shard: an event of the first
+    shard must not carry a position on the second past events still to be released."""
+    broker = await make_broker()
+    first, second = on_shard(0, "hx")[0], on_shard(1, "hy")[0]
+    other, got_other = await subscribe(broker, [on_shard(0, "hz")[0], second])
+    got = Collector()
+    held = await broker.subscribe([first, second], got)
+    await broker.publish(first, "a")
+    await broker.publish(second, "y")
+    await wait_until(lambda: len(got_other.frames) == 1, TIMEOUT)  # shard 1's horizon: "y"
+    held.start()
+    assert [parse(f.data)[0].data for f in got.frames] == ["a", "y"]
+    held.close()
+    again, replay = await subscribe(broker, [first, second], got.frames[0].id)
+    assert [parse(f.data)[0].data for f in replay.frames] == ["y"]
+    again.close()
+    other.close()

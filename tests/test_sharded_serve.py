@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.redis_server import RedisServer
@@ -89,6 +90,9 @@ async def test_a_stream_over_every_shard_resumes_across_hub_restarts(
             finally:
                 hub.stop()
             assert hub.proc.returncode == 0, hub.log()
+        metrics = httpx.get(publisher.url + "/metrics", timeout=5).text
+        for shard in range(SHARDS):  # each shard's own metrics, labelled
+            assert f'tornado_sse_redis_up{{shard="{shard}"}} 1.0' in metrics
     finally:
         if thread.is_alive():
             thread.join(TIMEOUT)
