@@ -251,6 +251,36 @@ def test_serve_cost_sums_every_process_of_the_group(tmp_path: Path) -> None:
     assert "| --processes 2 |" in done.stdout
 
 
+def test_redis_shards_measures_each_shard_and_a_one_shard_hub(tmp_path: Path) -> None:
+    """bench/redis_shards.py (issue 17) with three real redis-servers, tiny: every event is
+    delivered (it fails otherwise), each shard is measured, and a hub that follows channels of
+    shard 0 only makes the other shards run (almost) nothing."""
+    import subprocess
+
+    out = tmp_path / "shards.json"
+    command = [sys.executable, "-m", "tornado_sse.bench.redis_shards", "--events", "90"]
+    done = subprocess.run(
+        [*command, "--channels", "12", "--repeat", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    rows = results["sharded"]
+    assert [row["shards"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        shards = row["runs"][0]["shards"]
+        assert len(shards) == row["shards"]
+        assert sum(shard["events"] for shard in shards) == 90
+        assert all(shard["commands_per_event"] > 1 for shard in shards if shard["events"])
+    ((one, two, three),) = results["one_shard_hub"]
+    assert one["commands"] >= 30  # a publish script per event, and the reads
+    assert two["commands"] <= 5 and three["commands"] <= 5  # an idle reader's XREAD at most
+    assert "| 3 |" in done.stdout
+
+
 def test_ratelimit_cost_reports_takes_and_bytes_per_bucket(tmp_path: Path) -> None:
     """bench/ratelimit_cost.py (issue 20): churn leaves a small table; max_keys bounds memory."""
     import subprocess
