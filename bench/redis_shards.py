@@ -1,8 +1,9 @@
 """What one event costs each Redis when channels are sharded over 1, 2 and 3 of them.
 
 For each number of shards N, a `ShardedBroker` publisher (another host, in effect) publishes
-*events* events of 64 bytes to *channels* channels picked at random, *concurrency* publishes
-in flight, and a hub (`ShardedBroker` over the same servers) follows every channel with one
+N times *events* events of 64 bytes to *channels* channels picked at random, paced at N times
+*rate* events per second (so that each shard sees the same load whatever N), and a hub
+(`ShardedBroker` over the same servers) follows every channel with one
 subscriber each; every event must reach it once. Measured on each redis-server (``INFO cpu``,
 ``INFO commandstats`` before and after): Redis CPU per event *that landed on that shard*, and
 commands per such event. Capacity grows linearly with the shards when this per-shard cost does
@@ -16,7 +17,7 @@ blocking ``XREAD`` every ``read_block`` and the presence lease are all they see)
 Each redis-server is started here (no persistence) and pinned to the second core, as the
 publisher and hub are to the first. Run::
 
-    python -m tornado_sse.bench.redis_shards --events 6000 --repeat 3 --out shards.json
+    python -m tornado_sse.bench.redis_shards --events 1500 --rate 200 --repeat 3 --out shards.json
 
 Printed as Markdown tables and, with ``--out``, written as JSON.
 """
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .redis_cost import RedisProcess, redis_readings
+from .redis_cost import RedisProcess, _pin, redis_readings
 
 MAX_SHARDS = 3
 
@@ -84,10 +85,11 @@ async def _publish_all(
 
 
 async def measure(
-    urls: list[str], names: list[str], events: int, concurrency: int, prefix: str
+    urls: list[str], names: list[str], events: int, rate: float, prefix: str
 ) -> dict[str, Any]:
-    """Per shard of *urls*: events landed, Redis CPU us and commands per such event; and the
-    events per second published (first publish to last delivery)."""
+    """Per shard of *urls*: events landed, Redis CPU us and commands per such event, for
+    *events* events per shard published at *rate* events per second per shard (so each shard
+    sees the same load whatever the number of shards); and the events per second reached."""
     from tornado_sse.broker.sharded import placement
 
     publisher = _sharded(urls, prefix)
@@ -100,14 +102,14 @@ async def measure(
         subscriptions = [await hub.subscribe([name], count) for name in names]
         for subscription in subscriptions:
             subscription.start()
-        await _publish_all(publisher, names, len(urls) * 10, concurrency, count)  # settle
+        await _publish_all(publisher, names, len(urls) * 10, 16, count)  # settle
         landed = [0] * len(urls)
         random.seed(len(urls))
-        plan = [random.choice(names) for _ in range(events)]
+        plan = [random.choice(names) for _ in range(events * len(urls))]
         for name in plan:
             landed[placement(name, len(urls))] += 1
         before = _readings(urls)
-        seconds = await _publish_planned(publisher, plan, concurrency, count)
+        seconds = await _publish_planned(publisher, plan, rate * len(urls), count)
         after = _readings(urls)
     finally:
         for subscription in subscriptions:
@@ -123,18 +125,21 @@ async def measure(
                 "commands_per_event": (c1 - c0) / max(1, landed[n]),
             }
         )
-    return {"shards": shards, "events_per_s": events / seconds}
+    return {"shards": shards, "events_per_s": len(plan) / seconds}
 
 
-async def _publish_planned(
-    publisher: Any, plan: list[str], concurrency: int, count: _Count
-) -> float:
+async def _publish_planned(publisher: Any, plan: list[str], rate: float, count: _Count) -> float:
+    """Publish to the channels of *plan* in order, *rate* events per second (in ticks of 10 ms,
+    each tick's publishes concurrent); wait until all arrived. Returns the seconds taken."""
     target = count.delivered + len(plan)
     t0 = time.monotonic()
-    for start in range(0, len(plan), concurrency):
-        await asyncio.gather(
-            *(publisher.publish(name, "x" * 64) for name in plan[start : start + concurrency])
-        )
+    done = 0
+    while done < len(plan):
+        due = min(len(plan), int((time.monotonic() - t0) * rate) + 1)
+        if due > done:
+            await asyncio.gather(*(publisher.publish(name, "x" * 64) for name in plan[done:due]))
+            done = due
+        await asyncio.sleep(0.01)
     deadline = time.monotonic() + 60
     while count.delivered < target:
         if time.monotonic() > deadline:
@@ -182,6 +187,9 @@ def _median(values: list[float]) -> float:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"sharded": [], "one_shard_hub": []}
+    pin = _pin({0})
+    if pin is not None:
+        pin()  # the publisher and the hub: the first core; the redis-servers: the second
     with tempfile.TemporaryDirectory() as tmp:
         servers = []
         try:
@@ -193,15 +201,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             names = [f"user.{n}" for n in range(args.channels)]
             for shards in range(1, MAX_SHARDS + 1):
                 runs = [
-                    await measure(
-                        urls[:shards], names, args.events, args.concurrency, f"s{shards}r{r}:"
-                    )
+                    await measure(urls[:shards], names, args.events, args.rate, f"s{shards}r{r}:")
                     for r in range(args.repeat)
                 ]
                 results["sharded"].append({"shards": shards, "runs": runs})
             for r in range(args.repeat):
                 results["one_shard_hub"].append(
-                    await one_shard_hub(urls, args.events // 3, args.concurrency, f"one{r}:")
+                    await one_shard_hub(urls, args.events, args.concurrency, f"one{r}:")
                 )
         finally:
             for server in servers:
@@ -211,7 +217,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=6000)
+    parser.add_argument("--events", type=int, default=1500, help="events per shard")
+    parser.add_argument(
+        "--rate", type=float, default=200, help="events per second per shard (paced)"
+    )
     parser.add_argument("--channels", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=64, help="publishes in flight")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median kept)")
@@ -221,7 +230,7 @@ def main() -> None:
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))
     print(
-        "| shards | events/s published (one Python publisher) "
+        "| shards | events/s published, all shards "
         "| per shard: Redis CPU per event | per shard: commands per event |"
     )
     print("| --- | --- | --- | --- |")
