@@ -10,10 +10,10 @@ peer afresh (in a rotated order), warms it up, connects the streams from the loa
 (``/proc``, user + system) from the first connect until the server counts every stream, then
 closes them and stops the server; the time the server spent in its cyclic garbage collector
 meanwhile is read too (wall-clock time around each collection, through `gc.callbacks`, so
-time descheduled inside one counts: a share to compare, not a CPU cost). The figure is the median over the rounds of each peer's CPU,
-and each ratio the median of the per-round ratios to the empty handler (the peers of one round
-ran within seconds of each other, so they shared the machine's load). The load average is
-read at the start and the end.
+time descheduled inside one counts: a share to compare, not a CPU cost). The figure is the
+median over the rounds of each peer's CPU, and each ratio the median of the per-round ratios
+to the empty handler (the peers of one round ran within seconds of each other, so they shared
+the machine's load). The load average is read at the start and the end.
 
 Printed as a Markdown table; ``--out`` writes every round as JSON.
 """
