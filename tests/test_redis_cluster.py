@@ -13,7 +13,7 @@ from tornado.ioloop import IOLoop
 
 import tests.test_sharded as sharded_tests
 from tests.broker_contract import TIMEOUT, BrokerContract, close_brokers, subscribe
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.redis_cluster import RedisCluster, redis_cluster
 from tests.redis_server import redis_prefix
 from tornado_sse.broker.base import Broker
@@ -168,3 +168,28 @@ async def test_cluster_shards_sit_one_per_primary_and_a_stream_over_all_resumes(
     assert isinstance(one, RedisBroker)
     with pytest.raises(ValueError, match="shards"):
         cluster_broker(redis_cluster.url, 0)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_node_that_does_not_answer_is_passed_over_for_the_next(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    broker = RedisBroker.for_cluster_shard(
+        [dead, redis_cluster.url], 2, 3, key_prefix=redis_prefix, reconnect_backoff=(0.05, 0.2)
+    )
+    await broker.start()
+    try:
+        assert broker.healthy
+        sub, got = await subscribe(broker, ["news"])
+        await broker.publish("news", "found")
+        await wait_until(lambda: got.data == ["found"])
+        sub.close()
+        owner = redis_cluster.owner(key_slot(shard_tag(2, 3)))
+        assert broker.address == f"redis://127.0.0.1:{owner.port}/0"
+    finally:
+        await broker.close()
+    with pytest.raises(ValueError, match="cluster_tag"):
+        RedisBroker(redis_cluster.url, cluster_nodes=[dead])
+    with pytest.raises(ValueError, match="at least one"):
+        RedisBroker.for_cluster_shard([], 0, 3)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
 from tests.redis_cluster import RedisCluster, redis_cluster
 from tests.test_redis_serve import Hub
 from tests.test_serve_ops import run_serve
@@ -24,9 +25,13 @@ SHARDS = 3
 
 
 def cluster_hub(log: Path, cluster: RedisCluster, node: int) -> Hub:
-    """A hub given the URL of the cluster's *node*-th node (any node will do)."""
-    url = cluster.live[node].url
-    hub = Hub(log, "", "--redis-cluster", url, "--redis-cluster-shards", str(SHARDS))
+    """A hub given the URL of the cluster's *node*-th node (any node will do); the second
+    hub's first URL names no node at all, so it asks the next."""
+    urls = [cluster.live[node].url]
+    if node == 2:
+        urls.insert(0, f"redis://127.0.0.1:{free_port()}/0")
+    flags = [arg for url in urls for arg in ("--redis-cluster", url)]
+    hub = Hub(log, "", *flags, "--redis-cluster-shards", str(SHARDS))
     hub.wait_healthy()
     return hub
 

@@ -141,11 +141,14 @@ def node_url(url: str, host: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def cluster_broker(url: str, shards: int = DEFAULT_SHARDS, **options: Any) -> Broker:
-    """The channels spread over *shards* shards of the Redis Cluster *url* (any of its nodes)
-    is part of: a `.ShardedBroker` over `.RedisBroker.for_cluster_shard` ``(url, i, shards)``
-    for each *i* (one shard: that `.RedisBroker` alone, its ids unchanged). *options* go to
-    every `.RedisBroker` (``history_size``, ``key_prefix``, ``durable`` ...). Needs redis-py
+def cluster_broker(
+    url: str | Sequence[str], shards: int = DEFAULT_SHARDS, **options: Any
+) -> Broker:
+    """The channels spread over *shards* shards of the Redis Cluster *url* (any of its nodes,
+    or a list of several, asked in turn) is part of: a `.ShardedBroker` over
+    `.RedisBroker.for_cluster_shard` ``(url, i, shards)`` for each *i* (one shard: that
+    `.RedisBroker` alone, its ids unchanged). *options* go to every `.RedisBroker`
+    (``history_size``, ``key_prefix``, ``durable`` ...). Needs redis-py
     (``pip install 'tornado-sse[redis]'``)."""
     if not isinstance(shards, int) or not 1 <= shards <= SLOTS:
         raise ValueError(f"shards must be between 1 and {SLOTS} (got {shards!r})")

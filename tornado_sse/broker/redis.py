@@ -497,6 +497,13 @@ class RedisBroker(Broker):
         the URL's query take precedence over them). The broker's pool is a
         `redis.asyncio.BlockingConnectionPool` of `POOL_SIZE` connections (``max_connections``
         changes it): past it, a command waits up to *timeout* for a connection to be free.
+    :param cluster_tag: make this broker one shard of a Redis Cluster whose node *url* names:
+        every key carries the hash tag ``{cluster_tag}`` (after *key_prefix*, which must hold no
+        braces), so they share one slot, and the broker talks to the primary of that slot now
+        ("Redis Cluster" above). Default ``None``: a Redis that is not a cluster.
+        `for_cluster_shard` picks the tag of shard *i* of *k*.
+    :param cluster_nodes: URLs of more nodes of the cluster, asked where the slot is when the
+        node of *url* does not answer (the broker also remembers every node the cluster names).
     """
 
     def __init__(
@@ -517,6 +524,7 @@ class RedisBroker(Broker):
         presence: bool = True,
         redis_options: Mapping[str, Any] | None = None,
         cluster_tag: str | None = None,
+        cluster_nodes: Sequence[str] = (),
     ) -> None:
         super().__init__(history_size=history_size, presence=presence)
         #: the hash tag of every key, when this broker is one shard of a Redis Cluster
@@ -560,6 +568,12 @@ class RedisBroker(Broker):
         self.live_resets = 0
 
         self._seed = url
+        if cluster_nodes and self.cluster_tag is None:
+            raise ValueError("cluster_nodes needs cluster_tag")
+        for node in cluster_nodes:
+            if urlsplit(node).scheme not in ("redis", "rediss"):
+                raise ValueError("cluster_nodes are redis:// or rediss:// URLs")
+        self._cluster_nodes = tuple(cluster_nodes)
         self._url = url
         self._options: dict[str, Any] = {
             "socket_timeout": timeout,
@@ -628,12 +642,17 @@ class RedisBroker(Broker):
         self._reader_floor: Key | None = None
 
     @classmethod
-    def for_cluster_shard(cls, url: str, shard: int, shards: int, **options: Any) -> RedisBroker:
-        """Shard *shard* of *shards* on the Redis Cluster that *url* (any of its nodes) is part
-        of: a broker whose keys all carry the hash tag `.cluster.shard_tag` gives it, so they
-        live in one slot, on the primary that owns that slot now. *options* are those of
-        `RedisBroker`."""
-        return cls(url, cluster_tag=shard_tag(shard, shards), **options)
+    def for_cluster_shard(
+        cls, url: str | Sequence[str], shard: int, shards: int, **options: Any
+    ) -> RedisBroker:
+        """Shard *shard* of *shards* on the Redis Cluster that *url* (any of its nodes, or a
+        list of several: the first is *url*, the others ``cluster_nodes``) is part of: a broker
+        whose keys all carry the hash tag `.cluster.shard_tag` gives it, so they live in one
+        slot, on the primary that owns that slot now. *options* are those of `RedisBroker`."""
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("give the URL of at least one node of the cluster")
+        return cls(urls[0], cluster_tag=shard_tag(shard, shards), cluster_nodes=urls[1:], **options)
 
     def _bind(self, url: str) -> None:
         """Talk to the Redis at *url* from now on (a client and its scripts)."""
@@ -1091,9 +1110,10 @@ class RedisBroker(Broker):
 
     async def _discover(self) -> tuple[str, int] | None:
         """The primary of this shard's slot per ``CLUSTER SLOTS``, asked of the node in use,
-        the node of the URL given, then every node seen before, until one answers."""
+        the node of the URL given, the ``cluster_nodes``, then every node seen before, until
+        one answers."""
         candidates: list[tuple[str, int]] = []
-        for url in (self._url, self._seed):
+        for url in (self._url, self._seed, *self._cluster_nodes):
             parts = urlsplit(url)
             candidates.append((parts.hostname or "127.0.0.1", parts.port or 6379))
         options = {

@@ -59,6 +59,8 @@ class HubOptions:
         sharded over those Redis servers (`.ShardedBroker`, in this order); else empty.
     :param redis_cluster: the URL of any node of a Redis Cluster (``--redis-cluster``): channels
         are sharded over ``redis_cluster_shards`` slots of it (`.cluster.cluster_broker`).
+    :param redis_cluster_nodes: the URLs of more nodes (``--redis-cluster`` repeated), asked
+        when the first does not answer.
     :param redis_cluster_shards: shards on the cluster (``--redis-cluster-shards``, default 12).
     :param redis_durable: declare that Redis never loses an acknowledged write
         (``--redis-durable``; `RedisBroker`'s ``durable``).
@@ -98,6 +100,7 @@ class HubOptions:
     redis: str | None = None
     redis_shards: tuple[str, ...] = ()
     redis_cluster: str | None = None
+    redis_cluster_nodes: tuple[str, ...] = ()
     redis_cluster_shards: int = DEFAULT_SHARDS
     redis_durable: bool = False
     xheaders: bool = False
@@ -368,8 +371,10 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
     "--redis-cluster",
     "redis_cluster",
     type=RedisUrl(),
+    multiple=True,
     help="URL of any node of a Redis Cluster (redis://host:7000): the channels are sharded "
-    "over its primaries, each shard one hash slot. Not with --redis.",
+    "over its primaries, each shard one hash slot. Repeat it to name more nodes, asked in "
+    "turn when one does not answer. Not with --redis.",
 )
 @click.option(
     "--redis-cluster-shards",
@@ -482,7 +487,7 @@ def serve_command(
     max_buffer_size: int,
     processes: int,
     redis_url: tuple[str, ...],
-    redis_cluster: str | None,
+    redis_cluster: tuple[str, ...],
     redis_cluster_shards: int | None,
     redis_durable: bool,
     idle_connection_timeout: float,
@@ -528,16 +533,17 @@ def serve_command(
         )
     if len(set(redis_url)) != len(redis_url):
         raise click.BadParameter("the same Redis URL is given twice", param_hint="'--redis'")
-    if redis_cluster is not None:
+    if redis_cluster:
         if redis_url:
             raise click.BadParameter(
                 "give either --redis or --redis-cluster", param_hint="'--redis-cluster'"
             )
-        if not redis_cluster.lower().startswith(("redis://", "rediss://")):
-            raise click.BadParameter(
-                "a cluster node is reached by redis:// or rediss://",
-                param_hint="'--redis-cluster'",
-            )
+        for url in redis_cluster:
+            if not url.lower().startswith(("redis://", "rediss://")):
+                raise click.BadParameter(
+                    "a cluster node is reached by redis:// or rediss://",
+                    param_hint="'--redis-cluster'",
+                )
     elif redis_cluster_shards is not None:
         raise click.BadParameter("needs --redis-cluster", param_hint="'--redis-cluster-shards'")
     options = HubOptions(
@@ -561,7 +567,8 @@ def serve_command(
         processes=processes,
         redis=redis_url[0] if redis_url else None,
         redis_shards=redis_url if len(redis_url) > 1 else (),
-        redis_cluster=redis_cluster,
+        redis_cluster=redis_cluster[0] if redis_cluster else None,
+        redis_cluster_nodes=tuple(dict.fromkeys(redis_cluster[1:])),
         redis_cluster_shards=redis_cluster_shards or DEFAULT_SHARDS,
         redis_durable=redis_durable,
         xheaders=xheaders,

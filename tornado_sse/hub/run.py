@@ -62,7 +62,7 @@ def make_broker(options: HubOptions) -> Broker:
     if options.redis_cluster is not None:
         cluster = importlib.import_module("tornado_sse.broker.cluster")
         clustered: Broker = cluster.cluster_broker(
-            options.redis_cluster,
+            [options.redis_cluster, *options.redis_cluster_nodes],
             options.redis_cluster_shards,
             history_size=options.history,
             durable=options.redis_durable,
