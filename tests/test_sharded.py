@@ -529,3 +529,38 @@ async def test_events_held_back_until_start_never_claim_a_later_horizon(
     assert [parse(f.data)[0].data for f in replay.frames] == ["y"]
     again.close()
     other.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_adding_a_shard_moves_channels_as_documented(
+    redis_shards: list[RedisServer], redis_prefix: str
+) -> None:
+    """docs/scaling.md, *Adding a shard*: a moved channel starts from now on its new shard; what
+    its old shard had and the stream had not received is not replayed (no reset either)."""
+    names = [f"m{n}" for n in range(1000)]
+    moved = next(c for c in names if placement(c, 2) == 0 and placement(c, 3) == 2)
+    stays = next(c for c in names if placement(c, 2) == 1 and placement(c, 3) == 1)
+
+    def sharded(count: int) -> ShardedBroker:
+        urls = [server.url for server in redis_shards[:count]]
+        return ShardedBroker([RedisBroker(url, key_prefix=redis_prefix) for url in urls])
+
+    before, after = sharded(2), sharded(3)
+    try:
+        sub, got = await subscribe(before, [moved, stays])
+        await before.publish(moved, "seen")
+        await wait_until(lambda: len(got.frames) == 1, TIMEOUT)
+        sub.close()
+        await before.publish(moved, "missed on the old shard")
+        await before.publish(stays, "missed, replayed")
+        again, got = await subscribe(after, [moved, stays], got.frames[0].id)
+        assert not again.reset
+        assert parse(got.frames[0].data) == []  # told its new position (a part for shard 2)
+        assert 2 in parts_of(got.frames[0])
+        assert [parse(f.data)[0].data for f in got.frames[1:]] == ["missed, replayed"]
+        await after.publish(moved, "on the new shard")
+        await wait_until(lambda: len(got.frames) == 3, TIMEOUT)
+        again.close()
+    finally:
+        await before.close()
+        await after.close()

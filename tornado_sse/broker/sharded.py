@@ -21,7 +21,7 @@ Ids
     nothing per event. A stream following channels of several shards sees *composite* ids: one
     part per shard it follows, ``<index>~<shard id>``, joined by ``.``, in index order, e.g.
     ``0~1733472000123-0.2~1733472000125-4``: only ``[0-9~.-]``, safe in a ``Last-Event-ID``
-    header. Each part is the position of that shard that the stream has reached; `publish`
+    header. Each part is the position of that shard that the stream has reached; `.Broker.publish`
     returns the shard's own id (what a stream of that channel alone sees).
 
 Resume
@@ -55,13 +55,14 @@ Fan-out cost
     of the live reader, a reset) get frames of their own until the horizon passes them.
 
 Adding a shard
-    Moves ~1/N of the channels to the new shard, which has none of their history: a stream of a
-    moved channel that resumes with a composite id has no part for the new shard, so it starts
-    there from now (events published on the old shard after its last event are not replayed);
-    a stream on one shard whose channel moved resumes with an id the new shard did not issue
-    and gets ``stream-reset``. Open streams keep following the old placement until they
-    reconnect, and publishers that already use the new placement are not heard by them: roll
-    the change out to publishers and hubs together, then restart the hubs (``--drain``).
+    Moves ~1/N of the channels to the new shard, which has none of their history, and no
+    process can tell a moved channel from a new one. A stream over several shards that follows
+    a moved channel resumes with no part for the new shard, so that channel starts there from
+    now: what its old shard had and the stream had not received is not replayed. A stream on
+    one moved channel resumes with an id of its old shard, which the new shard takes as one of
+    its own: ``stream-reset`` if the id is past the new shard's newest, otherwise a resume that
+    replays nothing, dropping the same events. Open streams keep the old placement until they
+    reconnect. docs/scaling.md says how to roll a new shard out.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class ShardedBroker(Broker):
         shards = [RedisBroker(url, history_size=1000) for url in urls]
         broker = ShardedBroker(shards)
 
-    `tornado-sse serve --redis URL --redis URL ...` makes one. Placement, ids, resume and the
+    ``tornado-sse serve --redis URL --redis URL ...`` makes one. Placement, ids, resume and the
     ordering guarantee are described in `tornado_sse.broker.sharded`.
 
     :param shards: the brokers, in a fixed order (a shard is its index in the list); all with
