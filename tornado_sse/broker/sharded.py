@@ -21,7 +21,7 @@ Ids
     nothing per event. A stream following channels of several shards sees *composite* ids: one
     part per shard it follows, ``<index>~<shard id>``, joined by ``.``, in index order, e.g.
     ``0~1733472000123-0.2~1733472000125-4``: only ``[0-9~.-]``, safe in a ``Last-Event-ID``
-    header. Each part is the position of that shard that the stream has reached; `.Broker.publish`
+    header. Each part is the position of that shard that the stream has reached; `Broker.publish`
     returns the shard's own id (what a stream of that channel alone sees).
 
 Resume
