@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import math
 import os
 import secrets
 import signal
@@ -405,6 +406,12 @@ async def run_demo(options: DemoOptions, sockets: list[socket.socket]) -> None:
     await broker.close()
 
 
+def _finite(param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):  # FloatRange lets NaN through
+        raise click.BadParameter(f"{value!r} is not a number of seconds", param=param)
+    return value
+
+
 def _bind(options: DemoOptions) -> list[socket.socket]:
     try:
         return bind_sockets(options.port, options.host)
@@ -441,7 +448,13 @@ def _bind(options: DemoOptions) -> list[socket.socket]:
     default=None,
     help="Redis URL (redis://127.0.0.1:6379/0): several demo servers share the rooms.",
 )
-@click.option("--presence-grace", type=click.FloatRange(min=0, max=600), default=3.0, hidden=True)
+@click.option(
+    "--presence-grace",
+    type=click.FloatRange(min=0, max=600),
+    default=3.0,
+    hidden=True,
+    callback=lambda ctx, param, value: _finite(param, value),
+)
 @click.option("--retry", type=click.IntRange(0, 600_000), default=1000, hidden=True)
 def demo_command(
     host: str,

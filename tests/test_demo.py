@@ -593,6 +593,10 @@ def test_command_line_errors() -> None:
     assert "--redis" in result.output
     result = runner.invoke(main, ["demo", "--port", "70000"])
     assert result.exit_code == 2
+    for grace in ("nan", "-1", "601"):
+        result = runner.invoke(main, ["demo", "--port", "0", "--presence-grace", grace])
+        assert result.exit_code == 2, result.output
+        assert "--presence-grace" in result.output
     result = runner.invoke(main, ["demo", "--help"])
     assert result.exit_code == 0
     assert "--processes" in result.output and "--presence-grace" not in result.output
