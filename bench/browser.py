@@ -11,7 +11,8 @@ response head) moves on to the next one at once; only when every address failed 
 Checks, per stream, on the benchmark's payload (``data: <seq> <publish ns> ...``, the sequence
 numbered per channel): a sequence number that skips ahead opens a gap (lost, unless it arrives
 later: reordered); one at or below the last that fills no gap is a duplicate. A skip right after
-a ``stream-reset`` event is counted apart (*missed after a reset*): the hub announced it.
+a ``stream-reset`` event is counted apart (*missed after a reset*): the hub announced it; so
+are the events a stream lacks at the end when no event has come after its reset yet.
 Publishes whose answer was lost (the publisher cannot tell whether they happened) are given at
 report time and never counted as lost.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import os
 import re
 import socket
@@ -41,6 +43,8 @@ DEFAULT_RETRY_MS = 3000
 #: a response head that takes longer than this is given up (the connection aborted, retried)
 HEAD_TIMEOUT = 10.0
 PAYLOAD = re.compile(rb"(\d+) (\d+) ")
+#: steps of a stream kept for the report of a stream with a gap
+TRACE = 24
 
 #: Linux: bind() picks the local port at connect() time (see loadgen.py)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -103,6 +107,8 @@ class Stream:
         self.failed_connects = 0
         self.refused_status = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        #: the stream's last steps (connects, heads, resets, events, closes), to explain a gap
+        self.trace: collections.deque[str] = collections.deque(maxlen=TRACE)
 
     # ------------------------------------------------------------------ connecting
 
@@ -148,6 +154,7 @@ class Stream:
         self.raw = self.text = b""
         assert link.transport is not None
         link.transport.write(self.request())
+        self.trace.append(f"connect {self.urls[self.url_index][1]} last-id={self.last_id}")
         loop = asyncio.get_running_loop()
         self._head_timer = loop.call_later(HEAD_TIMEOUT, self._head_overdue, link)
 
@@ -167,6 +174,7 @@ class Stream:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip().lower()
         self.chunked = headers.get(b"transfer-encoding") == b"chunked"
+        self.trace.append(f"head {status}{' shed' if b'retry-after' in headers else ''}")
         if status != 200:
             self.refused_status += 1
             return
@@ -187,6 +195,7 @@ class Stream:
         if self.stopped:
             return
         now = monotonic_ns()
+        self.trace.append("closed")
         if self.connected or not self.closed_at:
             self.closes += 1
             self.closed_at = now
@@ -279,6 +288,7 @@ class Stream:
             elif field == b"retry" and value.isdigit():
                 self.retry_ms = int(value)
         if name == b"stream-reset":
+            self.trace.append(f"stream-reset id={self.last_id}")
             self.resets += 1
             self.after_reset = True
             return
@@ -297,6 +307,7 @@ class Stream:
                 self.missed_after_reset.extend(range(last + 1, seq))
             else:
                 self.gaps.update(range(last + 1, seq))
+                self.trace.append(f"gap {last + 1}-{seq - 1}")
             self.last = seq
         elif seq in self.gaps:
             self.gaps.discard(seq)
@@ -305,6 +316,7 @@ class Stream:
             self.dups += 1
             return
         self.after_reset = False
+        self.trace.append(f"{seq} id={self.last_id}")
         stamp = int(match.group(2))
         group = self.group
         if stamp < self.back_at:  # published before this connection was up: a replay
@@ -387,12 +399,19 @@ class StreamGroup:
         (not counted as lost when missing)."""
         maybe = {channel: set(seqs) for channel, seqs in unknown.items()}
         lost = missed = 0
+        stories = []
         for s in self.streams:
             skip = maybe.get(s.channel, set())
             holes = set(s.gaps)
-            holes.update(range(s.last + 1, lasts.get(s.channel, 0) + 1))
-            lost += len(holes - skip)
-            missed += len(set(s.missed_after_reset) - skip)
+            tail = range(s.last + 1, lasts.get(s.channel, 0) + 1)
+            announced = set(s.missed_after_reset)
+            # a reset with no event after it yet: what it skipped is announced too
+            (announced if s.after_reset else holes).update(tail)
+            silent = holes - skip
+            lost += len(silent)
+            if silent and len(stories) < 5:
+                stories.append({"channel": s.channel, "lost": sorted(silent), "trace": [*s.trace]})
+            missed += len(announced - skip)
         name = os.path.join(self.workdir, f"storm-{self.index}.bin")
         with open(name, "wb") as fh:
             for samples in (self.stamps, self.latencies, self.replay_stamps, self.replay_latencies):
@@ -402,6 +421,7 @@ class StreamGroup:
             "streams": len(self.streams),
             "connected": sum(s.connected for s in self.streams),
             "lost": lost,
+            "lost_stories": stories,
             "missed_after_reset": missed,
             "duplicated": sum(s.dups for s in self.streams),
             "reordered": sum(s.reorders for s in self.streams),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -325,7 +326,7 @@ def _cases(value: str) -> list[str]:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("bench-results"),
     show_default=True,
-    help="Directory for storm.json and storm.md.",
+    help="Directory for storm.json, storm.md and storm-logs/ (the hubs' logs).",
 )
 def storm_command(
     streams: int,
@@ -365,7 +366,10 @@ def storm_command(
     argv += ["--drain", f"{drain:g}", "--steady", f"{steady:g}", "--workers", str(workers)]
     argv += ["--out", str(out)]
     started = time.monotonic()
-    results = asyncio.run(run_storm(plan, names))
+    logs = out / "storm-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    results = asyncio.run(run_storm(plan, names, logs))
     data = {
         "command": shlex.join(argv),
         "environment": report.environment(),

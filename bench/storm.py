@@ -71,7 +71,7 @@ class StormPlan:
     rate: float = 100.0
     #: seconds of steady state measured before the storm
     steady: float = 3.0
-    #: seconds of publishing after every stream is back
+    #: seconds of publishing after every stream is back (at least two events per channel)
     after: float = 1.0
     #: the hubs' --retry (ms; each stream gets it jittered up to 1.5x) and --drain (s)
     retry: int = 3000
@@ -442,7 +442,8 @@ class Case:
                     raise RuntimeError(f"{down} streams not back after {plan.timeout} s")
                 await asyncio.sleep(0.02)
             t_back = time.monotonic_ns()
-            await asyncio.sleep(plan.after)
+            # long enough for two events on every channel: a stream back last sees one after it
+            await asyncio.sleep(max(plan.after, 2 * plan.channels / plan.rate))
             await publisher.stop()
             lasts = dict(publisher.acked)
             waited = await workers.each(
@@ -521,6 +522,8 @@ class Case:
             "closes_after_s": _spread([at - t0 for r in reports for at in r["closes"]]),
             "reconnect_delay_s": _spread([d for r in reports for d in r["delays"]]),
             "outage_s": _spread([d for r in reports for d in r["outages"]]),
+            "lost_stories": [story for r in reports for story in r["lost_stories"]][:10],
+            "unknown_publishes": publisher.unknown,
             "published": publisher.published,
             "publishes_refused": publisher.refused,
             "publishes_unknown": sum(len(v) for v in publisher.unknown.values()),
