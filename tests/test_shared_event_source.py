@@ -30,7 +30,7 @@ from tornado_sse import (
     Metrics,
     client_script_route,
 )
-from tornado_sse.broker.base import release_chunks
+from tornado_sse.broker.base import Broker, release_chunks
 from tornado_sse.protocol import encode_event
 
 CHROMIUM = "/usr/bin/chromium"
@@ -237,8 +237,8 @@ class Token(tornado.web.RequestHandler):
 class Hub:
     """The server of a browser test: a real Tornado application on loopback."""
 
-    def __init__(self, ttl: int | None = None) -> None:
-        self.broker = InProcessBroker(history_size=1000)
+    def __init__(self, ttl: int | None = None, broker: Broker | None = None) -> None:
+        self.broker = broker if broker is not None else InProcessBroker(history_size=1000)
         self.connections = ConnectionSet(prune_interval=0.05)
         self.verifier: Any = None
         if ttl is not None:
@@ -277,7 +277,7 @@ class Hub:
 
 @asynccontextmanager
 async def browser_and_hub(
-    ttl: int | None = None, init_script: str | None = None
+    ttl: int | None = None, init_script: str | None = None, broker: Broker | None = None
 ) -> AsyncIterator[tuple[Any, Hub]]:
     """A running `Hub` and one Chromium context (whose pages share BroadcastChannel and locks)."""
     require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
@@ -286,7 +286,7 @@ async def browser_and_hub(
 
     if ttl is not None:
         require(_pyjwt_available(), "PyJWT is missing (pip install 'tornado-sse[jwt]')")
-    hub = Hub(ttl)
+    hub = Hub(ttl, broker)
     hub.start()
     try:
         async with async_playwright() as pw:
@@ -493,6 +493,70 @@ def test_a_new_leader_behind_the_others_replays_what_it_missed_and_nobody_gets_i
                 assert await tab.received() == want
 
     run(scenario())
+
+
+@pytest.mark.browser
+def test_a_new_leader_behind_the_others_gets_nobody_an_event_twice_over_shards(
+    tmp_path: Path,
+) -> None:
+    """The same with a stream over two Redis shards (issue 17): an event's composite id differs
+    between the old leader's stream and the new one's (the other shard's part is another
+    position), yet it names the same event: the tabs that had it drop it."""
+    from tests.redis_server import RedisServer
+    from tornado_sse.broker.redis import RedisBroker
+    from tornado_sse.broker.sharded import ShardedBroker, placement
+
+    channels = ["news", next(f"room/{n}" for n in range(99) if placement(f"room/{n}", 2) == 1)]
+    assert placement("news", 2) == 0
+    servers = [RedisServer(tmp_path / f"shard{n}") for n in range(2)]
+    for server in servers:
+        server.directory.mkdir()
+        server.start()
+
+    async def scenario() -> None:
+        broker = ShardedBroker([RedisBroker(server.url) for server in servers])
+        async with browser_and_hub(init_script=LAGGING, broker=broker) as (context, hub):
+            leader = await Tab.open(context, hub, channels)
+            await leader.wait_open()
+            behind = await Tab.open(context, hub, channels, lag=True)
+            await behind.wait_open()
+            other = await Tab.open(context, hub, channels)
+            await other.wait_open()
+            await wait_until(lambda: len(hub.streams) == 1)
+            sent = await publish_round(hub, channels, 6)
+            for tab in (leader, behind, other):
+                await tab.wait_count(6)
+            await behind.page.evaluate("window.deaf = true")
+            missed = await publish_round(hub, channels, 5)
+            for tab in (leader, other):
+                await tab.wait_count(11)
+            await behind.page.evaluate("window.deaf = false")
+            old_stream = hub.streams[0]
+            await leader.page.close()
+            await wait_until(
+                lambda: len(hub.streams) == 1 and hub.streams[0] is not old_stream, timeout=5
+            )
+            after = await publish_round(hub, channels, 4)
+            want = [data for _, data, _ in sent + missed + after]
+            for tab in (behind, other):
+                await wait_until(lambda tab=tab: _has_all(tab, want), timeout=5)
+                got = [data for _, data, _ in await tab.received()]
+                # events of one shard in order; across the two, as each arrived
+                assert sorted(got) == sorted(want), "an event lost or twice"
+                for channel in channels:
+                    mine = [d for d in got if d.startswith(channel + ":")]
+                    assert mine == [d for d in want if d.startswith(channel + ":")]
+
+    try:
+        run(scenario())
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def _has_all(tab: Tab, want: list[str]) -> bool:
+    got = [data for _, data, _ in await tab.received()]
+    return set(want) <= set(got)
 
 
 @pytest.mark.browser

@@ -19,10 +19,13 @@ Placement
 Ids
     A stream whose channels all sit on one shard sees that shard's ids, unchanged: it costs
     nothing per event. A stream following channels of several shards sees *composite* ids: one
-    part per shard it follows, ``<index>~<shard id>``, joined by ``.``, in index order, e.g.
-    ``0~1733472000123-0.2~1733472000125-4``: only ``[0-9~.-]``, safe in a ``Last-Event-ID``
-    header. Each part is the position of that shard that the stream has reached; `Broker.publish`
-    returns the shard's own id (what a stream of that channel alone sees).
+    part per shard it follows, ``<index>~<shard id>``, joined by ``.``, e.g.
+    ``2~1733472000125-4.0~1733472000123-0``: only ``[0-9~.-]``, safe in a ``Last-Event-ID``
+    header. Each part is the position on that shard that the stream has reached. An event's own
+    part comes first: it names the event, the same in every stream (``SharedEventSource`` drops
+    a duplicate by it), while the other parts are the stream's positions and differ from stream
+    to stream; they follow in index order, as do all parts of id-only blocks and resets.
+    `Broker.publish` returns the shard's own id (what a stream of that channel alone sees).
 
 Resume
     The Last-Event-ID is read against the channels asked for. Each shard resumes from its part,
@@ -190,13 +193,21 @@ class ShardedSubscription(Subscription):
     def _composite(self) -> str:
         return JOIN.join(self._parts)
 
+    def _event_id(self, j: int) -> str:
+        """The composite id of an event of the *j*-th shard: its own part first (which names
+        the event, the same in every stream), then the positions on the others."""
+        parts = self._parts
+        if j == 0:
+            return JOIN.join(parts)
+        return JOIN.join([parts[j], *parts[:j], *parts[j + 1 :]])
+
     def _replayed(self, j: int, frames: list[Frame]) -> list[Frame]:
         """Frames of shard *j*'s replay with the composite id the stream reaches with each."""
         key = self._sharded.shards[self._shards[j]].id_key
         out = []
         for frame in frames:
             self._advance(j, frame.id, key(frame.id))
-            out.append(_with_id(frame, self._composite()))
+            out.append(_with_id(frame, self._event_id(j)))
         return out
 
     async def next_page(self, page_size: int | None = None) -> list[Frame]:
@@ -495,7 +506,7 @@ class ShardedBroker(Broker):
                     continue
                 if outer._parts[k] is not seen[2]:  # caught up: at the shared horizon
                     outer._own[k], own_key[k], outer._parts[k] = seen[1], seen[0], seen[2]
-        event_id = JOIN.join(outer._parts)
+        event_id = outer._event_id(j)
         if self._variants_of[index] is not frame:
             self._variants_of[index] = frame
             self._variants[index] = {}

@@ -19,6 +19,9 @@
 // resumes from the last id it knows: events the old leader read but never broadcast are
 // replayed, and an event a tab already has (the new leader may lag behind another tab by a few
 // messages) is dropped by that tab's id memory. Nothing is lost, nothing is delivered twice.
+// A stream over several shards of a sharded broker (ids like `2~<id>.0~<id>`) names an event
+// by the first part of its id: the other parts are the stream's positions on the other shards,
+// which may differ between the old leader's stream and the new one's.
 //
 // When a tab joins with a channel the stream does not follow yet, or the last tab of a channel
 // leaves, the leader reconnects with its last id: nothing is lost there either.
@@ -46,6 +49,12 @@ function shareable() {
     navigator.locks != null &&
     typeof navigator.locks.request === 'function'
   );
+}
+
+// What names an event: its id, or the first part of a composite id (`2~<id>.0~<id>`: the
+// event's own shard and id; the other parts are the stream's positions, see the top).
+function eventKey(id) {
+  return id.includes('~') ? id.split('.', 1)[0] : id;
 }
 
 function newTabId() {
@@ -420,9 +429,9 @@ export class SharedEventSource extends EventTarget {
     return [...all].sort();
   }
 
-  _remember(id) {
-    this._seen.add(id);
-    this._seenOrder.push(id);
+  _remember(key) {
+    this._seen.add(key);
+    this._seenOrder.push(key);
     if (this._seenOrder.length > REMEMBERED_IDS) this._seen.delete(this._seenOrder.shift());
   }
 
@@ -430,8 +439,9 @@ export class SharedEventSource extends EventTarget {
   _receive(msg) {
     if (msg.id !== null) {
       if (msg.data !== null && msg.channel !== null) {
-        if (this._seen.has(msg.id)) return;
-        this._remember(msg.id);
+        const key = eventKey(msg.id);
+        if (this._seen.has(key)) return;
+        this._remember(key);
       }
       this.lastEventId = msg.id;
     }
