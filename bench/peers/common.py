@@ -173,9 +173,13 @@ class Driver:
         finally:
             profiler.disable()
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats(
+        stats = pstats.Stats(profiler, stream=out).sort_stats(
             os.environ.get("BENCH_PROFILE_SORT", "tottime")
-        ).print_stats(int(os.environ.get("BENCH_PROFILE_LINES", "25")))
+        )
+        stats.print_stats(int(os.environ.get("BENCH_PROFILE_LINES", "25")))
+        callers = os.environ.get("BENCH_PROFILE_CALLERS")
+        if callers:  # who calls the functions matching this pattern, and how often
+            stats.print_callers(callers)
         return out.getvalue()
 
     async def _publish_loop(self, count: int | None, rate: float, size: int | None) -> None:
