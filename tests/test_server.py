@@ -809,9 +809,14 @@ async def test_xheaders_logs_the_clients_address(hub: Hub, tmp_path: Path) -> No
             await stream.read_until(lambda s: s.parser.last_event_id != "")
             stream.close()
             closed = f"stream closed: channels=proxied client={address} "
-            await wait_until(lambda target=target, closed=closed: closed in target.log())
+            # the hub writes the access line after the "stream closed" one: wait for both
+            access = f"200 GET /events?channel=proxied ({address})"
+            await wait_until(
+                lambda target=target, lines=(closed, access): all(
+                    line in target.log() for line in lines
+                )
+            )
             assert f"stream open: channels=proxied client={address} " in target.log()
-            assert f"200 GET /events?channel=proxied ({address})" in target.log()
         forwarded = await behind.stream(
             "channel=forwarded", headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.9"}
         )
