@@ -113,6 +113,7 @@ class _StreamParams:
     __slots__ = (
         "heartbeat",
         "heartbeat_chunk",
+        "heartbeat_interval",
         "max_buffer",
         "max_lifetime",
         "metrics",
@@ -120,7 +121,7 @@ class _StreamParams:
     )
 
     def __init__(self, handler: EventStreamHandler) -> None:
-        interval = handler.heartbeat_interval
+        interval = self.heartbeat_interval = handler.heartbeat_interval
         event = handler.heartbeat_event
         self.heartbeat = _HEARTBEAT if event is None else encode_event(Event(data="", event=event))
         self.heartbeat_chunk = b"%x\r\n%s\r\n" % (len(self.heartbeat), self.heartbeat)
@@ -673,9 +674,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
         try:
             # Each hook may be a coroutine; most are not, and awaiting a helper coroutine for
             # each would make four coroutine objects a stream (issue 15, item 2).
+            # Whether a hook awaited: only then may other streams have taken the last slots.
+            suspended = False
             answer: Any = self.get_channels()
             if isinstance(answer, Awaitable):
-                answer = await answer
+                answer, suspended = await answer, True
             channels = list(answer)
             if not channels:
                 raise InvalidChannelError("name at least one channel (?channel=...)")
@@ -693,12 +696,12 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 asked = of if of is not None and matches_any(patterns, of) else channel
                 answer = self.check_channel(asked)
                 if isinstance(answer, Awaitable):
-                    answer = await answer
+                    answer, suspended = await answer, True
                 if not answer:
                     raise AccessDeniedError(channel)
             answer = self.get_history()
             if isinstance(answer, Awaitable):
-                answer = await answer
+                answer, suspended = await answer, True
             history = int(answer)
             if not 0 <= history <= MAX_HISTORY:
                 raise InvalidArgumentError(
@@ -706,7 +709,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 )
             answer = self.get_identity()
             if isinstance(answer, Awaitable):
-                answer = await answer
+                answer, suspended = await answer, True
             identity = validate_identity(answer)
         except (InvalidChannelError, InvalidArgumentError) as exc:
             self._refuse(400, str(exc))
@@ -724,10 +727,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
             return
         if self._closed_once or self.request.connection is None or self._finished:
             return  # the client left while a hook was pending (issue 12): nothing to undo
-        reason = self._over_limits(connections)
-        if reason is not None:
-            self._shed(reason)  # other streams took the last slots while the hooks ran
-            return
+        if suspended:
+            reason = self._over_limits(connections)
+            if reason is not None:
+                self._shed(reason)  # other streams took the last slots while the hooks ran
+                return
         until = self.query_values("until")
         if until:
             self._until_key = self.broker.id_key(until[-1])
@@ -737,7 +741,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         params = self._params = _StreamParams(self)
         self._connections = connections
         self._queue = []
-        connections.add(self, self.heartbeat_interval)
+        connections.add(self, params.heartbeat_interval)
         connections.watch(self)  # until the first pruning pass sees its output drained
         last_event_id = self.get_last_event_id()
         self._with_channel = self.with_channel

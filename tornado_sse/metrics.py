@@ -69,8 +69,9 @@ class Metrics:
     def add_broker(self, broker: Any) -> None:
         """Report *broker* (a `.Broker`): its publishes, subscribers and history per channel, and
         its health. Idempotent; the handler calls it for the broker of every stream."""
-        if any(known is broker for known in self._brokers):
-            return
+        for known in self._brokers:  # by identity; a loop, not any(): once per stream
+            if known is broker:
+                return
         self._brokers.append(broker)
         self.channel_sources.append(
             lambda: {"subscribers": broker.subscriber_counts(), "history": broker.history_sizes()}
