@@ -582,6 +582,28 @@ async def test_connection_limit_sheds_so_eventsource_retries(
     kept[1].close()
 
 
+@pytest.mark.parametrize("settings", [{"sse_max_connections": 1}], indirect=True)
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_stream_whose_hook_awaited_is_shed_if_others_took_the_last_slot(
+    settings: dict[str, Any], port: int, app: tornado.web.Application, connections: ConnectionSet
+) -> None:
+    """The limits are checked again after hooks that awaited (issue 15: only then)."""
+    calls = app.settings["calls"]
+    waiting = asyncio.ensure_future(RawStream.open(port, "/gated?channel=g"))
+    await wait_until(lambda: calls.count("check_channel") == 1)
+    taker = await RawStream.open(port, "/events?channel=t")  # takes the only slot meanwhile
+    await taker.read_until(lambda s: s.parser.last_event_id != "")
+    app.settings["gate"].set()
+    shed = await asyncio.wait_for(waiting, TIMEOUT)
+    assert shed.status == 200 and "retry-after" in shed.headers
+    await shed.read_to_end()
+    assert shed.events == [] and shed.parser.last_event_id == ""
+    assert len(connections) == 1 and calls.count("open") == 0
+    shed.close()
+    taker.close()
+    await wait_until(lambda: len(connections) == 0)
+
+
 @pytest.mark.parametrize("settings", [{"sse_max_connections_per_address": 1}], indirect=True)
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_per_address_limit(
