@@ -417,10 +417,12 @@ async def test_streams_at_the_same_positions_share_each_event_frame(
         sub.close()
 
 
+@pytest.mark.parametrize("loss", ["flushall", "restart"])
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_one_shard_losing_its_data_resets_only_its_channels(
-    make_broker: MakeSharded, redis_shards: list[RedisServer]
+    make_broker: MakeSharded, redis_shards: list[RedisServer], loss: str
 ) -> None:
+    """FLUSHALL of one redis-server, or a restart without persistence."""
     broker = await make_broker()
     channels = spread()
     sub, got = await subscribe(broker, channels)
@@ -428,10 +430,14 @@ async def test_one_shard_losing_its_data_resets_only_its_channels(
         await broker.publish(channels[n % 3], f"before{n}")
     await wait_until(lambda: len(got.frames) == 6, TIMEOUT)
     before = got.frames[-1].id
-    redis_shards[1].call("FLUSHALL")
+    if loss == "flushall":
+        redis_shards[1].call("FLUSHALL")
+    else:
+        redis_shards[1].restart()
     await wait_until(
         lambda: any(parse(f.data)[0].event == "stream-reset" for f in got.frames), TIMEOUT
     )
+    await wait_until(lambda: broker.healthy, TIMEOUT)
     resets = [f for f in got.frames if parse(f.data)[0].event == "stream-reset"]
     assert len(resets) == 1
     assert json.loads(parse(resets[0].data)[0].data or "")["channels"] == [channels[1]]
