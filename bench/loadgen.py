@@ -32,9 +32,10 @@ Commands (``cmd`` and its arguments):
 ``storm_open`` n, offset, channels, urls, src, timeout
     open *n* browser-like streams (`tornado_sse.bench.browser`): they reconnect by themselves,
     honour ``retry:``, resume with ``Last-Event-ID`` and fail over along *urls*.
-``storm_status``, ``storm_wait`` lasts, timeout, ``storm_report`` lasts, unknown,
-``storm_close``
-    how many of them are down; wait until all are back and caught up; their counts.
+``storm_begin``, ``storm_status``, ``storm_wait`` lasts, timeout, ``storm_report`` lasts,
+unknown, ``storm_close``
+    the storm starts (what came before is not counted); how many of them are down; wait until
+    all are back and caught up; their counts.
 ``stats``, ``quit``
 """
 
@@ -241,6 +242,10 @@ class Worker:
         if self.storm is None:
             self.storm = StreamGroup(self.index, self.latency_dir, src)
         return await self.storm.open(n, offset, channels, urls, timeout)
+
+    async def storm_begin(self) -> dict[str, Any]:
+        assert self.storm is not None
+        return self.storm.begin()
 
     async def storm_status(self) -> dict[str, Any]:
         assert self.storm is not None

@@ -429,6 +429,7 @@ class Case:
             steady0 = time.monotonic_ns()
             await asyncio.sleep(plan.steady)
             t0 = time.monotonic_ns()
+            begun = await workers.each(lambda i: {"cmd": "storm_begin"})
             await self.strike()
             struck = time.monotonic_ns()
             deadline = time.monotonic() + plan.timeout
@@ -458,6 +459,7 @@ class Case:
         return self._summarize(
             reports,
             behind=sum(w["behind"] for w in waited),
+            down_at_start=sum(b["down"] for b in begun),
             times={"steady0": steady0, "t0": t0, "struck": struck, "t_back": t_back},
             publisher=publisher,
             open_seconds=open_seconds,
@@ -467,6 +469,7 @@ class Case:
         self,
         reports: list[dict[str, Any]],
         behind: int,
+        down_at_start: int,
         times: dict[str, int],
         publisher: Publisher,
         open_seconds: float,
@@ -511,6 +514,7 @@ class Case:
         return {
             **total,
             "behind_at_end": behind,
+            "down_at_start": down_at_start,
             "open_seconds": open_seconds,
             "strike_seconds": (times["struck"] - t0) / 1e9,
             "all_back_s": max(back) / 1e9 if back else 0.0,
