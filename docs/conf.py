@@ -102,10 +102,12 @@ def _generated_content(app: Any, docname: str, source: list[str]) -> None:
     """Append an ``automodule`` section for every public module to the API reference page; give
     the benchmark's generated tables (linked from benchmarks.md, in no table of contents) a
     title."""
-    if docname == "benchmarks/results":
-        source[0] = (
-            "---\norphan: true\n---\n# Benchmark results: every table of one run\n\n" + source[0]
-        )
+    titles = {
+        "benchmarks/results": "Benchmark results: every table of one run",
+        "benchmarks/storm": "The restart storm: the table of one run",
+    }
+    if docname in titles:
+        source[0] = f"---\norphan: true\n---\n# {titles[docname]}\n\n" + source[0]
     if docname != "api":
         return
     sections = []
