@@ -14,6 +14,10 @@ to those channels. The other shards' CPU and commands over the same time are rep
 reads only the shards whose channels it follows, so they should stay flat (an idle reader's
 blocking ``XREAD`` every ``read_block`` and the presence lease are all they see).
 
+Last, *fan-out*: the hub's CPU per delivery to *streams* streams of one shard's channel (the
+shard's own frames) against streams that also follow a channel of another shard (composite ids,
+shared between streams at the same positions).
+
 Each redis-server is started here (no persistence) and pinned to the second core, as the
 publisher and hub are to the first. Run::
 
@@ -181,12 +185,49 @@ async def one_shard_hub(
     ]
 
 
+async def fanout_cost(urls: list[str], streams: int, events: int, prefix: str) -> dict[str, float]:
+    """Hub CPU (this process) per delivery of an event of shard 0 to *streams* streams that
+    follow its channel alone (the shard's own frames) or it and a channel of shard 1 (composite
+    ids, one frame shared by every stream at the same positions). Python's own time to call a
+    subscriber is in both; the difference is the composite id's cost."""
+    from tornado_sse.broker.sharded import placement
+
+    news = next(f"news.{n}" for n in range(99) if placement(f"news.{n}", len(urls)) == 0)
+    other = next(f"room.{n}" for n in range(99) if placement(f"room.{n}", len(urls)) == 1)
+    out: dict[str, float] = {}
+    for name, channels in (("one shard", [news]), ("two shards", [news, other])):
+        publisher, hub = _sharded(urls, prefix + name[:3]), _sharded(urls, prefix + name[:3])
+        await publisher.start()
+        await hub.start()
+        count = _Count()
+        subscriptions = []
+        try:
+            subscriptions = [await hub.subscribe(channels, count) for _ in range(streams)]
+            for subscription in subscriptions:
+                subscription.start()
+            await _publish_all(publisher, channels, 4, 1, count)  # every shard delivered once
+            target = count.delivered + streams * events
+            cpu0 = time.process_time()
+            for _ in range(events):
+                await publisher.publish(news, "x" * 64)
+            while count.delivered < target:
+                await asyncio.sleep(0.001)
+            cpu = time.process_time() - cpu0
+        finally:
+            for subscription in subscriptions:
+                subscription.close()
+            await hub.close()
+            await publisher.close()
+        out[name] = cpu / (streams * events) * 1e6
+    return out
+
+
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"sharded": [], "one_shard_hub": []}
+    results: dict[str, Any] = {"sharded": [], "one_shard_hub": [], "fanout": []}
     pin = _pin({0})
     if pin is not None:
         pin()  # the publisher and the hub: the first core; the redis-servers: the second
@@ -209,6 +250,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 results["one_shard_hub"].append(
                     await one_shard_hub(urls, args.events, args.concurrency, f"one{r}:")
                 )
+            for r in range(args.repeat):
+                results["fanout"].append(
+                    await fanout_cost(urls[:2], args.streams, args.fanout_events, f"fan{r}")
+                )
         finally:
             for server in servers:
                 server.stop()
@@ -224,6 +269,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=64, help="publishes in flight")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median kept)")
+    parser.add_argument("--streams", type=int, default=2000, help="streams for the fan-out")
+    parser.add_argument("--fanout-events", type=int, default=50, help="events for the fan-out")
     parser.add_argument("--out", type=Path, help="also write the results here, as JSON")
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
@@ -258,6 +305,12 @@ def main() -> None:
     for r, run in enumerate(results["one_shard_hub"]):
         cells = [f"{s['cpu_us'] / 1000:,.1f} ms CPU, {s['commands']:,} commands" for s in run]
         print(f"| run {r + 1} ({run[0]['seconds']:.1f} s) | " + " | ".join(cells) + " |")
+
+    print()
+    print("| hub CPU per delivery (process time) | one-shard streams | two-shard streams |")
+    print("| --- | --- | --- |")
+    for r, run in enumerate(results["fanout"]):
+        print(f"| run {r + 1} | {run['one shard']:.2f} µs | {run['two shards']:.2f} µs |")
 
 
 if __name__ == "__main__":

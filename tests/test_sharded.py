@@ -570,3 +570,25 @@ async def test_adding_a_shard_moves_channels_as_documented(
     finally:
         await before.close()
         await after.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_position_ahead_of_the_horizon_is_kept(make_broker: MakeSharded) -> None:
+    """A stream that starts past what this process delivered on a shard (its channel's events
+    before it came were never delivered here) keeps its own position there: resuming from its
+    ids replays nothing from before it started."""
+    broker = await make_broker()
+    a0, a1 = on_shard(0, "pa", 2)
+    b1, c1 = on_shard(1, "pb", 2)
+    other, got_other = await subscribe(broker, [a0, b1])
+    await broker.publish(b1, "x")  # shard 1's horizon here: "x"
+    await wait_until(lambda: len(got_other.frames) == 1, TIMEOUT)
+    await broker.publish(c1, "before")  # nobody here follows c1 yet: not delivered
+    sub, got = await subscribe(broker, [a1, c1])
+    await broker.publish(a1, "e")
+    await wait_until(lambda: len(got.frames) == 1, TIMEOUT)
+    sub.close()
+    again, replay = await subscribe(broker, [a1, c1], got.frames[0].id)
+    assert replay.frames == []
+    again.close()
+    other.close()

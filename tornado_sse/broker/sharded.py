@@ -147,16 +147,26 @@ def _is_reset(frame: Frame) -> bool:
 class _Part:
     """The subscriber of one inner subscription: hands its frames to the outer one."""
 
-    __slots__ = ("index", "outer")
+    __slots__ = ("index", "outer", "shard", "sharded")
 
     def __init__(self, outer: ShardedSubscription, index: int) -> None:
         self.outer = outer
         self.index = index
+        self.shard = outer._shards[index]
+        self.sharded = outer._sharded
 
     def deliver(self, frame: Frame) -> None:
         outer = self.outer
-        if not outer.closed:
-            outer.subscriber.deliver(outer._sharded._live(outer, self.index, frame))
+        if outer.closed:
+            return
+        if outer._shared:  # the frame every stream at the horizons gets, if made already
+            sharded, shard = self.sharded, self.shard
+            if frame is sharded._horizon_frame[shard] and frame is sharded._variants_of[shard]:
+                variant = sharded._variants[shard].get(outer._shards)
+                if variant is not None:
+                    outer.subscriber.deliver(variant)
+                    return
+        outer.subscriber.deliver(self.sharded._live(outer, self.index, frame))
 
 
 class ShardedSubscription(Subscription):
@@ -166,7 +176,17 @@ class ShardedSubscription(Subscription):
     :meth:`start`, :meth:`close`); its ids are composite (see `tornado_sse.broker.sharded`).
     """
 
-    __slots__ = ("_inner", "_live_now", "_own", "_own_key", "_parts", "_sharded", "_shards")
+    __slots__ = (
+        "_inner",
+        "_live_now",
+        "_others",
+        "_own",
+        "_own_key",
+        "_parts",
+        "_sharded",
+        "_shards",
+        "_shared",
+    )
 
     def __init__(
         self,
@@ -184,11 +204,16 @@ class ShardedSubscription(Subscription):
         self._own_key: list[Any] = []
         self._parts: list[str] = []
         self._live_now = False
+        #: live and at every shard's horizon: its positions are the horizons (not kept here)
+        self._shared = False
+        #: the parts after the first of the last composite id (``(j, parts but the j-th)``)
+        self._others: tuple[int, str] | None = None
 
     def _advance(self, j: int, event_id: str, key: Any) -> None:
         self._own[j] = event_id
         self._own_key[j] = key
         self._parts[j] = f"{self._shards[j]}{PART}{event_id}"
+        self._others = None
 
     def _composite(self) -> str:
         return JOIN.join(self._parts)
@@ -197,9 +222,11 @@ class ShardedSubscription(Subscription):
         """The composite id of an event of the *j*-th shard: its own part first (which names
         the event, the same in every stream), then the positions on the others."""
         parts = self._parts
-        if j == 0:
-            return JOIN.join(parts)
-        return JOIN.join([parts[j], *parts[:j], *parts[j + 1 :]])
+        others = self._others
+        if others is None or others[0] != j:
+            rest = JOIN.join([part for k, part in enumerate(parts) if k != j])
+            others = self._others = (j, rest)
+        return f"{parts[j]}{JOIN}{others[1]}"
 
     def _replayed(self, j: int, frames: list[Frame]) -> list[Frame]:
         """Frames of shard *j*'s replay with the composite id the stream reaches with each."""
@@ -299,9 +326,10 @@ class ShardedBroker(Broker):
         # per shard: the newest event delivered live here (key, id, part) and its frame
         self._horizon: list[tuple[Any, str, str] | None] = [None] * len(shards)
         self._horizon_frame: list[Frame | None] = [None] * len(shards)
-        # per shard: the frame whose composite variants are kept, and those variants by id
+        # per shard: the frame whose composite variants are kept, and those variants by id (or,
+        # for the streams at every horizon, by their shards)
         self._variants_of: list[Frame | None] = [None] * len(shards)
-        self._variants: list[dict[str, Frame]] = [{} for _ in shards]
+        self._variants: list[dict[str | tuple[int, ...], Frame]] = [{} for _ in shards]
         self._open: set[ShardedSubscription] = set()
 
     def shard_of(self, channel: str) -> int:
@@ -486,35 +514,64 @@ class ShardedBroker(Broker):
         its positions, shared with every stream at the same positions (see Fan-out cost)."""
         index = outer._shards[j]
         horizons = self._horizon
-        if frame is self._horizon_frame[index]:
-            key = horizons[index][0]  # type: ignore[index]
-        else:
+        if frame is not self._horizon_frame[index]:
             key = self.shards[index].id_key(frame.id)
-            if _is_reset(frame):
-                outer._advance(j, frame.id, key)
-                return self._reset_variant(outer, index, frame)
             seen = horizons[index]
-            if key is not None and (seen is None or key > seen[0]):
-                horizons[index] = (key, frame.id, f"{index}{PART}{frame.id}")
-                self._horizon_frame[index] = frame
-        outer._advance(j, frame.id, key)
+            if _is_reset(frame) or key is None or (seen is not None and key <= seen[0]):
+                # a reset, or an event held back until start: this stream's own positions
+                self._unshare(outer)
+                outer._advance(j, frame.id, key)
+                if _is_reset(frame):
+                    return self._reset_variant(outer, index, frame)
+                event_id = outer._event_id(j)
+                return self._variant(frame, index, event_id, event_id)
+            horizons[index] = (key, frame.id, f"{index}{PART}{frame.id}")
+            self._horizon_frame[index] = frame
+        if outer._shared:  # at every shard's horizon: the id every such stream gets
+            return self._variant(frame, index, outer._shards, None, j)
+        seen = horizons[index]
+        assert seen is not None
+        own, own_key, parts = outer._own, outer._own_key, outer._parts
+        own[j], own_key[j], parts[j] = seen[1], seen[0], seen[2]
         if outer._live_now:
-            own_key = outer._own_key
+            shared = True
             for k, shard in enumerate(outer._shards):
-                seen = horizons[shard]
-                if k == j or seen is None or own_key[k] is None or own_key[k] > seen[0]:
-                    continue
-                if outer._parts[k] is not seen[2]:  # caught up: at the shared horizon
-                    outer._own[k], own_key[k], outer._parts[k] = seen[1], seen[0], seen[2]
+                other = horizons[shard]
+                if other is None or own_key[k] is None or own_key[k] > other[0]:
+                    shared = False  # still ahead of what this process delivered: its own
+                elif k != j and parts[k] is not other[2]:
+                    own[k], own_key[k], parts[k] = other[1], other[0], other[2]
+                    outer._others = None
+            outer._shared = shared
         event_id = outer._event_id(j)
+        return self._variant(frame, index, event_id, event_id)
+
+    def _variant(
+        self, frame: Frame, index: int, key: Any, event_id: str | None, j: int = 0
+    ) -> Frame:
+        """*frame* with a composite id, made once per *key* for this frame of shard *index*
+        (*event_id*, or, if ``None``, the id at every shard's horizon, the *j*-th part first)."""
         if self._variants_of[index] is not frame:
             self._variants_of[index] = frame
             self._variants[index] = {}
         variants = self._variants[index]
-        variant = variants.get(event_id)
+        variant = variants.get(key)
         if variant is None:
-            variant = variants[event_id] = _with_id(frame, event_id)
+            if event_id is None:
+                parts = [self._horizon[shard][2] for shard in key]  # type: ignore[index]
+                event_id = JOIN.join([parts[j], *parts[:j], *parts[j + 1 :]])
+            variant = variants[key] = _with_id(frame, event_id)
         return variant
+
+    def _unshare(self, outer: ShardedSubscription) -> None:
+        """*outer* leaves the shared horizons: its own positions are theirs, from now on."""
+        if outer._shared:
+            outer._shared = False
+            for k, shard in enumerate(outer._shards):
+                seen = self._horizon[shard]
+                if seen is not None:
+                    outer._own[k], outer._own_key[k], outer._parts[k] = seen[1], seen[0], seen[2]
+            outer._others = None
 
     def _reset_variant(self, outer: ShardedSubscription, index: int, frame: Frame) -> Frame:
         """A shard's live ``stream-reset`` for *outer*: its composite id, and the channels."""
