@@ -535,6 +535,7 @@ class BrokerContract:
             "channel": "who",
             "subscribers": 3,
             "users": {"alice": 1, "bob": 1},
+            "announced": [],
         }
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
@@ -607,6 +608,50 @@ class BrokerContract:
         lou.close(grace=0)  # ... until the user says they left
         await wait_until(lambda: len(said()) >= 6, TIMEOUT)
         assert said()[4:] == [("join", "lou"), ("leave", "lou")]
+
+    @pytest.mark.gen_test(timeout=TIMEOUT)
+    async def test_announced_is_who_join_and_leave_say_is_here(
+        self, make_broker: MakeBroker
+    ) -> None:
+        """`Presence.announced`: joined and not left yet, seen from every process, including a
+        user whose only stream closed and who may still come back within the grace period."""
+        one = await make_broker()
+        two = await make_broker()
+        _, watcher = await subscribe(one, ["presence:ann"])
+
+        def said() -> list[tuple[str | None, str | None]]:
+            return [(e.event, json.loads(e.data or "")["user"]) for e in watcher.events]
+
+        async def seen(broker: Broker, streams: int, announced: set[str]) -> bool:
+            found = await broker.presence("ann")
+            return found.subscribers == streams and found.announced == announced
+
+        assert (await one.presence("ann")).announced == frozenset()
+        ada = await two.subscribe(
+            ["ann"], Collector(), identity="ada", announce=["ann"], grace=3600
+        )
+        kim = await one.subscribe(
+            ["ann"], Collector(), identity="kim", announce=["ann"], grace=3600
+        )
+        quiet = await one.subscribe(["ann"], Collector(), identity="lou")  # never announced
+        await wait_until(lambda: len(said()) == 2, TIMEOUT)
+        for broker in (one, two):
+            assert await seen(broker, 3, {"ada", "kim"})
+        ada.close()  # a lost connection: her stream is gone, her leave waits for the grace
+        for broker in (one, two):
+            await wait_until(lambda broker=broker: seen(broker, 2, {"ada", "kim"}), TIMEOUT)
+        found = await one.presence("ann")
+        assert dict(found.users) == {"kim": 1, "lou": 1}
+        assert found.as_json()["announced"] == ["ada", "kim"]
+        ada.close(grace=0)  # she said she left: the leave now, and she is no longer announced
+        await wait_until(lambda: len(said()) == 3, TIMEOUT)
+        assert said()[-1] == ("leave", "ada")
+        for broker in (one, two):
+            await wait_until(lambda broker=broker: seen(broker, 2, {"kim"}), TIMEOUT)
+        kim.close(grace=0)
+        quiet.close()
+        for broker in (one, two):
+            await wait_until(lambda broker=broker: seen(broker, 0, set()), TIMEOUT)
 
     @pytest.mark.gen_test(timeout=TIMEOUT)
     async def test_presence_refuses_bad_input(self, make_broker: MakeBroker) -> None:

@@ -55,26 +55,31 @@ from tornado_sse.broker.framing import (
 from tornado_sse.errors import BrokerError
 
 TABLE = [
-    (pack(UNSUBSCRIBE, ["a"]), b"\x93\x02\x03\x91\xa1a"),
-    (pack(SUBSCRIBE, 7, ["a", "bc"]), b"\x94\x02\x02\x07\x92\xa1a\xa2bc"),
-    (pack(PUBLISHED, 1, "x-1"), b"\x94\x02\x06\x01\xa3x-1"),
-    (pack(GAP, 2, "x-9"), b"\x94\x02\x0a\x02\xa3x-9"),
+    (pack(UNSUBSCRIBE, ["a"]), b"\x93\x03\x03\x91\xa1a"),
+    (pack(SUBSCRIBE, 7, ["a", "bc"]), b"\x94\x03\x02\x07\x92\xa1a\xa2bc"),
+    (pack(PUBLISHED, 1, "x-1"), b"\x94\x03\x06\x01\xa3x-1"),
+    (pack(GAP, 2, "x-9"), b"\x94\x03\x0a\x02\xa3x-9"),
     (
         pack(PUBLISH, 3, "c", "hi", None, 1500, 2.0),
-        b"\x98\x02\x01\x03\xa1c\xa2hi\xc0\xcd\x05\xdc\xcb" + struct.pack(">d", 2.0),
+        b"\x98\x03\x01\x03\xa1c\xa2hi\xc0\xcd\x05\xdc\xcb" + struct.pack(">d", 2.0),
     ),
     (
         pack(EVENT, "c", "x-1", b"data: x\n\n", 1.5),
-        b"\x96\x02\x05\xa1c\xa3x-1\xc4\x09data: x\n\n\xcb" + struct.pack(">d", 1.5),
+        b"\x96\x03\x05\xa1c\xa3x-1\xc4\x09data: x\n\n\xcb" + struct.pack(">d", 1.5),
     ),
-    (pack(HISTORY, 4, ["a"], "x-1", 500), b"\x96\x02\x04\x04\x91\xa1a\xa3x-1\xcd\x01\xf4"),
+    (pack(HISTORY, 4, ["a"], "x-1", 500), b"\x96\x03\x04\x04\x91\xa1a\xa3x-1\xcd\x01\xf4"),
     (
         pack(HISTORY_PAGE, 4, [["a", "x-2", b"data: y\n\n", 1.5]], True),
-        b"\x95\x02\x08\x04\x91\x94\xa1a\xa3x-2\xc4\x09data: y\n\n\xcb"
+        b"\x95\x03\x08\x04\x91\x94\xa1a\xa3x-2\xc4\x09data: y\n\n\xcb"
         + struct.pack(">d", 1.5)
         + b"\xc3",
     ),
-    (pack(HISTORY_PAGE, 5, [], False), b"\x95\x02\x08\x05\x90\xc2"),
+    (pack(HISTORY_PAGE, 5, [], False), b"\x95\x03\x08\x05\x90\xc2"),
+    (
+        pack(PRESENCE_ANSWER, 8, 3, [["al", 2], ["bo", 1]], ["al", "cy"]),
+        b"\x96\x03\x15\x08\x03\x92\x92\xa2al\x02\x92\xa2bo\x01\x92\xa2al\xa2cy",
+    ),
+    (pack(PRESENCE_ANSWER, 9, 0, [], []), b"\x96\x03\x15\x09\x00\x90\x90"),
 ]
 
 
@@ -96,8 +101,8 @@ VALID_PEER_BOUND = [
     pack(METRICS_RESULT, 5, [[["processes", "", 1], ["latency_sum", "", 0.5]], []]),
     pack(TAIL_START, 6, "k-2"),
     pack(PRESENCE_TAKEN, 7),
-    pack(PRESENCE_ANSWER, 8, 3, [["alice", 2], ["bob", 1]]),
-    pack(PRESENCE_ANSWER, 8, 0, []),
+    pack(PRESENCE_ANSWER, 8, 3, [["alice", 2], ["bob", 1]], ["alice", "carol"]),
+    pack(PRESENCE_ANSWER, 8, 0, [], []),
     pack(ANNOUNCED, 9),
 ]
 VALID_HUB_BOUND = [
@@ -158,6 +163,10 @@ BAD = {
         msgpack.packb([1, HISTORY, 1, ["a"], "x-1"]),
         UnsupportedVersionError,
     ),
+    "version 2 (no announced in presence answers)": (
+        msgpack.packb([2, SUBSCRIBE, 1, ["a"]]),
+        UnsupportedVersionError,
+    ),
     "version zero": (msgpack.packb([0, SUBSCRIBE, 1, []]), UnsupportedVersionError),
     "unknown kind": (msgpack.packb([VERSION, 99, 1]), MalformedFrameError),
     "kind for the other side": (pack(EVENT, "c", "x-1", b"", 0.0), MalformedFrameError),
@@ -171,8 +180,8 @@ BAD = {
     "data bytes": (pack(PUBLISH, 1, "c", b"x", None, None, 1.0), MalformedFrameError),
     "retry negative": (pack(PUBLISH, 1, "c", "x", None, -5, 1.0), MalformedFrameError),
     "time a string": (pack(PUBLISH, 1, "c", "x", None, None, "now"), MalformedFrameError),
-    "bad utf-8": (b"\x93\x02\x03\x91\xa2\xff\xfe", MalformedFrameError),
-    "ext type": (b"\x93\x02\x03\x91\xd4\x05\x00", MalformedFrameError),
+    "bad utf-8": (b"\x93\x03\x03\x91\xa2\xff\xfe", MalformedFrameError),
+    "ext type": (b"\x93\x03\x03\x91\xd4\x05\x00", MalformedFrameError),
     "history page size zero": (pack(HISTORY, 1, ["a"], "x-1", 0), MalformedFrameError),
     "history page size a bool": (pack(HISTORY, 1, ["a"], "x-1", True), MalformedFrameError),
     "history without a page size": (pack(HISTORY, 1, ["a"], "x-1"), MalformedFrameError),
@@ -198,9 +207,10 @@ def test_bad_input_is_a_typed_error_and_final(name: str) -> None:
 
 def test_unsupported_version_carries_it() -> None:
     with pytest.raises(UnsupportedVersionError) as info:
-        FrameDecoder(HUB_BOUND).feed(msgpack.packb([3, SUBSCRIBE, 1, []]))
-    assert info.value.version == 3
-    assert "version 3" in str(info.value)
+        FrameDecoder(HUB_BOUND).feed(msgpack.packb([2, SUBSCRIBE, 1, []]))
+    assert info.value.version == 2
+    assert "version 2" in str(info.value)
+    assert VERSION == 3
 
 
 def test_oversize_frames_whole_and_growing() -> None:
@@ -380,7 +390,7 @@ SCHEMA: dict[int, tuple[str, ...]] = {
     PRESENCE: ("rid", "entries"),
     PRESENCE_TAKEN: ("rid",),
     PRESENCE_ASK: ("rid", "str"),
-    PRESENCE_ANSWER: ("rid", "rid", "users"),
+    PRESENCE_ANSWER: ("rid", "rid", "users", "[str]"),
     ANNOUNCE: ("rid", "str", "str", "number"),
     ANNOUNCED: ("rid",),
 }

@@ -143,7 +143,8 @@ async def test_identity_is_the_tokens_sub_and_bad_identities_are_400(
 ) -> None:
     token = create_token(SECRET, subject="alice", subscribe=["room/*"], ttl=600)
     stream = await opened(port, "/tokens?channel=room/1", {"Authorization": f"Bearer {token}"})
-    assert await broker.presence("room/1") == Presence("room/1", 1, {"alice": 1})
+    alice = Presence("room/1", 1, {"alice": 1}, frozenset({"alice"}))  # room/* has join/leave
+    await wait_until(lambda: _is(broker, alice), TIMEOUT)
     stream.close()
     for user in ["x" * 201, "tab\there"]:
         refused = await RawStream.open(port, "/named?channel=room", {"X-User": user})
@@ -210,7 +211,9 @@ async def test_a_stream_closed_as_a_leave_is_a_leave_at_once(
     await watcher.events_count(2)
     await wait_until(lambda: len(streams) == 2, TIMEOUT)
     bob.close()  # a lost connection: the grace period (an hour) holds bob's leave
-    await wait_until(lambda: _is(broker, Presence("room/1", 1, {"ada": 1})), TIMEOUT)
+    # bob has no stream, and is still announced: for the watchers he never left
+    here = Presence("room/1", 1, {"ada": 1}, frozenset({"ada", "bob"}))
+    await wait_until(lambda: _is(broker, here), TIMEOUT)
     await streams["ada"].close(leave=True)  # the user left: no grace period
     await ada.read_to_end(TIMEOUT)
     await watcher.events_count(3)
@@ -223,10 +226,15 @@ async def test_a_stream_closed_as_a_leave_is_a_leave_at_once(
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_get_presence_takes_the_master_token_or_a_token_granting_the_channel(
-    port: int,
+    port: int, broker: InProcessBroker
 ) -> None:
     tabs = [await opened(port, "/room?channel=room/1", {"X-User": "ada"}) for _ in range(2)]
     tabs.append(await opened(port, "/room?channel=room/1"))
+    tabs.append(await opened(port, "/named?channel=lobby", {"X-User": "ada"}))
+    # her join is decided once her first stream is open
+    await wait_until(
+        lambda: _is(broker, Presence("room/1", 3, {"ada": 2}, frozenset({"ada"}))), TIMEOUT
+    )
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT)
     granted = create_token(SECRET, subject="reader", subscribe=["room/*"], ttl=600)
     other = create_token(SECRET, subject="reader", subscribe=["lobby"], ttl=600)
@@ -236,11 +244,18 @@ async def test_get_presence_takes_the_master_token_or_a_token_granting_the_chann
                 "/presence", params={"channel": "room/1"}, headers=bearer(credentials)
             )
             assert reply.status_code == 200, reply.text
-            assert reply.json() == {"channel": "room/1", "subscribers": 3, "users": {"ada": 2}}
+            assert reply.json() == {
+                "channel": "room/1",
+                "subscribers": 3,
+                "users": {"ada": 2},
+                "announced": ["ada"],
+            }
             assert reply.headers["cache-control"] == "no-store"
-        # users only when identities are known
+        # users only when identities are known; announced only with join and leave events
         reply = await client.get("/presence?channel=room/2", headers=bearer(MASTER))
-        assert reply.json() == {"channel": "room/2", "subscribers": 0}
+        assert reply.json() == {"channel": "room/2", "subscribers": 0, "announced": []}
+        reply = await client.get("/presence?channel=lobby", headers=bearer(MASTER))
+        assert reply.json() == {"channel": "lobby", "subscribers": 1, "users": {"ada": 1}}
         for query, headers, status, message in [
             ("channel=room/1", {}, 401, "needs the hub's token"),
             ("channel=room/1", bearer("wrong"), 401, "token malformed"),
@@ -685,12 +700,13 @@ async def test_the_hubs_streams_have_the_identity_of_their_credential(
         alice = [await tab("channel=room/1", token("alice")) for _ in range(2)]
         bob = await tab("channel=room/1", token("bob"))
         streams += [*alice, bob]
+        await watcher.events_count(2)
         assert presence("room/1") == {
             "channel": "room/1",
             "subscribers": 3,
             "users": {"alice": 2, "bob": 1},
+            "announced": ["alice", "bob"],
         }
-        await watcher.events_count(2)
         for stream in alice:
             stream.close()
         await watcher.events_count(3)  # one leave for both tabs, after the grace period
@@ -701,12 +717,10 @@ async def test_the_hubs_streams_have_the_identity_of_their_credential(
             ("leave", {"channel": "room/1", "user": "alice"}),
         ]
         assert presence("room/1")["users"] == {"bob": 1}
+        assert presence("room/1")["announced"] == ["bob"]
         streams.append(await tab("channel=user/alice", {"Cookie": "session=alice"}))
-        assert presence("user/alice") == {
-            "channel": "user/alice",
-            "subscribers": 1,
-            "users": {"alice": 1},
-        }
+        assert presence("user/alice")["users"] == {"alice": 1}
+        await wait_until(lambda: presence("user/alice")["announced"] == ["alice"], TIMEOUT)
     finally:
         for stream in streams:
             stream.close()

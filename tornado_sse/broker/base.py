@@ -736,8 +736,11 @@ class Broker(abc.ABC):
         return await self._presence(channel)
 
     async def _presence(self, channel: str) -> Presence:
-        """Backend hook for :meth:`presence`; default: this process's subscriptions."""
-        return merge_presence(channel, [self.presence_table.counts(channel)])
+        """Backend hook for :meth:`presence`; default: this process's subscriptions, and the
+        identities it announced (it decides join and leave, `_announce`)."""
+        return merge_presence(
+            channel, [self.presence_table.counts(channel)], self._announced.get(channel, ())
+        )
 
     async def _share_presence(self, channels: Sequence[str]) -> None:
         """Backend hook: write this process's counts of *channels* (`presence_table`) where the

@@ -832,16 +832,17 @@ class BridgeHub:
 
     def _ask_presence(self, peer: _Peer, rid: int, channel: str) -> None:
         validate_channel(channel)
-        found = merge_presence(
-            channel, [member.presence[channel] for member in self._present.get(channel, ())]
-        )
+        found = self.presence(channel)
         users = [[identity, count] for identity, count in found.users.items()]
-        peer.send(pack(PRESENCE_ANSWER, rid, found.subscribers, users))
+        peer.send(pack(PRESENCE_ANSWER, rid, found.subscribers, users, sorted(found.announced)))
 
     def presence(self, channel: str) -> Presence:
-        """Who follows *channel* in every process connected to this hub."""
+        """Who follows *channel* in every process connected to this hub, and who this hub
+        announced present on it."""
         return merge_presence(
-            channel, [member.presence[channel] for member in self._present.get(channel, ())]
+            channel,
+            [member.presence[channel] for member in self._present.get(channel, ())],
+            self._announced.get(channel, ()),
         )
 
     def _tail(self, peer: _Peer, rid: int, channels: list[str], count: int) -> None:
@@ -1629,8 +1630,10 @@ class BridgeBroker(Broker):
         await self._connection().request(ANNOUNCE, channel, identity, float(grace))
 
     async def _presence(self, channel: str) -> Presence:
-        streams, users = await self._connection().request(PRESENCE_ASK, channel)
-        return Presence(channel, streams, {identity: count for identity, count in users})
+        streams, users, announced = await self._connection().request(PRESENCE_ASK, channel)
+        return Presence(
+            channel, streams, {identity: count for identity, count in users}, frozenset(announced)
+        )
 
     async def _tail(self, channels: Sequence[str], count: int) -> str:
         conn = self._connection()

@@ -34,7 +34,8 @@ whatever that frame is. The fields of each kind::
                                   (the peer's absolute counts of those channels; 0 forgets one)
     PRESENCE_TAKEN  hub -> peer   rid: int
     PRESENCE_ASK    peer -> hub   rid: int, channel: str
-    PRESENCE_ANSWER hub -> peer   rid: int, streams: int, users: [[identity, n]]  (all peers)
+    PRESENCE_ANSWER hub -> peer   rid: int, streams: int, users: [[identity, n]]  (all peers),
+                                  announced: [identity]  (joined, no leave sent yet)
     ANNOUNCE        peer -> hub   rid: int, channel: str, identity: str, grace: float
                                   (publish join/leave of identity if the hub's view changed)
     ANNOUNCED       hub -> peer   rid: int
@@ -52,8 +53,10 @@ page for a request, however large history is, and a worker's stream at most the 
 is taking.
 
 Version 2 replaced version 1's whole answers (HISTORY_PART frames and a HISTORY_END, kind 9, now
-unused) with pages; the hub and its workers of one ``serve`` are always the same version, and
-processes of different versions refuse each other at their first frame.
+unused) with pages. Version 3 added ``announced`` to PRESENCE_ANSWER (the identities the hub
+announced present on the channel, ``announced`` of `.Presence`). The hub and its workers of one
+``serve`` are always the same version, and processes of different versions refuse each other at
+their first frame.
 
 Why msgpack's streaming ``Unpacker.feed`` rather than length-prefixed frames: it already is an
 incremental, bounded decoder written in C, and it decodes a burst of small frames in one call
@@ -121,8 +124,9 @@ __all__ = [
     "publish_size",
 ]
 
-#: the bridge protocol version this module speaks (2: history in pages)
-VERSION = 2
+#: the bridge protocol version this module speaks (2: history in pages; 3: PRESENCE_ANSWER
+#: says who is announced)
+VERSION = 3
 
 #: bytes of a PUBLISH frame besides the UTF-8 of its channel, data and event name, at most: the
 #: array and string headers, version, kind, rid, retry and published_at at their widest
@@ -381,7 +385,7 @@ _SCHEMAS: dict[int, tuple[Callable[[Any], bool], ...]] = {
     PRESENCE: (_rid, _presence_entries),
     PRESENCE_TAKEN: (_rid,),
     PRESENCE_ASK: (_rid, _str),
-    PRESENCE_ANSWER: (_rid, _rid, _pairs),
+    PRESENCE_ANSWER: (_rid, _rid, _pairs, _str_list),
     ANNOUNCE: (_rid, _str, _str, _number),
     ANNOUNCED: (_rid,),
 }

@@ -40,6 +40,13 @@ user's first stream opens in this process, and a grace period after its last one
 The companion channel is an ordinary channel: resumable, with history (``?history=N`` gives the
 latest joins and leaves), and a stream may follow it if it may follow the channel it describes.
 
+Who is *announced* (``announced`` of `Presence`): the identities whose join was sent and whose leave
+was not, read where the decisions are kept (the in-process broker's set, the bridge hub's, the
+``announced:<channel>`` hash in Redis, in the same script as the counts). It is what the
+subscribers of the companion channel believe, so a member list starts from it and then applies
+the joins and leaves that follow; the streams open now (``users``) are not that: a user whose
+connection just dropped has none, yet has not left for anybody (the grace period).
+
 A subscription counts from the end of `.Broker.subscribe` (before its stream's first byte; the
 subscribe waits until the count is shared) until it is closed (the stream ended, was pruned as
 half-open or cut off as slow); the share of a close is written without waiting, within a second.
@@ -144,15 +151,27 @@ class Presence:
     :ivar subscribers: streams following it.
     :ivar users: streams per identity, for the streams that have one (a stream without identity
         counts in ``subscribers`` only).
+    :ivar announced: the identities *announced* present on a channel with join and leave events:
+        joined, and no leave sent yet. It is what the subscribers of the companion channel
+        believe, and may differ from ``users`` both ways: a user whose last stream closed is
+        still announced during the grace period (a reconnect is no leave), and a user whose
+        first stream just opened is in ``users`` before their join is decided. Empty for a
+        channel without join and leave events.
     """
 
     channel: str
     subscribers: int = 0
     users: Mapping[str, int] = field(default_factory=dict)
+    announced: frozenset[str] = frozenset()
 
     def as_json(self) -> dict[str, object]:
-        """The value the hub's ``GET /presence`` answers."""
-        return {"channel": self.channel, "subscribers": self.subscribers, "users": dict(self.users)}
+        """Every field as JSON values (``announced`` sorted)."""
+        return {
+            "channel": self.channel,
+            "subscribers": self.subscribers,
+            "users": dict(self.users),
+            "announced": sorted(self.announced),
+        }
 
 
 #: the counts of one channel in one process: (streams, streams per identity)
@@ -211,12 +230,15 @@ class PresenceTable:
         self._channels.clear()
 
 
-def merge_presence(channel: str, parts: Iterable[Counts]) -> Presence:
-    """The `Presence` of *channel* from the counts of every process."""
+def merge_presence(
+    channel: str, parts: Iterable[Counts], announced: Iterable[str] = ()
+) -> Presence:
+    """The `Presence` of *channel* from the counts of every process, and the identities
+    *announced* on it by whoever decides join and leave."""
     subscribers = 0
     users: dict[str, int] = {}
     for count, identities in parts:
         subscribers += count
         for identity, streams in identities.items():
             users[identity] = users.get(identity, 0) + streams
-    return Presence(channel, subscribers, dict(sorted(users.items())))
+    return Presence(channel, subscribers, dict(sorted(users.items())), frozenset(announced))

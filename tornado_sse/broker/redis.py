@@ -355,8 +355,9 @@ redis.call('PEXPIRE', KEYS[2], 2 * lease)
 return existed
 """
 
-# KEYS: the lease set. ARGV: the prefix of presence hashes, the channel. Returns the values of
-# the channel in the hashes of every live lease.
+# KEYS: the lease set, the channel's announced hash. ARGV: the prefix of presence hashes, the
+# channel. Returns the values of the channel in the hashes of every live lease, and the
+# identities announced on it (one round trip, one moment: what join/leave said and who is here).
 _ASK = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -365,7 +366,7 @@ for _, token in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
   local value = redis.call('HGET', ARGV[1] .. token, ARGV[2])
   if value then found[#found + 1] = value end
 end
-return found
+return {found, redis.call('HKEYS', KEYS[2])}
 """
 
 
@@ -918,8 +919,9 @@ class RedisBroker(Broker):
                 await self._share_presence(sorted(rest))
 
     async def _presence(self, channel: str) -> Presence:
-        values = await self._call(
-            lambda: self._ask_script(keys=[self._leases_key], args=[self._presence_prefix, channel])
+        keys = [self._leases_key, f"{self.key_prefix}announced:{channel}"]
+        values, marks = await self._call(
+            lambda: self._ask_script(keys=keys, args=[self._presence_prefix, channel])
         )
         parts: list[tuple[int, dict[str, int]]] = []
         for value in values:
@@ -928,7 +930,8 @@ class RedisBroker(Broker):
                 parts.append((int(count), {str(k): int(v) for k, v in identities.items()}))
             except (ValueError, TypeError, AttributeError):
                 log.warning("redis: a presence entry of %r is not ours; ignored", channel)
-        return merge_presence(channel, parts)
+        announced = [m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in marks]
+        return merge_presence(channel, parts, announced)
 
     async def _announce(self, channel: str, identity: str, grace: float) -> None:
         self._announce_graces[channel] = grace
