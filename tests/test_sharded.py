@@ -592,3 +592,17 @@ async def test_a_position_ahead_of_the_horizon_is_kept(make_broker: MakeSharded)
     assert replay.frames == []
     again.close()
     other.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_max_pending_bounds_the_whole_stream_not_each_shard(
+    make_broker: MakeSharded,
+) -> None:
+    broker = await make_broker()
+    channels = spread()
+    held = await broker.subscribe(channels, Collector(), max_pending=600)
+    for channel in channels:  # 300 bytes held on each shard: 900 for the stream
+        for _ in range(3):
+            await broker.publish(channel, "x" * 100)
+    await wait_until(lambda: held.overflowed, TIMEOUT)
+    assert held.closed

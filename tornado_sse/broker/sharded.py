@@ -387,7 +387,8 @@ class ShardedBroker(Broker):
         """`Broker.subscribe`, over the shards of *channels*: one inner subscription per shard.
 
         A stream whose channels all sit on one shard gets that shard's own subscription (its
-        ids, no cost per event); otherwise a `ShardedSubscription` with composite ids.
+        ids, no cost per event); otherwise a `ShardedSubscription` with composite ids, whose
+        *max_pending* is shared out evenly between its shards (one overflowing cuts it off).
         """
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1")
@@ -432,6 +433,8 @@ class ShardedBroker(Broker):
         outer = ShardedSubscription(self, names, subscriber, order)
         outer._on_overflow = on_overflow
         outer.identity = identity
+        if max_pending is not None:  # the bound is the stream's: each shard holds its share
+            options["max_pending"] = -(-max_pending // len(order))
         starts: list[str | None] = []
         for index in order:
             if last_event_id is None:
