@@ -158,8 +158,9 @@ class RoomHandler(ChatHandler):
     """``GET /api/rooms/<room>?nick=N[&client=C]``: check the nickname, follow the room, say who
     is here now and how to listen.
 
-    ``members`` is `.Broker.presence` of the room, taken before the page opens its stream: the
-    page applies the stream's joins and leaves to it (see `demo.chat`). The stream URL asks for
+    ``members`` is who is announced in the room (``announced`` of `.Broker.presence`: joined,
+    not left yet), taken before the page opens its stream: the page applies the stream's joins
+    and leaves to it (see `demo.chat`). The stream URL asks for
     the room's last ``config.history`` events (``history=N``, the core's start position): the
     first connection replays them from the broker; the stream's own last id takes over on every
     reconnect. A page may bring its own ``client`` id

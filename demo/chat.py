@@ -11,12 +11,15 @@ behaves the same with one process, ``--processes N`` (bridge) or ``--redis``:
   and workers, one ``leave`` when its last stream is gone, and none for a reconnect within the
   grace period (``sse_presence_grace``, 3 s), so a dropped connection or a killed worker shows
   no "left"/"joined" flicker. A page's one stream follows both channels.
-* **The member list** starts from `.Broker.presence` (the nicknames with a stream now, in the
-  whole deployment), which the page gets from ``GET /api/rooms/<room>`` *before* it opens its
-  stream; the page then applies every ``join`` and ``leave`` its stream brings, in order, the
-  replayed ones included. A change between the snapshot and the stream is in the replay, so it
-  is not lost; one from before the snapshot, applied again, changes nothing (a join of someone
-  listed, a leave of someone not), so it is not doubled.
+* **The member list** starts from the nicknames *announced* in the room (``announced`` of
+  `.Broker.presence`: joined and not left yet, in the whole deployment), which the page gets
+  from ``GET /api/rooms/<room>`` *before* it opens its stream; the page then applies every
+  ``join`` and ``leave`` its stream brings, in order, the replayed ones included. A change
+  between the snapshot and the stream is in the replay, so it is not lost; one from before the
+  snapshot, applied again, changes nothing (a join of someone listed, a leave of someone not),
+  so it is not doubled. The snapshot is what the joins and leaves said, not who has a stream
+  now: a member whose connection just dropped has none, but has not left for anybody else
+  (the grace period), and a join older than the replay is in it all the same.
 * **Recent history on entry** is the core's start position: a page opens its stream with
   ``history=<config.history>`` and gets the room's last events, messages and notices merged in
   id order, on whichever process and backend. The browser sends a ``Last-Event-ID`` on every
@@ -235,7 +238,8 @@ class Room:
             self.ended.popitem(last=False)
 
     async def members(self) -> list[str]:
-        """The nicknames with a stream in the room now, in the whole deployment.
+        """The nicknames announced in the room now (joined, not left yet), in the whole
+        deployment.
 
         :raises ChatError: 503 when the broker cannot be asked.
         """
@@ -243,7 +247,7 @@ class Room:
             presence = await self.chat.broker.presence(self.channel)
         except BrokerError as exc:
             raise ChatError(503, "The message broker is unavailable; try again shortly.") from exc
-        return sorted_nicks(presence.users)
+        return sorted_nicks(presence.announced)
 
     async def drop(self, client: str, *, leave: bool = False) -> None:
         """Have the process holding the stream of *client* close it: as a lost connection (the

@@ -333,6 +333,38 @@ async def test_leave_is_announced_at_once_despite_the_grace_period(
 
 
 @pytest.mark.gen_test(timeout=15)
+@pytest.mark.parametrize("grace", [60.0], indirect=True)
+@pytest.mark.parametrize("config", [replace(BASE, history=50)], indirect=True)
+async def test_a_member_reconnecting_is_listed_for_a_newcomer_past_the_replay(
+    port: int, broker: InProcessBroker, config: ChatConfig, grace: float
+) -> None:
+    """bob's connection dropped and his page is reconnecting (within the grace period): he has
+    no stream, and his join is older than the newcomer's replay, yet for everybody he never left,
+    so the newcomer lists him too."""
+    client = Client(port)
+    await client.load_page()
+    info, bob = await client.enter("gap", "bob")
+    await bob.read_until(has_notice("join", "bob"))
+    code, _, _ = await client.post("/api/rooms/gap/drop", client=info["client"])
+    assert code == 202
+    await bob.read_to_end()
+    bob.close()
+
+    async def bob_has_no_stream() -> bool:
+        return "bob" not in (await broker.presence("room/gap")).users
+
+    await wait_until(bob_has_no_stream)
+    for i in range(config.history + 10):
+        await client.say("gap", "alice", f"m{i}")
+    _, carol = await client.enter("gap", "carol")
+    await carol.read_until(has_notice("join", "carol"))
+    assert ("join", "bob") not in notices(carol)  # older than the last 50 events
+    assert messages(carol)[-1] == f"m{config.history + 9}"
+    assert members(carol) == ["bob", "carol"]
+    carol.close()
+
+
+@pytest.mark.gen_test(timeout=15)
 async def test_presence_history_and_drop_across_two_processes(
     port: int, app: tornado.web.Application, broker: InProcessBroker, config: ChatConfig
 ) -> None:

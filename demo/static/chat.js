@@ -10,10 +10,10 @@
 // * the page does no de-duplication of its own: EventSource resumes with Last-Event-ID and the
 //   server sends each missed event exactly once; each message keeps its event id (data-id) and
 //   the number of the connection that delivered it (data-conn) so that this can be checked;
-// * the member list is the server's snapshot (who had a stream when the page asked, before its
-//   stream opened), then every join and leave of the stream applied in order, the replayed ones
-//   included: what changed in between is in the replay, and an older event applied again
-//   changes nothing (see demo/chat.py).
+// * the member list is the server's snapshot (who was announced in the room, joined and not
+//   left, when the page asked, before its stream opened), then every join and leave of the
+//   stream applied in order, the replayed ones included: what changed in between is in the
+//   replay, and an older event applied again changes nothing (see demo/chat.py).
 import { SharedEventSource } from '/sse/client.js';
 
 (() => {
