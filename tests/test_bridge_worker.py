@@ -79,7 +79,13 @@ async def _serve(args: argparse.Namespace) -> None:
                 reply({})
             elif op == "presence":
                 found = await broker.presence(command["channel"])
-                reply({"subscribers": found.subscribers, "users": dict(found.users)})
+                reply(
+                    {
+                        "subscribers": found.subscribers,
+                        "users": dict(found.users),
+                        "announced": sorted(found.announced),
+                    }
+                )
             elif op == "publish":
                 event_id = await broker.publish(command["channel"], command["data"])
                 reply({"id": event_id})

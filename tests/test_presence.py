@@ -303,7 +303,7 @@ def workers(io_loop: IOLoop) -> Iterator[list[Worker]]:
 
 async def seen_by(worker: Worker, channel: str, subscribers: int, users: dict[str, int]) -> bool:
     answer = await worker.call("presence", channel=channel)
-    return bool(answer == {"subscribers": subscribers, "users": users})
+    return bool((answer["subscribers"], answer["users"]) == (subscribers, users))
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
@@ -391,6 +391,41 @@ async def test_no_double_counting_across_a_hub_failover(
     assert hubs.count(True) == 1
     await one.call("unsubscribe", name="b")
     await wait_until(lambda: _quiet(seen_by(two, "room", 2, {"ann": 2})), TIMEOUT)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_new_hub_learns_who_is_announced_from_the_workers(
+    sock_dir: str, workers: list[Worker]
+) -> None:
+    """The announced users die with the hub that decided them: the survivors announce their
+    users to the new hub, so that it lists them and their leaves are still sent."""
+    path = os.path.join(sock_dir, "hub.sock")
+    for _ in range(3):
+        workers.append(await Worker.start(path))
+    hub_worker, one, two = workers
+    assert hub_worker.started_as_hub
+    await one.call("subscribe", name="w", channels=["presence:room"])
+    tab = {"channels": ["room"], "announce": ["room"], "grace": 0.5}
+    await hub_worker.call("subscribe", name="h", identity="hugo", **tab)
+    await one.call("subscribe", name="a", identity="ann", **tab)
+    await two.call("subscribe", name="b", identity="ben", **tab)
+
+    async def last_said(want: tuple[str, str]) -> bool:
+        events = await one.events("w")
+        said = [(e[1], json.loads(e[2])["user"]) for e in events if e[1] in ("join", "leave")]
+        return bool(said) and said[-1] == want
+
+    async def announced(worker: Worker, want: list[str]) -> bool:
+        return bool((await worker.call("presence", channel="room"))["announced"] == want)
+
+    await wait_until(lambda: _quiet(announced(two, ["ann", "ben", "hugo"])), TIMEOUT)
+    hub_worker.kill()
+    # hugo's worker ran the hub: he is gone with it; the new hub announces ann and ben
+    await wait_until(lambda: _quiet(announced(two, ["ann", "ben"])), TIMEOUT)
+    assert await announced(one, ["ann", "ben"])
+    await two.call("unsubscribe", name="b", grace=0)  # and ben's leave is sent
+    await wait_until(lambda: _quiet(announced(one, ["ann"])), TIMEOUT)
+    await wait_until(lambda: _quiet(last_said(("leave", "ben"))), TIMEOUT)
 
 
 async def _quiet(check: Any) -> bool:

@@ -15,7 +15,9 @@ again, and nothing is ever counted twice or driven negative by a lost delta.
 Who forgets a process that vanished:
 
 * **bridge**: the hub keeps each worker's table with that worker's connection, and drops it when
-  the connection ends (the kernel closes it when the process dies, even by ``kill -9``);
+  the connection ends (the kernel closes it when the process dies, even by ``kill -9``); the
+  announced users die with a hub, so after a reconnect every worker announces the users of its
+  open streams again (a new hub sends their joins, the same hub nothing);
 * **Redis**: each broker holds a *lease* (default 15 s, refreshed every third of it); its table
   counts only while the lease is live, so a host that vanishes stops counting within the lease,
   and its keys expire on their own.
