@@ -334,6 +334,35 @@ async def test_publish_while_hub_is_gone_fails_fast_and_hub_comes_back(sock_dir:
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_resume_from_an_old_hub_gets_what_the_new_hub_published(sock_dir: str) -> None:
+    """A browser coming back after the hub process was replaced, with an id of the old hub:
+    ``stream-reset`` at the new hub's first id, then every event it has published since (it
+    got live events only before, issue 15's storm)."""
+    path = os.path.join(sock_dir, "hub.sock")
+    proc = start_hub_process(path)
+    broker = BridgeBroker(path, takeover=False, connect_timeout=TIMEOUT)
+    try:
+        await broker.start()
+        gone = await broker.publish("o", "died with the old hub")
+        proc.kill()
+        proc.wait(TIMEOUT)
+        await wait_until(lambda: not broker.healthy, TIMEOUT)
+        proc = start_hub_process(path)
+        await wait_until(lambda: broker.healthy, TIMEOUT)
+        since = [await broker.publish(c, c) for c in ("o", "p", "o")]
+        sub, got = await subscribe(broker, ["o"], gone)
+        assert sub.reset and key(gone) < key(sub.position) < key(since[0])
+        assert sub.position.endswith("-0")
+        after = await broker.publish("o", "live")
+        await wait_until(lambda: len(got.frames) == 3, TIMEOUT)
+        assert [f.id for f in got.frames] == [since[0], since[2], after]
+        sub.close()
+    finally:
+        await broker.close()
+        stop_process(proc)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_lost_connection_to_a_live_hub_replays_exactly(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "hub.sock")
     hub = BridgeHub(path)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tornado.ioloop import IOLoop
 
-from tests.broker_contract import BrokerContract, close_brokers, subscribe
+from tests.broker_contract import BrokerContract, Collector, close_brokers, subscribe
 from tests.helpers import wait_until
 from tornado_sse.broker.base import Broker, Frame
 from tornado_sse.broker.memory import History, IdSequence, InProcessBroker
@@ -215,3 +215,34 @@ async def test_events_in_replay_and_still_in_flight_are_sent_once() -> None:
     await wait_until(lambda: len(got.frames) >= 6)
     assert got.data == ["1", "2", "3", "4", "5", "6"]
     sub.close()
+
+
+@pytest.mark.gen_test
+async def test_an_id_of_an_earlier_incarnation_is_a_reset_then_what_the_new_one_has() -> None:
+    """A hub restarted with the in-process broker: the resume of a client of the old one gets
+    ``stream-reset`` at the new epoch's first id, then everything published since (storm case
+    a, issue 15: it got live events only, missing what the new hub had in history)."""
+    old, new = InProcessBroker(), InProcessBroker()
+    new.ids = IdSequence(epoch_ms=int(old.ids.epoch, 36) + 1000)
+    try:
+        gone = await old.publish("a", "died with the old hub")
+        since = [await new.publish(c, c) for c in ("a", "b", "a")]
+        sub, got = await subscribe(new, ["a"], gone)
+        assert sub.reset and sub.position == f"{new.ids.epoch}-0"
+        later = await new.publish("a", "live")
+        await wait_until(lambda: [f.id for f in got.frames][-1:] == [later])
+        assert [f.id for f in got.frames] == [since[0], since[2], later]
+        sub.close()
+        # not an earlier incarnation: garbage, a later epoch, one of ours from the future
+        future = IdSequence(epoch_ms=int(new.ids.epoch, 36) + 1000).next()
+        for last_event_id in ("nonsense", future, f"{new.ids.epoch}-99", "-1", "zz-"):
+            sub, _ = await subscribe(new, ["a"], last_event_id)
+            assert sub.reset and sub.position == new.ids.current and sub.replay == []
+            sub.close()
+        # paged, as the handler asks for it (in-process history is one page)
+        sub = await new.subscribe(["a", "b"], Collector(), gone, page_size=1)
+        assert sub.reset and sub.complete and [f.id for f in sub.replay] == [*since, later]
+        sub.close()
+    finally:
+        await old.close()
+        await new.close()

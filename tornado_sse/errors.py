@@ -229,8 +229,19 @@ class HistoryGapError(BrokerError):
     """A resume point is older than the retained history (or unknown to this broker).
 
     ``current_id`` is the id a client may resume from after it has been told of the gap.
+    ``resume_id``, when known, is an earlier such id after which history is complete: the first
+    id of a new incarnation of the broker's data (a restarted hub, a Redis that lost its data),
+    when the Last-Event-ID is from an earlier one. What was published since the new incarnation
+    began is then replayed after the ``stream-reset``: only what died with the old one is lost.
     """
 
-    def __init__(self, current_id: str, message: str = "Last-Event-ID is not in history") -> None:
+    def __init__(
+        self,
+        current_id: str,
+        message: str = "Last-Event-ID is not in history",
+        *,
+        resume_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.current_id = current_id
+        self.resume_id = resume_id

@@ -206,7 +206,10 @@ class Subscription:
     After :meth:`Broker.subscribe` returns, the subscription holds what the subscriber must send
     before live events, in this order:
 
-    * ``reset``: true if the requested Last-Event-ID was not in history (send ``stream-reset``);
+    * ``reset``: true if the requested Last-Event-ID was not in history (send ``stream-reset``
+      with ``position``); when the id is from an earlier incarnation of the broker's data (a
+      restarted hub, a Redis that lost its data), ``replay`` then holds what the new one
+      published since it began, as far as it still has it;
     * ``position``: the id the stream is at before ``replay`` (send it to prime a fresh stream);
     * ``replay``: the missed frames, in id order; with ``page_size``, the first page of them,
       and ``complete`` says whether more follow (:meth:`next_page`).
@@ -604,7 +607,7 @@ class Broker(abc.ABC):
             start = last_event_id
             if start is None and history:
                 start = await self._tail(names, history)
-            if start is not None:
+            while start is not None:
                 try:
                     if page_size is None:
                         sub.replay = await self._history(names, start)
@@ -614,17 +617,21 @@ class Broker(abc.ABC):
                 except HistoryGapError as gap:
                     sub.complete = True
                     sub.replay = []
-                    if last_event_id is not None:
-                        sub.reset = True
-                        sub.position = gap.current_id
-                        sub._last_key = self.id_key(gap.current_id)
-                    # else history was trimmed between _tail and the read: start from now
+                    if last_event_id is None:
+                        break  # history was trimmed between _tail and the read: start from now
+                    sub.reset = True
+                    if gap.resume_id is not None and gap.resume_id != start:
+                        start = gap.resume_id  # after the reset, what the new incarnation has
+                        continue
+                    sub.position = gap.current_id
+                    sub._last_key = self.id_key(gap.current_id)
                 else:
                     if sub.replay:
                         sub._last_key = self.id_key(sub.replay[-1].id)
                     else:
                         sub._last_key = self.id_key(start)
                     sub.position = start
+                break
             if not sub.closed and self.counts_presence:
                 sub.identity = identity
                 sub._counted = True

@@ -1710,6 +1710,10 @@ class BridgeBroker(Broker):
                     top = _parse_id(items[-1][1]) or (0, 0)
                     bound = top if bound is None else min(bound, top)
         if gap is not None:
+            asked, first = _parse_id(after), _parse_id(conn.epoch_start)
+            if asked is not None and first is not None and asked[0] < first[0]:
+                # an id of an earlier hub: after the reset, what this hub published since it began
+                gap.resume_id = conn.epoch_start
             raise gap
         if len(results) > 1:
             found.sort(key=lambda frame: _parse_id(frame.id) or (0, 0))

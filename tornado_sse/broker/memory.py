@@ -66,6 +66,15 @@ class IdSequence:
             return None
         return seq
 
+    def earlier(self, event_id: str) -> bool:
+        """Whether *event_id* is an id of an earlier incarnation (an earlier epoch)."""
+        epoch, dash, digits = event_id.partition("-")
+        if not (dash and 0 < len(epoch) <= 13 and all(c in _DIGITS for c in epoch)):
+            return False
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+            return False
+        return int(epoch, 36) < int(self.epoch, 36)
+
 
 def _seq(entry: tuple[int, object]) -> int:
     return entry[0]
@@ -248,6 +257,12 @@ class InProcessBroker(Broker):
     async def _history(self, channels: Sequence[str], after: str) -> list[Frame]:
         after_seq = self.ids.key(after)
         if after_seq is None:
+            if self.ids.earlier(after):  # what this incarnation published may still be whole
+                raise HistoryGapError(
+                    self.ids.current,
+                    "Last-Event-ID is from an earlier incarnation",
+                    resume_id=f"{self.ids.epoch}-0",
+                )
             raise HistoryGapError(self.ids.current, "Last-Event-ID is not an id of this broker")
         found = self.history.since(channels, after_seq)
         if found is None:

@@ -825,8 +825,9 @@ class RedisBroker(Broker):
             raise HistoryGapError(current, "Last-Event-ID is not an id of this broker")
         if start > last:
             raise HistoryGapError(current, "Last-Event-ID is later than the last event")
-        if start < floor:
-            raise HistoryGapError(current, "Last-Event-ID is from history Redis no longer has")
+        if start < floor:  # after the reset, what the new incarnation has (from its floor)
+            lost = "Last-Event-ID is from history Redis no longer has"
+            raise HistoryGapError(current, lost, resume_id=_format(floor))
         found: list[tuple[Key, Frame]] = []
         bound: Key | None = None
         for channel, had, entries in zip(channels, results[1], results[2:], strict=True):
