@@ -50,7 +50,7 @@ docs: $(VENV)/.installed-test
 	$(BIN)/sphinx-build -b html -E -W --keep-going -n -q docs docs/_build/html
 
 pytest: $(VENV)/.installed-test system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 test: lint typecheck docs pytest
 
