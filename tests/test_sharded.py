@@ -139,6 +139,8 @@ def test_placement_is_pinned() -> None:
         ("a~1-0", None),
         ("0~1-0..1~2-0", None),
         ("-1~1-0", None),
+        ("\u00b2~1-0", None),  # a digit to str.isdigit, not to int(): a Latin-1 header byte
+        ("0~1-0.\u0661~1-0", None),
     ],
 )
 def test_composite_ids_parse(value: str, parts: dict[int, str] | None) -> None:
@@ -606,3 +608,39 @@ async def test_max_pending_bounds_the_whole_stream_not_each_shard(
             await broker.publish(channel, "x" * 100)
     await wait_until(lambda: held.overflowed, TIMEOUT)
     assert held.closed
+
+
+@pytest.fixture
+def app(io_loop: IOLoop, redis_shards: list[RedisServer], redis_prefix: str) -> Iterator[Any]:
+    """An application streaming from a sharded broker over the three servers."""
+    import tornado.web
+
+    from tornado_sse import ConnectionSet, EventStreamHandler, Metrics
+
+    broker = ShardedBroker(
+        [RedisBroker(server.url, key_prefix=redis_prefix) for server in redis_shards]
+    )
+    yield tornado.web.Application(
+        [(r"/events", EventStreamHandler)],
+        sse_broker=broker,
+        sse_connections=ConnectionSet(prune_interval=0.05),
+        sse_metrics=Metrics(),
+    )
+    close_brokers(io_loop, [broker])
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_non_ascii_digit_in_an_id_is_a_bad_id_not_a_crash(port: int) -> None:
+    """``²`` is a digit to ``str.isdigit`` but not to ``int()``; it arrives from a Latin-1
+    ``Last-Event-ID`` header byte or a query argument."""
+    from tests.helpers import RawStream
+
+    query = "/events?" + "&".join(f"channel={channel}" for channel in spread())
+    stream = await RawStream.open(port, query + "&last_event_id=%C2%B2~1-0")
+    await stream.read_until(lambda s: len(s.events) >= 1)
+    assert stream.status == 200
+    assert stream.events[0].event == "stream-reset"  # garbage: a reset, as for any bad id
+    stream.close()
+    bounded = await RawStream.open(port, query + "&until=%C2%B2~1-0")
+    await bounded.read_to_end()
+    assert bounded.status == 400

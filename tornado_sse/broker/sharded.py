@@ -113,7 +113,7 @@ def parse_position(value: str, count: int) -> dict[int, str] | None:
     parts: dict[int, str] = {}
     for piece in value.split(JOIN):
         index, sep, shard_id = piece.partition(PART)
-        if not sep or not index.isdigit() or len(index) > 6 or not shard_id:
+        if not sep or not (index.isascii() and index.isdigit()) or len(index) > 6 or not shard_id:
             return None
         number = int(index)
         if number >= count or number in parts:
