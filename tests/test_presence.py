@@ -601,6 +601,51 @@ async def test_a_redis_broker_that_closes_stops_counting_at_once(
         await two.close()
 
 
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_users_are_announced_again_after_redis_lost_their_marks(
+    redis_url: str,  # noqa: F811
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    """Redis loses the deployment's data (a FLUSHALL, an empty restart): the announced marks go
+    with the presence hashes, and each host's next lease renewal announces its users again, so
+    that they are listed and their leaves are still sent."""
+    from tornado_sse.broker.redis import RedisBroker
+
+    one = RedisBroker(redis_url, key_prefix=redis_prefix, presence_lease=0.6)
+    two = RedisBroker(redis_url, key_prefix=redis_prefix, presence_lease=0.6)
+    await one.start()
+    await two.start()
+    try:
+        watcher = Collector()
+        (await one.subscribe(["presence:room"], watcher)).start()
+        tab: dict[str, Any] = {"announce": ["room"], "grace": 3600.0}
+        await one.subscribe(["room"], Collector(), identity="ann", **tab)
+        ben = await two.subscribe(["room"], Collector(), identity="ben", **tab)
+
+        async def announced(want: set[str]) -> bool:
+            return (await one.presence("room")).announced == want
+
+        await wait_until(lambda: announced({"ann", "ben"}), 10)
+        keys = [key async for key in one._redis.scan_iter(match=redis_prefix + "*")]
+        await one._redis.delete(*keys)
+        assert await announced(set())
+        await wait_until(lambda: announced({"ann", "ben"}), 10)
+        ben.close(grace=0)
+        await wait_until(lambda: announced({"ann"}), 10)
+
+        def left() -> bool:
+            said = [e for e in watcher.events if e.event in ("join", "leave")]
+            return bool(said) and (said[-1].event, json.loads(said[-1].data or "")["user"]) == (
+                "leave",
+                "ben",
+            )
+
+        await wait_until(left, 10)
+    finally:
+        await one.close()
+        await two.close()
+
+
 # ---------------------------------------------------------------------- the hub's --presence
 
 

@@ -787,6 +787,23 @@ class Broker(abc.ABC):
             left.set_exception(BrokerClosedError("broker is closed"))
             left.exception()
 
+    def _announce_again(self) -> None:
+        """Ask for a decision again on the users of this process's open streams with join and
+        leave events, after the deciding side may have lost who is announced (a new bridge
+        hub, a Redis that lost its data): otherwise it would neither list them nor ever send
+        their leaves. Where the marks survived, nothing is sent; where they were lost, their
+        joins are."""
+        asked: set[tuple[str, str]] = set()
+        for subs in list(self._subscriptions.values()):
+            for sub in subs:
+                identity = sub.identity
+                if identity is None or sub.closed:
+                    continue
+                for channel in sub._announce:
+                    if (channel, identity) not in asked:
+                        asked.add((channel, identity))
+                        self._announce_soon(channel, identity, sub._grace)
+
     def _leave_due(self, subscription: Subscription, channel: str) -> None:
         """The grace period of *subscription*'s leave of *channel* is over: ask for a decision.
         The backend is told the subscription's own grace, not this close's wait: a wait of 0

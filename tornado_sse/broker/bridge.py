@@ -1459,24 +1459,9 @@ class BridgeBroker(Broker):
                 self._resync_buffer = None
             self._resync_after = None
             self._replay_after_reconnect(found + buffered, reset_id)
+        # a new hub knows nobody as announced (the marks died with the old one); the same hub,
+        # reached again, finds them announced and sends nothing
         self._announce_again()
-
-    def _announce_again(self) -> None:
-        """Ask the hub to decide again on the users of our open streams with join and leave
-        events: a new hub knows nobody as announced (the marks died with the old one), and
-        would otherwise neither list them nor ever send their leaves. It announces their joins
-        (after the ``stream-reset`` its history starts with); the same hub, reached again,
-        finds them announced already and sends nothing."""
-        asked: set[tuple[str, str]] = set()
-        for subs in list(self._subscriptions.values()):
-            for sub in subs:
-                identity = sub.identity
-                if identity is None or sub.closed:
-                    continue
-                for channel in sub._announce:
-                    if (channel, identity) not in asked:
-                        asked.add((channel, identity))
-                        self._announce_soon(channel, identity, sub._grace)
 
     def _replay_after_reconnect(self, frames: list[Frame], reset_id: str | None) -> None:
         floor = None

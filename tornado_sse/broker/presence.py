@@ -20,7 +20,8 @@ Who forgets a process that vanished:
   open streams again (a new hub sends their joins, the same hub nothing);
 * **Redis**: each broker holds a *lease* (default 15 s, refreshed every third of it); its table
   counts only while the lease is live, so a host that vanishes stops counting within the lease,
-  and its keys expire on their own.
+  and its keys expire on their own. A Redis that lost its data lost the announced marks too: the
+  renewal that finds a host's hash gone writes it again and announces the host's users again.
 
 Join and leave events: for the channels an application configures (patterns, the setting
 ``sse_presence``, the hub's ``--presence``), the broker publishes ``join`` and ``leave`` events

@@ -29,7 +29,9 @@ Layout in Redis (every key under ``key_prefix``, default ``tornado_sse:``):
 ``<prefix>announced:<channel>``
     The identities announced present on a channel with join/leave events: a hash of identity ->
     the grace period of the stream that announced it (seconds), which the sweep for the users
-    of vanished hosts waits for.
+    of vanished hosts waits for. Read with the counts (`.Broker.presence`'s ``announced``).
+    When Redis lost it, each host's users are announced again once its renewal finds its
+    presence hash gone.
 ``<prefix>presence:<token>``
     A broker's presence: a hash of channel -> JSON ``[streams, {identity: streams}]``, the
     absolute counts of its subscriptions, rewritten per changed channel (changes coalesced) and
@@ -918,6 +920,9 @@ class RedisBroker(Broker):
             rest = set(table.channels()) - set(channels)
             if rest:  # Redis lost our hash (or it expired): write all of it again
                 await self._share_presence(sorted(rest))
+            # and maybe the announced marks with it: have our users announced again (where the
+            # marks are still there, the script sends nothing)
+            self._announce_again()
 
     async def _presence(self, channel: str) -> Presence:
         keys = [self._leases_key, f"{self.key_prefix}announced:{channel}"]
