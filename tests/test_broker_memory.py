@@ -14,6 +14,7 @@ from tests.broker_contract import BrokerContract, Collector, close_brokers, subs
 from tests.helpers import wait_until
 from tornado_sse.broker.base import Broker, Frame
 from tornado_sse.broker.memory import History, IdSequence, InProcessBroker
+from tornado_sse.errors import BrokerClosedError
 
 
 @pytest.fixture
@@ -246,3 +247,32 @@ async def test_an_id_of_an_earlier_incarnation_is_a_reset_then_what_the_new_one_
     finally:
         await old.close()
         await new.close()
+
+
+class _StuckPresence(InProcessBroker):
+    """A backend whose presence writes never finish (a server that stopped answering)."""
+
+    shares_presence = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+
+    async def _share_presence(self, channels: object) -> None:
+        self.writing.set()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_close_ends_a_presence_write_under_way_and_whoever_waits_for_it() -> None:
+    """A write still in flight when the broker closed was left pending, and destroyed with the
+    event loop mid-command (seen in CI as 'Task was destroyed but it is pending' and an
+    unclosed Redis connection)."""
+    broker = _StuckPresence()
+    subscribing = asyncio.ensure_future(broker.subscribe(["a"], Collector(), identity="ada"))
+    await asyncio.wait_for(broker.writing.wait(), 5)
+    await broker.close()
+    writer = broker._presence_writer
+    assert writer is not None and writer.done()
+    with pytest.raises(BrokerClosedError):
+        await asyncio.wait_for(subscribing, 5)

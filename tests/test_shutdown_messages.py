@@ -35,8 +35,13 @@ def readme_bridge_example() -> str:
     return text[start : text.index("```", start)]
 
 
-def run_and_stop(script: Path, port: int, stderr_path: Path) -> str:
-    """Run the example, wait until it serves, SIGTERM it; its standard error."""
+#: the example binds a port `free_port` found free; another process may take it first
+PORT_TAKEN = "Address already in use"
+
+
+def run_and_stop(script: Path, port: int, stderr_path: Path) -> str | None:
+    """Run the example, wait until it serves, SIGTERM it; its standard error (``None`` if the
+    port was taken meanwhile: try another)."""
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(script)],
@@ -47,6 +52,8 @@ def run_and_stop(script: Path, port: int, stderr_path: Path) -> str:
     try:
         deadline = time.monotonic() + 20
         while True:
+            if proc.poll() is not None and PORT_TAKEN in stderr_path.read_text():
+                return None
             assert proc.poll() is None, stderr_path.read_text()
             assert time.monotonic() < deadline, "the example did not come up"
             try:
@@ -71,10 +78,14 @@ def test_readme_bridge_example_stops_quietly_on_sigterm(tmp_path: Path) -> None:
     # Whether the other workers still run when the hub's worker closes its broker is a race
     # (all get SIGTERM at once); before the fix, most runs lost it. A few runs make it likely.
     for run in range(3):
-        port = free_port()
-        script = tmp_path / f"example-{run}.py"
-        script.write_text(source.replace("bind_sockets(8000)", f"bind_sockets({port})"))
-        stderr = run_and_stop(script, port, tmp_path / f"stderr-{run}.txt")
+        for _attempt in range(5):
+            port = free_port()
+            script = tmp_path / f"example-{run}.py"
+            script.write_text(source.replace("bind_sockets(8000)", f"bind_sockets({port})"))
+            stderr = run_and_stop(script, port, tmp_path / f"stderr-{run}.txt")
+            if stderr is not None:
+                break
+        assert stderr is not None, "every port tried was taken"
         assert "lost the hub" not in stderr, f"run {run}: {stderr}"
         assert "Traceback" not in stderr, f"run {run}: {stderr}"
         assert "reconnecting" not in stderr, f"run {run}: {stderr}"

@@ -468,6 +468,16 @@ class Broker(abc.ABC):
         self._version += 1
         self.presence_table.clear()
         self._presence_dirty.clear()
+        # the presence writes and join/leave decisions under way end here, before the backend
+        # closes under them (a write left pending was destroyed with the loop, mid-command)
+        tasks = [task for task in (self._presence_writer, *self._announcing) if task is not None]
+        for _ in range(50):
+            tasks = [task for task in tasks if not task.done()]
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()  # again: on 3.11 redis-py's wait_for can swallow one cancellation
+            await asyncio.wait(tasks, timeout=0.1)
         await self._close()
 
     async def _close(self) -> None:
@@ -769,23 +779,26 @@ class Broker(abc.ABC):
         return future
 
     async def _write_presence(self) -> None:
-        while self._presence_next is not None and not self.closed:
-            future, self._presence_next = self._presence_next, None
-            dirty, self._presence_dirty = self._presence_dirty, set()
-            try:
-                await self._share_presence(list(dirty))
-            except Exception as exc:
-                self._presence_dirty |= dirty  # written with the next change, or on reconnect
-                if not future.done():
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: an unsubscribe does not wait for it
-            else:
-                if not future.done():
-                    future.set_result(None)
-        left = self._presence_next
-        if left is not None and not left.done():
-            left.set_exception(BrokerClosedError("broker is closed"))
-            left.exception()
+        future: asyncio.Future[None] | None = None
+        try:
+            while self._presence_next is not None and not self.closed:
+                future, self._presence_next = self._presence_next, None
+                dirty, self._presence_dirty = self._presence_dirty, set()
+                try:
+                    await self._share_presence(list(dirty))
+                except Exception as exc:
+                    self._presence_dirty |= dirty  # written with the next change, or on reconnect
+                    if not future.done():
+                        future.set_exception(exc)
+                        future.exception()  # retrieved: an unsubscribe does not wait for it
+                else:
+                    if not future.done():
+                        future.set_result(None)
+        finally:  # ended by close (cancelled, maybe mid-write): nobody waits for a write forever
+            for left in (future, self._presence_next):
+                if left is not None and not left.done():
+                    left.set_exception(BrokerClosedError("broker is closed"))
+                    left.exception()
 
     def _announce_again(self) -> None:
         """Ask for a decision again on the users of this process's open streams with join and
