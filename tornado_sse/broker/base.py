@@ -79,7 +79,6 @@ from ..errors import (
     BrokerClosedError,
     BrokerError,
     HistoryGapError,
-    InvalidArgumentError,
     InvalidChannelError,
 )
 from ..protocol import Event, encode_event
@@ -90,6 +89,7 @@ from .presence import (
     merge_presence,
     presence_event_data,
     record_announcement,
+    validate_grace,
     validate_identity,
 )
 
@@ -585,8 +585,7 @@ class Broker(abc.ABC):
         :raises InvalidArgumentError: for an invalid *identity*, a negative or NaN *grace*
             (also a `ValueError`).
         """
-        if not grace >= 0:
-            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        validate_grace(grace)
         if page_size is not None and page_size < 1:
             raise ValueError("page_size must be at least 1")
         if history < 0:
@@ -665,8 +664,8 @@ class Broker(abc.ABC):
     def unsubscribe(self, subscription: Subscription, *, grace: float | None = None) -> None:
         """End *subscription* (same as `Subscription.close`, whose *grace* this takes).
         Idempotent."""
-        if grace is not None and not grace >= 0:
-            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        if grace is not None:
+            validate_grace(grace)
         subscription.closed = True
         self._changed(subscription.channels)
         if subscription._counted:
@@ -829,8 +828,7 @@ class Broker(abc.ABC):
     def _hasten(self, subscription: Subscription, grace: float) -> None:
         """Have the leaves of closed *subscription* still waiting wait *grace* seconds at most
         from now (`Subscription.close` on a closed subscription)."""
-        if not grace >= 0:
-            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        validate_grace(grace)
         if self._loop is None:
             return
         now = self._loop.time()

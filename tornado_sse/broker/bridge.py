@@ -139,6 +139,7 @@ from .presence import (
     merge_presence,
     presence_event_data,
     record_announcement,
+    validate_grace,
     validate_identity,
 )
 
@@ -803,8 +804,7 @@ class BridgeHub:
         validate_channel(channel)
         validate_channel(companion(channel))
         validate_identity(identity)
-        if not grace >= 0:  # NaN too: it would disorder the loop's timer heap
-            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        validate_grace(grace)
         self._graces[channel] = min(float(grace), 3600.0)
         self._decide(channel, identity)
         peer.send(pack(ANNOUNCED, rid))

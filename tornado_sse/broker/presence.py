@@ -83,6 +83,15 @@ COMPANION_PREFIX = "presence:"
 MAX_IDENTITY = 200
 
 
+def validate_grace(grace: float) -> float:
+    """Return *grace*, seconds a ``leave`` waits (0 or more; infinity waits for ever); raise
+    `.InvalidArgumentError` (a `ValueError`) otherwise. NaN too: as a timer it would disorder
+    the event loop's timer heap."""
+    if not grace >= 0:
+        raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+    return grace
+
+
 def validate_identity(identity: object) -> str | None:
     """Return *identity* (``None``, or a string of 1-200 characters without control
     characters); raise `.InvalidArgumentError` (a `ValueError`) otherwise."""

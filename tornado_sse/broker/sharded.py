@@ -78,10 +78,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from ..errors import BrokerClosedError, InvalidArgumentError, InvalidChannelError
+from ..errors import BrokerClosedError, InvalidChannelError
 from ..protocol import Event, encode_event
 from .base import Broker, Frame, Subscriber, Subscription, validate_channel
-from .presence import Presence, described, validate_identity
+from .presence import Presence, described, validate_grace, validate_identity
 
 __all__ = ["ShardedBroker", "parse_position", "placement"]
 
@@ -502,8 +502,8 @@ class ShardedBroker(Broker):
     def unsubscribe(self, subscription: Subscription, *, grace: float | None = None) -> None:
         """End *subscription* (same as `Subscription.close`, whose *grace* this takes).
         Idempotent."""
-        if grace is not None and not grace >= 0:
-            raise InvalidArgumentError(f"grace must be 0 or more seconds, not {grace!r}")
+        if grace is not None:
+            validate_grace(grace)
         if isinstance(subscription, ShardedSubscription):
             subscription.closed = True
             self._open.discard(subscription)
