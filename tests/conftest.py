@@ -125,6 +125,17 @@ def _describe(record: logging.LogRecord) -> str:
     return "\n".join(lines)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once every test module is imported: collect, then freeze what is left (modules,
+    classes, functions, the test items) out of the collector's sight (`gc.freeze`), so that
+    `_collect_garbage` walks only what the tests made since. A full collection over the
+    whole suite's imports took 0.12-0.19 s, after each of the 1,150 tests (3 minutes of
+    CI). Objects made by the tests, where unclosed sockets, files and loops come from, are
+    never frozen."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
     """Collect garbage after each test, so that a socket, file or loop it left unclosed is
