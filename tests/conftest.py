@@ -20,6 +20,7 @@ import logging
 import os
 import traceback
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
@@ -28,6 +29,9 @@ from tornado.ioloop import IOLoop
 from tests.helpers import RawStream
 from tornado_sse.connections import ConnectionSet
 from tornado_sse.metrics import Metrics
+
+if TYPE_CHECKING:
+    from tests.redis_cluster import RedisCluster
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -46,6 +50,18 @@ def require(condition: bool, reason: str) -> None:
         if IN_CI:
             pytest.fail(f"required component missing under CI: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """The session's shared Redis Cluster (`tests.redis_cluster`: 3 primaries, 3 replicas), for
+    every module that asks for it; do not kill its nodes or move its slots."""
+    # imported here: tests.redis_cluster imports tests.redis_server, which imports `require`
+    # from this module
+    from tests.redis_cluster import RedisCluster
+
+    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)

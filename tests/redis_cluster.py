@@ -1,39 +1,35 @@
 """A real Redis Cluster for tests: three primaries and three replicas as plain child processes.
 
-`RedisCluster` starts six ``redis-server --cluster-enabled yes`` processes (each a `RedisServer`
-with its own directory, port and cluster bus port, no persistence), joins them with
-``redis-cli --cluster create ... --cluster-replicas 1 --cluster-yes`` and waits, bounded and on
-conditions, until the cluster is usable: every node answers ``CLUSTER INFO`` with
-``cluster_state:ok`` and all 16384 slots assigned and ok, every node agrees on which node owns
-each slot, and every replica's link to its primary is up. A test can `kill -9 <kill_primary>`
-the primary holding a slot and wait for its replica's promotion (`wait_promoted`), start the
-killed node again (it rejoins as a replica), and find who owns a slot now (`owner`).
+`RedisCluster` starts six ``redis-server --cluster-enabled yes`` processes side by side (each a
+`RedisServer` with its own directory, port and cluster bus port, no persistence), joins them as
+``redis-cli --cluster create ... --cluster-replicas 1`` would, with the same CLUSTER commands
+(SET-CONFIG-EPOCH, ADDSLOTSRANGE, MEET, REPLICATE) but without its fixed one-second pause, and
+waits, bounded and on conditions, until the cluster is usable: every node answers ``CLUSTER
+INFO`` with ``cluster_state:ok`` and all 16384 slots assigned and ok, every node agrees on which
+node owns each slot, and every replica's link to its primary is up. A test can `kill -9
+<kill_primary>` the primary holding a slot and wait for its replica's promotion
+(`wait_promoted`), start the killed node again (it rejoins as a replica), and find who owns a
+slot now (`owner`).
 
 ``cluster-node-timeout`` is short (one second) so that a failover takes a few seconds, not the
-default fifteen. Under ``CI=true`` a cluster that cannot start fails the test; locally a missing
-``redis-server`` or ``redis-cli`` skips it.
+default fifteen; ``repl-diskless-sync-delay`` is 0 so that a replica's first sync starts at
+once, not after Redis's five-second wait for other replicas to share it. Under ``CI=true`` a
+cluster that cannot start fails the test; locally a missing ``redis-server`` skips it.
 
-Import the fixture into a test module::
-
-    from tests.redis_cluster import redis_cluster  # noqa: F401
-
-The session shares one cluster; tests keep apart by key prefix (`tests.redis_server.redis_prefix`).
-A test that kills nodes makes its own `RedisCluster` (with ``tmp_path``), so the shared one stays
-whole.
+The session shares one cluster, the ``redis_cluster`` fixture of ``tests/conftest.py`` (a
+fixture imported into a test module would be one cluster per module); tests keep apart by key
+prefix (`tests.redis_server.redis_prefix`). A test that kills nodes or moves slots makes its own
+`RedisCluster` (with ``tmp_path``), so the shared one stays whole.
 """
 
 from __future__ import annotations
 
-import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import require
 from tests.helpers import free_port
 from tests.redis_server import RedisServer
 
@@ -42,14 +38,6 @@ CLUSTER_TIMEOUT = 30.0
 #: ``cluster-node-timeout`` of the test cluster, milliseconds
 NODE_TIMEOUT_MS = 1000
 SLOTS = 16384
-
-
-def redis_cli_path() -> str:
-    """The ``redis-cli`` executable; skips locally (fails under CI) when it is missing."""
-    path = shutil.which("redis-cli")
-    require(path is not None, "redis-cli is not installed (apt-get install redis-tools)")
-    assert path is not None
-    return path
 
 
 def _text(value: object) -> str:
@@ -66,40 +54,59 @@ class RedisCluster:
         self.directory = directory
         self.primaries = primaries
         self.replicas = replicas
-        self.cli = redis_cli_path()
         self.nodes: list[RedisServer] = []
+        #: the cluster bus port of each node, by its port
+        self.bus_ports: dict[int, int] = {}
 
     # ------------------------------------------------------------------ start and stop
 
     def start(self) -> None:
         """Start every node, create the cluster, wait until it is usable (bounded)."""
+        count = self.primaries * (1 + self.replicas)
         try:
-            for n in range(self.primaries * (1 + self.replicas)):
-                self.nodes.append(self._start_node(n))
-            create = subprocess.run(
-                [
-                    self.cli,
-                    "--cluster",
-                    "create",
-                    *(f"127.0.0.1:{node.port}" for node in self.nodes),
-                    "--cluster-replicas",
-                    str(self.replicas),
-                    "--cluster-yes",
-                ],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=CLUSTER_TIMEOUT,
-            )
-            if create.returncode != 0:
-                raise RuntimeError(
-                    "redis-cli --cluster create failed:\n"
-                    + create.stdout.decode(errors="replace")[-2000:]
-                    + create.stderr.decode(errors="replace")[-2000:]
-                )
+            # Each node waits for its own PING: start them side by side.
+            with ThreadPoolExecutor(count) as pool:
+                starting = [pool.submit(self._start_node, n) for n in range(count)]
+            # every start has ended: keep those that worked (for stop), then raise if one failed
+            self.nodes = [future.result() for future in starting if future.exception() is None]
+            for future in starting:
+                future.result()
+            self._create()
             self.wait_ok()
         except BaseException:
             self.stop()
             raise
+
+    def _create(self) -> None:
+        """Make the nodes one cluster, as ``redis-cli --cluster create ... --cluster-replicas``
+        does (without its fixed one-second wait for the join): a config epoch of its own to
+        each node, an equal range of slots to each primary, every node met, then each replica
+        told its primary."""
+        primaries = self.nodes[: self.primaries]
+        for epoch, node in enumerate(self.nodes, start=1):
+            node.call("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+        for n, node in enumerate(primaries):
+            first, end = n * SLOTS // self.primaries, (n + 1) * SLOTS // self.primaries
+            node.call("CLUSTER", "ADDSLOTSRANGE", first, end - 1)
+        seed = self.nodes[0]
+        for node in self.nodes[1:]:
+            node.call("CLUSTER", "MEET", "127.0.0.1", seed.port, self.bus_ports[seed.port])
+        self._wait_for(self._unmet, "the nodes did not meet")
+        ids = [self.node_id(node) for node in primaries]
+        for n, node in enumerate(self.nodes[self.primaries :]):
+            node.call("CLUSTER", "REPLICATE", ids[n // self.replicas])
+
+    def _unmet(self) -> str | None:
+        """A node that does not know every other node yet (or is still in handshake), or None."""
+        for node in self.nodes:
+            known = [
+                line
+                for line in _text(node.call("CLUSTER", "NODES")).splitlines()
+                if line.strip() and "handshake" not in line.split()[2]
+            ]
+            if len(known) != len(self.nodes):
+                return f"node {node.port} knows {len(known)} of {len(self.nodes)} nodes"
+        return None
 
     def _start_node(self, n: int) -> RedisServer:
         directory = self.directory / f"node{n}"
@@ -119,19 +126,28 @@ class RedisCluster:
                 str(NODE_TIMEOUT_MS),
                 "--cluster-port",
                 str(bus),
+                # a replica's full sync starts at once (Redis waits 5 s for more replicas to
+                # share a diskless transfer: the cluster was not usable for 5 s)
+                "--repl-diskless-sync-delay",
+                "0",
             ]
             try:
                 node.start()
             except RuntimeError:
                 (directory / "nodes.conf").unlink(missing_ok=True)
                 continue
+            self.bus_ports[node.port] = bus
             return node
         raise RuntimeError(f"cluster node {n} did not start")
 
     def stop(self) -> None:
-        """Stop every node this cluster started. Idempotent."""
-        for node in self.nodes:
-            node.stop()
+        """Stop every node this cluster started, side by side (a primary stopping alone waits
+        for its replicas to acknowledge its writes). Idempotent."""
+        if self.nodes:
+            with ThreadPoolExecutor(len(self.nodes)) as pool:
+                stopping = [pool.submit(node.stop) for node in self.nodes]
+            for future in stopping:
+                future.result()
 
     def __enter__(self) -> RedisCluster:
         self.start()
@@ -209,13 +225,19 @@ class RedisCluster:
     def wait_ok(self, timeout: float = CLUSTER_TIMEOUT) -> None:
         """Wait (bounded) until every live node says the cluster is ok, every slot is covered
         by a running primary, the nodes agree on the owners and the replicas are linked."""
+        self._wait_for(self._problem, "redis cluster not usable", timeout)
+
+    def _wait_for(
+        self, problem: Callable[[], str | None], what: str, timeout: float = CLUSTER_TIMEOUT
+    ) -> None:
+        """Wait (bounded) until *problem* says None; raise with *what* and its last word."""
         deadline = time.monotonic() + timeout
         while True:
-            problem = self._problem()
-            if problem is None:
+            now = problem()
+            if now is None:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"redis cluster not usable within {timeout}s: {problem}")
+                raise RuntimeError(f"{what} within {timeout}s: {now}")
             time.sleep(0.02)
 
     # ------------------------------------------------------------------ faults
@@ -293,10 +315,3 @@ class RedisCluster:
         replaced) and the cluster is waited for."""
         node.start()
         self.wait_ok()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    """The session's shared cluster (3 primaries, 3 replicas); do not kill its nodes."""
-    with RedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
-        yield cluster

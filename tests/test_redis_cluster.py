@@ -1,6 +1,6 @@
 """RedisBroker on a real local Redis Cluster (issue 17): the harness, one broker as one shard."""
 
-# ruff: noqa: F401, F811  (fixtures imported from tests.redis_cluster, used as parameters)
+# ruff: noqa: F401, F811  (fixtures imported from tests.redis_server, used as parameters)
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tornado.ioloop import IOLoop
 import tests.test_sharded as sharded_tests
 from tests.broker_contract import TIMEOUT, BrokerContract, close_brokers, subscribe
 from tests.helpers import free_port, wait_until
-from tests.redis_cluster import RedisCluster, redis_cluster
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import redis_prefix
 from tornado_sse.broker.base import Broker
 from tornado_sse.broker.cluster import SLOTS, cluster_broker, key_slot, shard_tag

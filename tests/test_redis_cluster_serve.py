@@ -3,8 +3,6 @@ Cluster (issue 17): a stream following a channel on every shard resumes across h
 new hub process each time) with nothing lost or twice while another hub publishes; the flags'
 usage errors."""
 
-# ruff: noqa: F401, F811  (fixtures imported from tests.redis_cluster, used as parameters)
-
 from __future__ import annotations
 
 import threading
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port
-from tests.redis_cluster import RedisCluster, redis_cluster
+from tests.redis_cluster import RedisCluster
 from tests.test_redis_serve import Hub
 from tests.test_serve_ops import run_serve
 from tornado_sse.broker.sharded import parse_position, placement
