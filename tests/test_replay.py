@@ -271,7 +271,11 @@ async def test_hub_memory_stays_bounded_under_never_reading_resumes(
         event = "z" * (8 * 1024)
         ids: list[str] = []
         async with httpx.AsyncClient(timeout=10) as client:
-            for n in range(1280):  # 10 MiB of history over 8 channels
+            # 5 MiB of history over 8 channels: enough to tell the two apart, as a stalled
+            # resume holding its own copy of its replay (before issue 12) adds 8 x 5 MiB, far
+            # past the bound below, while one held to a page adds little (0.8-6 MiB was seen
+            # with 10 MiB of history, as with 5)
+            for n in range(640):
                 reply = await client.post(
                     hub.url + "/publish",
                     json={"channel": channels[n % 8], "data": f"{n:05d}{event}"},
@@ -297,7 +301,8 @@ async def test_hub_memory_stays_bounded_under_never_reading_resumes(
         peak = max(peak, rss())
         growth = (peak - before) / (1 << 20)
         print(f"{backend}: hub RSS {before / (1 << 20):.1f} MiB, +{growth:.1f} MiB for 8 stalled")
-        # before issue 12: each stalled resume held its own copy of the 10 MiB (+100 MiB here)
+        # before issue 12: each stalled resume held its own copy of the history (+100 MiB
+        # with 10 MiB of it)
         assert growth < 16, f"8 never-reading resumes added {growth:.1f} MiB to the hub"
         for sock in socks:
             sock.close()
