@@ -94,6 +94,17 @@ class Writes(EventStreamHandler):
             self.finish("data: last\n\n")
 
 
+class Headed(EventStreamHandler):
+    """Sets a header and a cookie before the stream opens; ``?bad=1`` puts a line break in a
+    header value behind set_header's back."""
+
+    def prepare(self) -> None:
+        self.set_header("X-Flavour", "vanilla")
+        self.set_cookie("seen", "yes")
+        if self.get_query_argument("bad", None):
+            self._headers["X-Injected"] = "a\r\nSet-Cookie: stolen=1"
+
+
 class FastHeartbeat(EventStreamHandler):
     """Overrides the heartbeat interval for its route only."""
 
@@ -131,6 +142,7 @@ def app(
             (r"/writes", Writes),
             (r"/gated", Gated),
             (r"/fast-heartbeat", FastHeartbeat),
+            (r"/headed", Headed),
         ],
         sse_broker=broker,
         sse_connections=connections,
@@ -681,6 +693,84 @@ async def test_metrics_counted(port: int, broker: InProcessBroker, app: Any) -> 
     assert metrics.latency_count == 1
     stream.close()
     await wait_until(lambda: metrics.connections_open == 0)
+
+
+async def _head(port: int, request: bytes) -> tuple[list[str], asyncio.StreamReader, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    return head.decode("latin1").split("\r\n")[:-2], reader, writer
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_the_stream_writes_its_own_head_with_every_header_set_before(
+    port: int, broker: InProcessBroker
+) -> None:
+    """The handler writes the response head itself (issue 15, item 2): what Tornado would
+    have sent, the headers and cookies a subclass set included, then chunks."""
+    lines, reader, writer = await _head(port, b"GET /headed?channel=h HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    fields = [line.split(": ", 1) for line in lines[1:]]
+    names = [name.lower() for name, _ in fields]
+    assert sorted(names) == sorted(
+        [
+            "server",
+            "content-type",
+            "date",
+            "cache-control",
+            "x-accel-buffering",
+            "x-flavour",
+            "set-cookie",
+            "transfer-encoding",
+        ]
+    )
+    values = {name.lower(): value for name, value in fields}
+    assert values["content-type"] == "text/event-stream; charset=utf-8"
+    assert values["cache-control"] == "no-cache"
+    assert values["transfer-encoding"] == "chunked"
+    assert values["x-flavour"] == "vanilla"
+    assert values["set-cookie"].startswith("seen=yes;")
+    size = int(await asyncio.wait_for(reader.readuntil(b"\r\n"), TIMEOUT), 16)
+    first = await asyncio.wait_for(reader.readexactly(size + 2), TIMEOUT)
+    assert first.startswith(b"retry: ") and first.endswith(b"\n\n\r\n")
+    event_id = await broker.publish("h", "after the head")
+    size = int(await asyncio.wait_for(reader.readuntil(b"\r\n"), TIMEOUT), 16)
+    chunk = await asyncio.wait_for(reader.readexactly(size + 2), TIMEOUT)
+    assert chunk == f"id: {event_id}\ndata: after the head\n\n\r\n".encode()
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_closing_http11_client_is_told_connection_close(port: int) -> None:
+    lines, _, writer = await _head(
+        port, b"GET /events?channel=c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert "Connection: close" in lines
+    writer.close()
+    lines, _, writer = await _head(port, b"GET /events?channel=c HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not [line for line in lines if line.lower().startswith("connection:")]
+    writer.close()
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_a_line_break_in_a_header_value_ends_the_stream_before_any_byte(
+    port: int, app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value with CR or LF put in the headers behind set_header's back is never sent (it
+    would inject a header): the connection closes without a byte, the value is not logged."""
+    metrics = app.settings["sse_metrics"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /headed?channel=b&bad=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    writer.close()
+    await wait_until(lambda: metrics.connections_open == 0)
+    refused = [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()]
+    assert refused == ["stream refused: CR or LF in response header X-Injected"]
+    assert "stolen" not in caplog.text
+    # and the next stream is served
+    lines, _, writer = await _head(port, b"GET /headed?channel=b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert lines[0] == "HTTP/1.1 200 OK"
+    writer.close()
 
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
