@@ -161,11 +161,42 @@ async def test_idle_connections_are_bounded_oldest_first(tmp_path: Path) -> None
 async def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(
     tmp_path: Path,
 ) -> None:
+    """The idle timeout bounds every wait for a request head: none at all, half of one (a
+    slowloris), or the next one on a keep-alive connection. A stream is not idle: it lives on
+    past the timeout and keeps receiving events."""
     hub = start_limited_hub(tmp_path / "hub.log", "--idle-connection-timeout", "1")
     try:
-        sock = socket.create_connection(("127.0.0.1", hub.port))
-        sock.settimeout(10)
-        assert await asyncio.to_thread(sock.recv, 1) == b""  # closed by the hub, not by us
-        sock.close()
+        stream = await RawStream.open(hub.port, "/events?channel=alive")
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+        silent = socket.create_connection(("127.0.0.1", hub.port))
+        half = socket.create_connection(("127.0.0.1", hub.port))
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        kept = socket.create_connection(("127.0.0.1", hub.port))
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        opened = time.monotonic()
+        for sock in (silent, half, kept):
+            sock.settimeout(10)
+
+        def read_all(sock: socket.socket) -> bytes:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+        replies = await asyncio.gather(
+            *(asyncio.to_thread(read_all, s) for s in (silent, half, kept))
+        )
+        waited = time.monotonic() - opened
+        assert replies[0] == b""  # closed by the hub, not by us
+        assert replies[1] == b""
+        assert replies[2].startswith(b"HTTP/1.1 200 ")  # answered, then closed once idle
+        assert waited >= 0.9  # not before the timeout
+        for sock in (silent, half, kept):
+            sock.close()
+        async with httpx.AsyncClient() as client:
+            await hub.apublish(client, "alive", "still here")
+        await stream.events_count(1)
+        assert [e.data for e in stream.events] == ["still here"]
+        stream.close()
     finally:
         hub.stop()
