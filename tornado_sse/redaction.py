@@ -123,8 +123,8 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "?" in message and "=" in message:
-            redacted = redact_text(message)
-            if redacted != message:
-                record.msg = redacted
-                record.args = None
+            message = redact_text(message)
+        # formatted once: the formatter's getMessage() then has nothing left to do
+        record.msg = message
+        record.args = None
         return True

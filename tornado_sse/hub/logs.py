@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -42,7 +43,27 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     )
 
 
-class JsonFormatter(logging.Formatter):
+class TextFormatter(logging.Formatter):
+    """`logging.Formatter` that formats the time of day once a second, not once a line: at
+    ``info`` the hub writes a line for every stream that opens and closes, thousands a second
+    in a reconnect storm (issue 15, item 2)."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(
+                datefmt or self.default_time_format, self.converter(record.created)
+            )
+            self._second = second
+        if datefmt:
+            return self._stamp
+        return f"{self._stamp},{int(record.msecs):03d}"  # logging's default_msec_format
+
+
+class JsonFormatter(TextFormatter):
     """One JSON object per line: time, level, logger, message and the access log's fields."""
 
     FIELDS = ("pid", "worker", "status", "method", "path", "client", "duration_ms")
@@ -71,18 +92,64 @@ class ProcessFilter(logging.Filter):
     (absent otherwise), and ``where`` for text lines: ``worker 1, pid 4242``, ``supervisor,
     pid 4240`` or ``pid 4242``. (``pid`` is the record's own ``process``.)"""
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: (pid, worker) -> where: the same for every line of a process once it is a worker
+        self._where: dict[tuple[int | None, int | None], str] = {}
+
     def filter(self, record: logging.LogRecord) -> bool:
         group = sys.modules.get("tornado_sse.process")
         worker = group.task_id() if group is not None else None
-        record.pid = record.process
+        pid = record.pid = record.process
         record.worker = worker
-        if worker is not None:
-            record.where = f"worker {worker}, pid {record.process}"
-        elif group is not None and group.is_supervisor():
-            record.where = f"supervisor, pid {record.process}"
-        else:
-            record.where = f"pid {record.process}"
+        where = self._where.get((pid, worker))
+        if where is None:
+            if worker is not None:
+                where = f"worker {worker}, pid {pid}"
+            elif group is not None and group.is_supervisor():
+                where = f"supervisor, pid {pid}"
+            else:
+                where = f"pid {pid}"
+            self._where[(pid, worker)] = where
+        record.where = where
         return True
+
+
+class LoopStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A `logging.StreamHandler` that, on an event loop's thread, flushes its stream once at
+    the end of the loop iteration rather than after every line: the lines of a connect storm
+    go out in a few writes instead of one system call each (issue 15, item 2). A warning or
+    worse, and any line from another thread or without a running loop, is flushed at once;
+    so are the lines before it."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._flush_scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            self.stream.write(text + self.terminator)
+            if record.levelno < logging.WARNING:
+                loop = asyncio._get_running_loop()  # None off the loop's thread: no exception
+                if loop is not None:
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        loop.call_soon(self._flush_later)
+                    return
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _flush_later(self) -> None:
+        self._flush_scheduled = False
+        self.acquire()
+        try:
+            self.flush()
+        finally:
+            self.release()
 
 
 def lighten_records() -> None:
@@ -100,12 +167,12 @@ def lighten_records() -> None:
 def configure_logging(level: str, json_lines: bool) -> None:
     """Log to stderr at *level*, as text or one JSON object per line; each line says which
     process wrote it (`ProcessFilter`)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopStreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(where)s]: %(message)s")
+            TextFormatter("%(asctime)s %(levelname)s %(name)s [%(where)s]: %(message)s")
         )
     handler.addFilter(ProcessFilter())
     handler.addFilter(RedactingFilter())
