@@ -539,23 +539,33 @@ async def test_history_asked_for_and_never_read_costs_the_hub_its_peer_buffer(
 async def test_catching_up_after_a_reconnect_reads_many_pages(sock_dir: str) -> None:
     """More missed events than one page of a whole read: every one, once, in order."""
     path = os.path.join(sock_dir, "hub.sock")
+    away = path + ".away"
     hub = BridgeHub(path, history_size=5000)
     await hub.start()
-    one = BridgeBroker(path, takeover=False, reconnect_delay=0.3)
+    one = BridgeBroker(path, takeover=False, reconnect_delay=0.05, max_reconnect_delay=0.2)
     two = BridgeBroker(path, takeover=False)
     try:
         await one.start()
         await two.start()
         _, got = await subscribe(one, ["ra", "rb"])
         (peer,) = [peer for peer in hub.peers if "ra" in peer.channels]
+        # With the socket file moved away, `one` cannot reconnect until it is back: it misses
+        # every event published meanwhile. (Waiting to see it unhealthy while it could
+        # reconnect raced its jittered reconnect, a window that can be shorter than one poll:
+        # the test then waited out its timeout.)
+        os.rename(path, away)
         hub.drop(peer, "test")
         await wait_until(lambda: not one.healthy, TIMEOUT)
         ids = [await two.publish(("ra", "rb")[n % 2], str(n)) for n in range(2500)]
+        assert not one.healthy and got.frames == []  # all 2500 missed: three pages to read
+        os.rename(away, path)
         await wait_until(lambda: one.healthy, TIMEOUT)
         await wait_until(lambda: len(got.frames) >= len(ids), TIMEOUT)
         assert [f.id for f in got.frames] == ids
         assert one.resets == 0 and one.connects == 2
     finally:
+        if os.path.exists(away):
+            os.rename(away, path)
         await one.close()
         await two.close()
         await hub.close()
