@@ -5,6 +5,7 @@ sockets, permissions, misbehaving peers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -67,6 +68,20 @@ def sock_dir() -> Iterator[str]:
     directory = tempfile.mkdtemp(prefix="sse-bridge-")  # mode 0700
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unreachable(path: str) -> Iterator[None]:
+    """The hub's socket file moved away for the block: a broker that lost its connection
+    cannot reconnect (it tries, and backs off) until the file is back, so it stays unhealthy
+    and misses what is published meanwhile. (Without this, a test waiting to see it
+    unhealthy raced its jittered reconnect, a window that can close between two polls.)"""
+    away = path + ".away"
+    os.rename(path, away)
+    try:
+        yield
+    finally:
+        os.rename(away, path)
 
 
 def start_hub_process(path: str, *args: str) -> subprocess.Popen[bytes]:
@@ -367,7 +382,7 @@ async def test_lost_connection_to_a_live_hub_replays_exactly(sock_dir: str) -> N
     path = os.path.join(sock_dir, "hub.sock")
     hub = BridgeHub(path)
     await hub.start()
-    one = BridgeBroker(path, takeover=False, reconnect_delay=0.3)
+    one = BridgeBroker(path, takeover=False, reconnect_delay=0.05, max_reconnect_delay=0.2)
     two = BridgeBroker(path, takeover=False)
     try:
         await one.start()
@@ -376,10 +391,12 @@ async def test_lost_connection_to_a_live_hub_replays_exactly(sock_dir: str) -> N
         await two.publish("r", "1")
         await wait_until(lambda: got.data == ["1"], TIMEOUT)
         (peer,) = [peer for peer in hub.peers if "r" in peer.channels]
-        hub.drop(peer, "test")
-        await wait_until(lambda: not one.healthy, TIMEOUT)
-        await two.publish("r", "2")
-        await two.publish("q", "3")
+        with unreachable(path):
+            hub.drop(peer, "test")
+            await wait_until(lambda: not one.healthy, TIMEOUT)
+            await two.publish("r", "2")
+            await two.publish("q", "3")
+            assert got.data == ["1"]  # both missed
         await wait_until(lambda: one.healthy, TIMEOUT)
         await two.publish("r", "4")
         await wait_until(lambda: len(got.frames) >= 4, TIMEOUT)
@@ -539,7 +556,6 @@ async def test_history_asked_for_and_never_read_costs_the_hub_its_peer_buffer(
 async def test_catching_up_after_a_reconnect_reads_many_pages(sock_dir: str) -> None:
     """More missed events than one page of a whole read: every one, once, in order."""
     path = os.path.join(sock_dir, "hub.sock")
-    away = path + ".away"
     hub = BridgeHub(path, history_size=5000)
     await hub.start()
     one = BridgeBroker(path, takeover=False, reconnect_delay=0.05, max_reconnect_delay=0.2)
@@ -549,23 +565,16 @@ async def test_catching_up_after_a_reconnect_reads_many_pages(sock_dir: str) -> 
         await two.start()
         _, got = await subscribe(one, ["ra", "rb"])
         (peer,) = [peer for peer in hub.peers if "ra" in peer.channels]
-        # With the socket file moved away, `one` cannot reconnect until it is back: it misses
-        # every event published meanwhile. (Waiting to see it unhealthy while it could
-        # reconnect raced its jittered reconnect, a window that can be shorter than one poll:
-        # the test then waited out its timeout.)
-        os.rename(path, away)
-        hub.drop(peer, "test")
-        await wait_until(lambda: not one.healthy, TIMEOUT)
-        ids = [await two.publish(("ra", "rb")[n % 2], str(n)) for n in range(2500)]
-        assert not one.healthy and got.frames == []  # all 2500 missed: three pages to read
-        os.rename(away, path)
+        with unreachable(path):
+            hub.drop(peer, "test")
+            await wait_until(lambda: not one.healthy, TIMEOUT)
+            ids = [await two.publish(("ra", "rb")[n % 2], str(n)) for n in range(2500)]
+            assert got.frames == []  # all 2500 missed: three pages to read
         await wait_until(lambda: one.healthy, TIMEOUT)
         await wait_until(lambda: len(got.frames) >= len(ids), TIMEOUT)
         assert [f.id for f in got.frames] == ids
         assert one.resets == 0 and one.connects == 2
     finally:
-        if os.path.exists(away):
-            os.rename(away, path)
         await one.close()
         await two.close()
         await hub.close()
@@ -578,17 +587,25 @@ async def test_catching_up_past_half_the_peer_buffer_is_a_reset(sock_dir: str) -
     path = os.path.join(sock_dir, "hub.sock")
     hub = BridgeHub(path, history_size=5000)
     await hub.start()
-    one = BridgeBroker(path, takeover=False, reconnect_delay=0.3, max_peer_buffer=64 << 10)
+    one = BridgeBroker(
+        path,
+        takeover=False,
+        reconnect_delay=0.05,
+        max_reconnect_delay=0.2,
+        max_peer_buffer=64 << 10,
+    )
     two = BridgeBroker(path, takeover=False)
     try:
         await one.start()
         await two.start()
         _, got = await subscribe(one, ["big"])
         (peer,) = [peer for peer in hub.peers if "big" in peer.channels]
-        hub.drop(peer, "test")
-        await wait_until(lambda: not one.healthy, TIMEOUT)
-        for _ in range(100):  # 100 kB missed
-            await two.publish("big", "x" * 1000)
+        with unreachable(path):
+            hub.drop(peer, "test")
+            await wait_until(lambda: not one.healthy, TIMEOUT)
+            for _ in range(100):  # 100 kB missed
+                await two.publish("big", "x" * 1000)
+            assert got.frames == []
         await wait_until(lambda: one.healthy, TIMEOUT)
         after = await two.publish("big", "after")
         await wait_until(lambda: got.frames and got.frames[-1].id == after, TIMEOUT)
