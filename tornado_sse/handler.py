@@ -58,6 +58,7 @@ __all__ = ["MAX_HISTORY", "EventStreamHandler", "default_broker", "parse_history
 log = logging.getLogger("tornado_sse")
 
 _HEARTBEAT = encode_comment("")
+_HEARTBEAT_CHUNK = b"%x\r\n%s\r\n" % (len(_HEARTBEAT), _HEARTBEAT)
 #: frames a replay reads from the broker at a time at most; a page holds about max_buffer bytes
 #: (its size follows the size of the frames read so far) and is written in pieces of at most
 #: max_buffer bytes
@@ -123,8 +124,11 @@ class _StreamParams:
     def __init__(self, handler: EventStreamHandler) -> None:
         interval = self.heartbeat_interval = handler.heartbeat_interval
         event = handler.heartbeat_event
-        self.heartbeat = _HEARTBEAT if event is None else encode_event(Event(data="", event=event))
-        self.heartbeat_chunk = b"%x\r\n%s\r\n" % (len(self.heartbeat), self.heartbeat)
+        if event is None:
+            self.heartbeat, self.heartbeat_chunk = _HEARTBEAT, _HEARTBEAT_CHUNK
+        else:
+            self.heartbeat = encode_event(Event(data="", event=event))
+            self.heartbeat_chunk = b"%x\r\n%s\r\n" % (len(self.heartbeat), self.heartbeat)
         self.max_buffer = handler.max_buffer_size
         self.max_lifetime = handler.max_lifetime
         stall = handler.stall_timeout
@@ -458,10 +462,10 @@ class EventStreamHandler(tornado.web.RequestHandler):
         replaced: a channel or id is taken as sent, or refused, never silently changed (issue 12:
         ``?channel=%20lead`` must not stream ``lead``). Invalid UTF-8 answers 400.
         """
-        return [
-            self.decode_argument(value, name=name)
-            for value in self.request.query_arguments.get(name, [])
-        ]
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return []
+        return [self.decode_argument(value, name=name) for value in values]
 
     @property
     def with_channel(self) -> bool:
@@ -996,6 +1000,20 @@ class EventStreamHandler(tornado.web.RequestHandler):
             # connection we just let go, and ours is not called for a closed stream.
             IOLoop.current().add_callback(self.on_connection_close)
             return
+        sock = self._raw_socket
+        if sock is not None:
+            # as _flush does: straight to the socket, the IOStream only for what does not fit
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                stream.close()  # reset already: the close callback ends the stream
+                return
+            if sent == len(data):
+                self._backlog = False
+                return
+            data = data[sent:]
         try:
             stream.write(data)
         except StreamClosedError:
