@@ -6,6 +6,7 @@ a real Tornado application, up, slow, down and wrong.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import socket
@@ -35,7 +36,9 @@ class AccessStream(EventStreamHandler):
         for channel in channels:
             validate_channel(channel)
         access: HubAccess = self.settings["access"]
-        await access.authorize_subscribe(self, channels)
+        grants = access.authorize_subscribe(self, channels)
+        if inspect.isawaitable(grants):  # the --auth-url backend is asked
+            await grants
         return channels
 
 

@@ -1000,11 +1000,11 @@ class EventStreamHandler(tornado.web.RequestHandler):
             # connection we just let go, and ours is not called for a closed stream.
             IOLoop.current().add_callback(self.on_connection_close)
             return
-        sock = self._raw_socket
-        if sock is not None:
+        raw = self._raw_socket
+        if raw is not None:
             # as _flush does: straight to the socket, the IOStream only for what does not fit
             try:
-                sent = sock.send(data)
+                sent = raw.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError:

@@ -31,7 +31,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import tornado.httputil
@@ -135,12 +135,15 @@ class HubAccess:
         presented = credentials.strip().encode("latin-1", "replace")
         return hmac.compare_digest(presented, self._master)
 
-    async def authorize_subscribe(
+    def authorize_subscribe(
         self, handler: EventStreamHandler, channels: Sequence[str]
-    ) -> Grants | None:
+    ) -> Grants | Awaitable[Grants] | None:
         """Allow the stream of *handler* to follow *channels*, or raise.
 
-        Returns the grants it was allowed by (``None``: public channels only).
+        Returns the grants it was allowed by (``None``: public channels only), or, when the
+        ``--auth-url`` backend must be asked, an awaitable of them (which raises instead). Only
+        that case suspends: a token or public channels are decided at once, with no coroutine
+        (issue 15, item 2).
 
         :raises AuthenticationError: 401: no credentials where they are needed, or a bad token.
         :raises AccessDeniedError: 403 naming the first channel not granted.
@@ -158,9 +161,7 @@ class HubAccess:
         if not private:
             return None
         if self.auth_url is not None:
-            grants = await self._ask_backend(request, list(channels))
-            self._check(grants, channels)
-            return grants
+            return self._authorize_by_backend(request, channels)
         if self.verifier is not None:
             raise AuthenticationError("a token is required", error=None)
         raise AuthenticationError(
@@ -231,6 +232,13 @@ class HubAccess:
                 raise AccessDeniedError(channel)
 
     # ------------------------------------------------------------------ --auth-url
+
+    async def _authorize_by_backend(
+        self, request: tornado.httputil.HTTPServerRequest, channels: Sequence[str]
+    ) -> Grants:
+        grants = await self._ask_backend(request, list(channels))
+        self._check(grants, channels)
+        return grants
 
     async def _ask_backend(
         self, request: tornado.httputil.HTTPServerRequest, channels: list[str]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Awaitable
 from typing import Any
 
 import tornado.web
@@ -164,16 +165,26 @@ class HubEventsHandler(EventStreamHandler):
         self._requested = self.query_values("channel")
         return self._requested
 
-    async def check_channel(self, channel: str) -> bool:  # type: ignore[override]
-        if not self._access_checked:
-            self._access_checked = True
-            hub: HubState = self.settings["tornado_sse_hub"]
-            patterns = self.presence_patterns
+    def check_channel(self, channel: str) -> bool | Awaitable[bool]:
+        if self._access_checked:
+            return True
+        self._access_checked = True
+        hub: HubState = self.settings["tornado_sse_hub"]
+        patterns = self.presence_patterns
+        asked = self._requested
+        if patterns:
             asked = []
             for requested in self._requested:
-                of = described(requested) if patterns else None
+                of = described(requested)
                 asked.append(of if of is not None and matches_any(patterns, of) else requested)
-            self._grants = await hub.access.authorize_subscribe(self, asked)
+        grants = hub.access.authorize_subscribe(self, asked)
+        if isinstance(grants, Awaitable):  # the --auth-url backend is asked
+            return self._granted(grants)
+        self._grants = grants
+        return True
+
+    async def _granted(self, grants: Awaitable[Grants]) -> bool:
+        self._grants = await grants
         return True
 
     def get_identity(self) -> str | None:
