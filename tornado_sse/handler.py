@@ -794,7 +794,13 @@ class EventStreamHandler(tornado.web.RequestHandler):
                 )
             )
         elif last_event_id is None:
-            first.append(encode_event(Event(data=None, id=subscription.position)))
+            position = subscription.position
+            # the id-only priming event, as encode_event writes it (a broker's ids are plain)
+            first.append(
+                b"id: %s\n\n" % position.encode()
+                if position
+                else encode_event(Event(data=None, id=position))
+            )
         else:
             metrics.resumes += 1
         self._start_stream(b"".join(first))

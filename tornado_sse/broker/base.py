@@ -596,7 +596,8 @@ class Broker(abc.ABC):
             raise InvalidChannelError("subscribe to at least one channel")
         if self.closed:
             raise BrokerClosedError("broker is closed")
-        await self.start()
+        if not self._started:
+            await self.start()
         sub = Subscription(self, names, subscriber)
         sub._max_pending = max_pending
         sub._on_overflow = on_overflow
