@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import tornado.web
+from tornado.http1connection import HTTP1ServerConnection
 
 from tests.helpers import RawStream, wait_until
 from tornado_sse import ConnectionSet, Event, EventStreamHandler, InProcessBroker, Metrics
@@ -502,6 +503,29 @@ async def test_vanished_client_is_pruned_and_released(
     assert broker.subscriber_counts() == {}
     gone.close()
     await wait_until(lambda: gc.collect() is not None and ref() is None, timeout=TIMEOUT)
+
+
+@pytest.mark.gen_test(timeout=TIMEOUT)
+async def test_an_idle_stream_keeps_nothing_of_tornados_request_loop(
+    port: int, connections: ConnectionSet
+) -> None:
+    """Once a stream has taken its connection over, Tornado's per-connection server object and
+    its finished request loop (a task and its coroutine) go: an idle stream is kept small, and
+    so is what every full collection walks (issue 8, issue 15 item 2)."""
+    streams = [await RawStream.open(port, f"/events?channel=idle{n}") for n in range(5)]
+    for stream in streams:
+        await stream.read_until(lambda s: s.parser.last_event_id != "")
+    await wait_until(lambda: len(connections) == 5)
+
+    def kept() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is HTTP1ServerConnection)
+
+    # the request loops end a loop iteration or two after the take-over
+    await wait_until(lambda: kept() == 0, timeout=5)
+    assert all(handler.request.connection is not None for handler in connections)
+    for stream in streams:
+        stream.close()
 
 
 @pytest.mark.parametrize("settings", [{"sse_max_lifetime": 0.1}], indirect=True)
