@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
-from tests.helpers import free_port
+from tests.helpers import TLS, free_port
 from tests.test_server import AUTH, TOKEN, Hub, start_hub
 from tornado_sse import auth
 from tornado_sse.client import TOKEN_EXPIRED, EventSource
@@ -46,7 +46,9 @@ def bearer(token: str) -> dict[str, str]:
 
 def events(hub: Hub, query: str, headers: dict[str, str] | None = None) -> httpx.Response:
     """The head of a stream request (the body of a refusal); the stream itself is not read."""
-    with httpx.stream("GET", f"{hub.url}/events?{query}", headers=headers, timeout=10) as reply:
+    with httpx.stream(
+        "GET", f"{hub.url}/events?{query}", headers=headers, timeout=10, verify=TLS
+    ) as reply:
         if reply.status_code != 200:
             reply.read()
         return reply

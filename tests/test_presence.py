@@ -21,7 +21,7 @@ import tornado.web
 from tornado.ioloop import IOLoop
 
 from tests.broker_contract import Collector
-from tests.helpers import RawStream, wait_until
+from tests.helpers import TLS, RawStream, wait_until
 from tests.redis_server import redis_prefix, redis_server, redis_url  # noqa: F401
 from tests.test_auth_hub import backend_url  # noqa: F401
 from tests.test_bridge_worker import Worker
@@ -692,7 +692,9 @@ async def test_the_hubs_presence_grace_is_its_flag(tmp_path: Path) -> None:
         return stream
 
     def users() -> dict[str, int]:
-        reply = httpx.get(hub.url + "/presence", params={"channel": "room/1"}, headers=AUTH)
+        reply = httpx.get(
+            hub.url + "/presence", params={"channel": "room/1"}, headers=AUTH, verify=TLS
+        )
         assert reply.status_code == 200, reply.text
         return dict(reply.json().get("users", {}))
 
@@ -725,16 +727,18 @@ async def test_the_hubs_presence_counts_every_worker(tmp_path: Path) -> None:
         assert all(stream.status == 200 for stream in streams)
         for stream in streams:
             await stream.read_until(lambda s: s.parser.last_event_id != "")
-        reply = httpx.get(hub.url + "/presence?channel=lobby", headers=AUTH, timeout=10)
+        reply = httpx.get(hub.url + "/presence?channel=lobby", headers=AUTH, timeout=10, verify=TLS)
         assert reply.status_code == 200, reply.text
         assert reply.json() == {"channel": "lobby", "subscribers": 6}
-        reply = httpx.get(hub.url + "/presence?channel=lobby", timeout=10)
+        reply = httpx.get(hub.url + "/presence?channel=lobby", timeout=10, verify=TLS)
         assert reply.status_code == 401
         for stream in streams:
             stream.close()
 
         def gone() -> bool:
-            reply = httpx.get(hub.url + "/presence?channel=lobby", headers=AUTH, timeout=10)
+            reply = httpx.get(
+                hub.url + "/presence?channel=lobby", headers=AUTH, timeout=10, verify=TLS
+            )
             return bool(reply.json()["subscribers"] == 0)
 
         await wait_until(gone, TIMEOUT)
@@ -768,7 +772,9 @@ async def test_the_hubs_streams_have_the_identity_of_their_credential(
         return stream
 
     def presence(channel: str) -> Any:
-        reply = httpx.get(hub.url + "/presence", params={"channel": channel}, headers=AUTH)
+        reply = httpx.get(
+            hub.url + "/presence", params={"channel": channel}, headers=AUTH, verify=TLS
+        )
         assert reply.status_code == 200, reply.text
         return reply.json()
 

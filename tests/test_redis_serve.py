@@ -24,6 +24,7 @@ import pytest
 from tests.helpers import (
     PORT_ATTEMPTS,
     PORT_TAKEN,
+    TLS,
     RawStream,
     free_port,
     listens_on,
@@ -65,7 +66,7 @@ class Hub:
 
     def health(self) -> int:
         try:
-            return httpx.get(self.url + "/healthz", timeout=2).status_code
+            return httpx.get(self.url + "/healthz", timeout=2, verify=TLS).status_code
         except httpx.TransportError:
             return 0
 
@@ -80,7 +81,7 @@ class Hub:
 
     def post(self, channel: str, data: Any) -> httpx.Response:
         body = json.dumps({"channel": channel, "data": data})
-        return httpx.post(self.url + "/publish", content=body, headers=AUTH, timeout=10)
+        return httpx.post(self.url + "/publish", content=body, headers=AUTH, timeout=10, verify=TLS)
 
     def publish(self, channel: str, data: Any) -> str:
         reply = self.post(channel, data)
@@ -127,7 +128,7 @@ async def test_each_hub_delivers_the_others_publishes(
         events = await stream.events_count(2)
         assert [(e.id, e.data) for e in events] == [(from_a, "from a"), (from_b, "from b")]
         stream.close()
-    metrics = httpx.get(a.url + "/metrics", timeout=5).text
+    metrics = httpx.get(a.url + "/metrics", timeout=5, verify=TLS).text
     assert "tornado_sse_redis_up 1.0" in metrics
     assert "tornado_sse_redis_outages_total" in metrics
 

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import RawStream, free_port, wait_until
+from tests.helpers import TLS, RawStream, free_port, wait_until
 from tests.test_server import TOKEN, Hub
 
 #: the hub's open-file limit in the exhaustion test, and how many clients go past it
@@ -52,7 +52,7 @@ def start_limited_hub(log_path: Path, *flags: str, nofile: int | None = None) ->
         if proc.poll() is not None:
             raise AssertionError(f"hub exited with {proc.returncode}:\n{hub.log()}")
         try:
-            if httpx.get(hub.url + "/healthz", timeout=1).status_code == 200:
+            if httpx.get(hub.url + "/healthz", timeout=1, verify=TLS).status_code == 200:
                 return hub
         except httpx.TransportError:
             pass

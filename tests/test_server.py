@@ -30,6 +30,7 @@ from tests.conftest import require
 from tests.helpers import (
     PORT_ATTEMPTS,
     PORT_TAKEN,
+    TLS,
     RawStream,
     free_port,
     listens_on,
@@ -57,7 +58,7 @@ class Hub:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)
+        return httpx.get(self.url + path, timeout=10, verify=TLS, **kwargs)
 
     def post(self, body: Any, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -66,6 +67,7 @@ class Hub:
             content=content,
             headers=AUTH if headers is None else headers,
             timeout=10,
+            verify=TLS,
             **kw,
         )
 
@@ -158,7 +160,10 @@ def start_hub(
         if proc.poll() is not None:
             raise AssertionError(f"hub exited with {proc.returncode}:\n{hub.log()}")
         try:
-            if httpx.get(hub.url + "/healthz", timeout=1).status_code == 200 or not healthy:
+            if (
+                httpx.get(hub.url + "/healthz", timeout=1, verify=TLS).status_code == 200
+                or not healthy
+            ):
                 return hub
         except httpx.TransportError:
             pass
@@ -567,7 +572,7 @@ async def test_body_far_over_the_limit_is_answered_without_reading_it(hub: Hub) 
 def test_other_methods_and_paths(hub: Hub) -> None:
     assert hub.get("/publish").status_code == 405
     assert "error" in hub.get("/publish").json()
-    assert httpx.post(hub.url + "/events?channel=a", timeout=10).status_code == 405
+    assert httpx.post(hub.url + "/events?channel=a", timeout=10, verify=TLS).status_code == 405
     missing = hub.get("/nowhere")
     assert missing.status_code == 404
     assert "/publish" in missing.json()["error"]
@@ -913,7 +918,7 @@ async def test_signal_closes_streams_and_exits_zero(tmp_path: Path, signum: int)
         assert "shutting down" in log and "hub stopped" in log
         assert "did not close in time" not in log
         with pytest.raises(httpx.TransportError):
-            httpx.get(hub.url + "/healthz", timeout=2)
+            httpx.get(hub.url + "/healthz", timeout=2, verify=TLS)
         idle.close()
     finally:
         hub.stop()

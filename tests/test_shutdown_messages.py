@@ -22,7 +22,7 @@ import pytest
 import tornado.web
 from tornado.httpserver import HTTPServer
 
-from tests.helpers import free_port
+from tests.helpers import TLS, free_port
 
 BRIDGE_DOC = Path(__file__).resolve().parent.parent / "docs" / "bridge.md"
 
@@ -57,7 +57,9 @@ def run_and_stop(script: Path, port: int, stderr_path: Path) -> str | None:
             assert proc.poll() is None, stderr_path.read_text()
             assert time.monotonic() < deadline, "the example did not come up"
             try:
-                reply = httpx.post(f"http://127.0.0.1:{port}/publish", data={"text": "hi"})
+                reply = httpx.post(
+                    f"http://127.0.0.1:{port}/publish", data={"text": "hi"}, verify=TLS
+                )
                 if reply.status_code == 200:
                     break
             except httpx.TransportError:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import tornado.web
 
-from tests.helpers import RawStream, wait_until
+from tests.helpers import TLS, RawStream, wait_until
 from tests.test_server import Hub, start_hub
 from tornado_sse import EventSource, EventStreamHandler, InProcessBroker, InvalidArgumentError
 from tornado_sse.handler import MAX_HISTORY, parse_history
@@ -190,6 +190,6 @@ async def test_hub_history_on_one_process_and_over_the_bridge(
             assert [event.id for event in stream.events] == expected
             assert all(event.event is None for event in stream.events)
             stream.close()
-        reply = httpx.get(hub.url + "/events?channel=hh&history=x", timeout=10)
+        reply = httpx.get(hub.url + "/events?channel=hh&history=x", timeout=10, verify=TLS)
         assert reply.status_code == 400
         assert "history must be a whole number" in reply.text

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import RawStream, free_port
+from tests.helpers import TLS, RawStream, free_port
 from tornado_sse.jupyter import schema_channel
 
 CONTENTS_SCHEMA = "https://events.jupyter.org/jupyter_server/contents_service/v1"
@@ -79,7 +79,7 @@ class Jupyter:
             if self.proc.poll() is not None:
                 return False
             try:
-                reply = httpx.get(self.url("api/status"), headers=AUTH, timeout=2)
+                reply = httpx.get(self.url("api/status"), headers=AUTH, timeout=2, verify=TLS)
                 if reply.status_code == 200:
                     return True
             except httpx.TransportError:
