@@ -953,6 +953,7 @@ class EventStreamHandler(tornado.web.RequestHandler):
         # coroutine: kept alive by nothing but this reference once the loop ends, and never
         # needed again (routing read it): a seventh of an idle stream's objects.
         request.server_connection = None
+        request.connection = None  # a detached HTTP1Connection: the stream owns the connection
         self._stream = stream
         self._detached = True
         self._auto_finish = False
