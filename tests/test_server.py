@@ -136,6 +136,10 @@ def start_hub(
     """
     if open_access and not any(flag.startswith(ACCESS_FLAGS) for flag in flags):
         flags = ("--public-channel", "*", "--metrics-public", *flags)
+    if "--log-flood-limit" not in flags:
+        # tests read these hubs' logs for their own streams' lines, and a module's tests may
+        # open more streams in a second than the default limit lets be logged
+        flags = ("--log-flood-limit", "0", *flags)
     if block_module is None:
         command = [sys.executable, "-m", "tornado_sse.cli"]
     else:

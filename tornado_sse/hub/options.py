@@ -71,6 +71,8 @@ class HubOptions:
     :param stream_rate: new streams per client address, ``"RATE[/BURST]"`` (`.hub.limits`);
         ``None``: no limit.
     :param publish_rate: publishes per credential, ``"RATE[/BURST]"``; ``None``: no limit.
+    :param log_flood_limit: lines a second of each kind logged at most below warnings
+        (``--log-flood-limit``, `.hub.logs.FloodFilter`); ``None``: every line.
     :param presence: channel patterns with join/leave events on ``presence:<channel>``
         (``--presence``; the setting ``sse_presence``).
     :param presence_grace: seconds a ``leave`` waits for the user to come back
@@ -110,6 +112,7 @@ class HubOptions:
     max_idle_connections: int | None = 1000
     log_level: str = "info"
     log_json: bool = False
+    log_flood_limit: int | None = 100
     presence: tuple[str, ...] = ()
     presence_grace: float = 3.0
     public_channels: tuple[str, ...] = ()
@@ -424,6 +427,15 @@ def _finite_seconds(ctx: click.Context, param: click.Parameter, value: float) ->
 )
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.option(
+    "--log-flood-limit",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    metavar="LINES",
+    help="Lines a second of each kind written at most below warnings (stream open, stream "
+    "closed, access); the rest are counted in one line a second. 0: every line.",
+)
+@click.option(
     "--public-channel",
     "public_channels",
     multiple=True,
@@ -495,6 +507,7 @@ def serve_command(
     xheaders: bool,
     log_level: str,
     log_json: bool,
+    log_flood_limit: int,
     public_channels: tuple[str, ...],
     jwt_secret: str | None,
     jwt_public_key: Path | None,
@@ -576,6 +589,7 @@ def serve_command(
         max_idle_connections=max_idle_connections or None,
         log_level=log_level.lower(),
         log_json=log_json,
+        log_flood_limit=log_flood_limit or None,
         public_channels=tuple(dict.fromkeys(public_channels)),
         jwt_secret=jwt_secret or None,
         jwt_public_key=jwt_public_key.read_bytes() if jwt_public_key is not None else None,

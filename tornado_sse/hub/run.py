@@ -219,7 +219,7 @@ def serve(options: HubOptions) -> None:
     """Run the hub in this process until SIGTERM or SIGINT (what ``tornado-sse serve`` does)."""
     _check_backends(options)
     sockets = bind(options)
-    configure_logging(options.log_level, options.log_json)
+    configure_logging(options.log_level, options.log_json, options.log_flood_limit)
     lighten_records()
     if len(options.token) < 16:
         log.warning("the publish token is short: use a long random secret")
