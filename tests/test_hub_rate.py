@@ -46,7 +46,8 @@ async def _admitted(hub: Hub, source: str) -> bool:
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_a_client_opening_streams_in_a_loop_is_slowed_to_the_rate(tmp_path: Path) -> None:
-    hub = start_hub(tmp_path / "hub.log", "--stream-rate", "4/5", "--retry", "500")
+    # --drain 0: stopped with its streams open, it waited out the default 2 s window
+    hub = start_hub(tmp_path / "hub.log", "--stream-rate", "4/5", "--retry", "500", "--drain", "0")
     try:
         started = time.monotonic()
         results = [await _admitted(hub, "127.0.0.2") for _ in range(40)]
@@ -86,7 +87,7 @@ async def test_a_shed_stream_is_told_to_wait_for_its_token(tmp_path: Path) -> No
 
 @pytest.mark.gen_test(timeout=TIMEOUT)
 async def test_stream_rate_off(tmp_path: Path) -> None:
-    hub = start_hub(tmp_path / "hub.log", "--stream-rate", "0")
+    hub = start_hub(tmp_path / "hub.log", "--stream-rate", "0", "--drain", "0")
     try:
         assert all([await _admitted(hub, "127.0.0.5") for _ in range(30)])
         assert "stream_rate=unlimited" in hub.log()

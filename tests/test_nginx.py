@@ -220,7 +220,9 @@ def proxied(tmp_path: Path) -> Iterator[tuple[Hub, Nginx]]:
     require(shutil.which("openssl") is not None, "openssl is missing (apt-get install openssl)")
     require(os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)")
     require(_playwright_available(), "the playwright package is missing (pip install playwright)")
-    hub = start_hub(tmp_path / "hub.log", "--heartbeat", "0.2", "--retry", "200", "--xheaders")
+    # --drain 0: stopped with nginx's streams open, it waited out the default 2 s window
+    flags = ("--heartbeat", "0.2", "--retry", "200", "--xheaders", "--drain", "0")
+    hub = start_hub(tmp_path / "hub.log", *flags)
     nginx = None
     try:
         nginx = Nginx(tmp_path, hub.port)

@@ -681,6 +681,7 @@ async def test_the_hubs_presence_grace_is_its_flag(tmp_path: Path) -> None:
     hub = start_hub(
         tmp_path / "hub.log",
         *("--jwt-secret", SECRET, "--presence", "room/*", "--presence-grace", "0"),
+        *("--drain", "0"),  # stopped with its streams open: no 2 s window to wait out
         open_access=False,
     )
 
@@ -759,6 +760,9 @@ async def test_the_hubs_streams_have_the_identity_of_their_credential(
         tmp_path / "hub.log",
         *("--jwt-secret", SECRET, "--auth-url", backend_url),
         *("--presence", "room/*", "--presence", "user/*"),
+        # stopped with its streams open: no 2 s window to wait out; a leave comes 0.5 s after
+        # the last tab closed instead of the default 3 s (the flag has its own test)
+        *("--drain", "0", "--presence-grace", "0.5"),
         open_access=False,
     )
 

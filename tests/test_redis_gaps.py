@@ -50,7 +50,8 @@ async def test_serve_redis_durable_keeps_streams_across_a_restart(
     # By default the restart is taken as a possible loss: one stream-reset each.
     with RedisServer(tmp_path, persist=True) as server:
         flags = ["--redis-durable"] if durable else []
-        hub = Hub(tmp_path / "hub.log", server.url, *flags)
+        # --drain 0: stopped with its streams open, it waited out the default 2 s window
+        hub = Hub(tmp_path / "hub.log", server.url, *flags, "--drain", "0")
         try:
             hub.wait_healthy()
             e1 = hub.publish("c", "e1")

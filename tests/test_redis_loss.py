@@ -314,7 +314,8 @@ async def test_older_snapshot_through_two_real_hubs(tmp_path: Path) -> None:
     # The reproduction, black-box: `tornado-sse serve --redis` twice, e2 and e3 published
     # (202) on hub a, Redis restored from the snapshot before them, e4 published on hub b first.
     with Loss("older-snapshot", tmp_path) as redis:
-        a, b = (Hub(tmp_path / f"hub-{name}.log", redis.url) for name in "ab")
+        # --drain 0: stopped with streams open, each waited out the default 2 s window
+        a, b = (Hub(tmp_path / f"hub-{name}.log", redis.url, "--drain", "0") for name in "ab")
         try:
             a.wait_healthy()
             b.wait_healthy()

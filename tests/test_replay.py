@@ -348,6 +348,7 @@ async def test_hub_limits_streams_per_address_and_channels_per_stream_by_default
 @pytest.mark.gen_test(timeout=60)
 async def test_hub_limit_flags_and_xheaders(tmp_path: Path) -> None:
     flags = ["--max-connections-per-address", "1", "--max-channels-per-stream", "2"]
+    flags += ["--drain", "0"]  # stopped with its streams open: no 2 s window to wait out
     hub = start_hub(tmp_path / "hub.log", *flags, "--xheaders")
     try:
         first = await hub.stream("channel=a", headers={"X-Real-IP": "192.0.2.1"})
@@ -373,6 +374,8 @@ async def test_hub_limit_flags_and_xheaders(tmp_path: Path) -> None:
         "--max-channels-per-stream",
         "0",
         "--stream-rate",
+        "0",
+        "--drain",
         "0",
     )
     try:
