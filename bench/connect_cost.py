@@ -16,6 +16,18 @@ to the empty handler (the peers of one round ran within seconds of each other, s
 the machine's load). The load average is read at the start and the end.
 
 Printed as a Markdown table; ``--out`` writes every round as JSON.
+
+``--instructions`` measures the same thing without the noise: each peer runs once under
+valgrind's callgrind (Debian's ``valgrind`` package), which counts the instructions the server
+executes in user space from the first connect until it counts every stream; the figure is
+instructions per stream and the ratio to the first peer. It is the same on a busy machine as
+on a quiet one, so a change of a few percent shows, which the CPU figures above cannot tell
+from noise. It leaves out the kernel's share (system calls) and what cache misses cost, and it
+is run with the cyclic GC off by default (the ``*_nogc`` peers: the collector's share is in
+the CPU run), with fewer streams and fewer connects in flight (callgrind runs the server
+about fifty times slower)::
+
+    python -m tornado_sse.bench.connect_cost --instructions --streams 1000
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,6 +143,102 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: the peers of ``--instructions`` by default: each one's own work, the collector off
+INSTRUCTION_PEERS = ("tornado_empty_nogc", "tornado_sse_nogc", "tornado_sse_hub_nogc")
+
+
+async def instructions(
+    name: str, plan: Plan, workers: Workers, work: Path, server_core: Any, client_core: Any
+) -> dict[str, Any]:
+    """Start *name* under callgrind, warm it up, connect ``plan.idle_streams`` streams; the
+    instructions it executed meanwhile."""
+    peer = PEERS[name]
+    runner = PeerRun(peer, plan, work, Progress(), server_core, client_core)
+    out = work / f"{name}.callgrind"
+    wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+    runner.server = Server(peer, plan, server_core, work, wrap=wrap)
+    runner.workers = workers
+    runner.clients = list(range(plan.workers))
+    runner.publisher = None
+    await runner.server.start()
+    try:
+        await runner.warm_up()
+        pid = str(runner.server.pid)
+        await _callgrind_control("-z", pid)  # count from here
+        connect = await runner.connect(plan.idle_streams, concurrency=20)
+        await runner.server.wait_streams(connect["connected"], 600, at_least=True)
+        await _callgrind_control("-d", pid)  # dumps part 1: from the zero to here
+        dump = Path(f"{out}.{pid}.1")
+        total = next(
+            int(line.split()[1])
+            for line in dump.read_text().splitlines()
+            if line.startswith("summary:")
+        )
+        await runner._close_all()
+        return {
+            "peer": name,
+            "streams": connect["connected"],
+            "instructions": total,
+            "per_stream": total / connect["connected"],
+        }
+    finally:
+        await runner.server.stop()
+
+
+async def _callgrind_control(option: str, pid: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control", option, pid, stdout=asyncio.subprocess.DEVNULL
+    )
+    if await proc.wait() != 0:
+        raise RuntimeError(f"callgrind_control {option} {pid} failed")
+
+
+async def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    names = [name.strip() for name in args.peers.split(",") if name.strip()]
+    plan = Plan(idle_streams=args.streams, heartbeat=15.0)
+    server_core, client_core = cores()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        workers = Workers(plan.workers, client_core, work)
+        await workers.start()
+        try:
+            for name in names:
+                results.append(
+                    await instructions(name, plan, workers, work, server_core, client_core)
+                )
+                print(
+                    f"{name}: {results[-1]['per_stream']:,.0f} instructions a stream",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            await workers.stop()
+    return {
+        "streams": args.streams,
+        "results": results,
+        "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def instruction_table(result: dict[str, Any]) -> str:
+    reference = result["results"][0]["per_stream"]
+    lines = [
+        f"{result['streams']:,} streams connected under callgrind (user-space instructions)",
+        "",
+        "| server | instructions a stream | ratio |",
+        "|---|---|---|",
+    ]
+    for row in result["results"]:
+        lines.append(
+            f"| {PEERS[row['peer']].label} | {row['per_stream'] / 1000:,.0f} k "
+            f"| {row['per_stream'] / reference:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['streams']:,} streams, {len(result['rounds'])} rounds, load average "
@@ -157,9 +266,22 @@ def main(argv: list[str] | None = None) -> None:
         "--peers", default=",".join(DEFAULT_PEERS), help="comma-separated; the first is 1.0x"
     )
     parser.add_argument("--out", help="write every round as JSON here")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions under callgrind instead (default peers: "
+        + ",".join(INSTRUCTION_PEERS)
+        + "; use --streams 1000)",
+    )
     args = parser.parse_args(argv)
-    result = asyncio.run(main_async(args))
-    print(table(result))
+    if args.instructions:
+        if args.peers == ",".join(DEFAULT_PEERS):
+            args.peers = ",".join(INSTRUCTION_PEERS)
+        result = asyncio.run(count_instructions(args))
+        print(instruction_table(result))
+    else:
+        result = asyncio.run(main_async(args))
+        print(table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -208,6 +208,23 @@ PEERS: dict[str, Peer] = {
             scenarios=("idle",),
         ),
         Peer(
+            "tornado_sse_nogc",
+            "tornado_sse, cyclic GC off",
+            "tornado_sse_peer",
+            options=("gc=off",),
+            why="its own work per stream, without the collector (instruction counts)",
+            scenarios=("idle",),
+        ),
+        Peer(
+            "tornado_sse_hub_nogc",
+            "tornado-sse serve, cyclic GC off",
+            "hub_peer",
+            options=("gc=off",),
+            stream_path="/events?channel=bench",
+            why="the hub's own work per stream, without the collector (instruction counts)",
+            scenarios=("idle",),
+        ),
+        Peer(
             "tornado_sse_hub_quiet",
             "tornado-sse serve --log-level warning (no log line per stream)",
             "hub_peer",
@@ -347,11 +364,21 @@ def _pinned(core: set[int] | None) -> Callable[[], None] | None:
 class Server:
     """A peer's server process, its control connection and its /proc readings."""
 
-    def __init__(self, peer: Peer, plan: Plan, core: set[int] | None, workdir: Path) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        plan: Plan,
+        core: set[int] | None,
+        workdir: Path,
+        wrap: Sequence[str] = (),
+    ) -> None:
         self.peer = peer
         self.plan = plan
         self.core = core
         self.workdir = workdir
+        #: a command the server runs under (``valgrind --tool=callgrind ...``): then it may
+        #: take minutes to start
+        self.wrap = list(wrap)
         self.port = free_port()
         self.control_port = free_port()
         self.proc: asyncio.subprocess.Process | None = None
@@ -404,6 +431,7 @@ class Server:
                 url = await self._start_redis()
                 argv += ["--option", "broker=redis", "--option", f"redis={url}"]
         self.proc = await asyncio.create_subprocess_exec(
+            *self.wrap,
             *argv,
             env={**os.environ, **self.peer.env} if self.peer.env else None,
             stdin=asyncio.subprocess.DEVNULL,
@@ -412,7 +440,7 @@ class Server:
             preexec_fn=_pinned(self.core),
         )
         log.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + (600 if self.wrap else 30)
         while True:
             if self.proc.returncode is not None:
                 raise RuntimeError(f"{self.peer.name} exited: {self.log.read_text()[-2000:]}")
@@ -656,8 +684,9 @@ class PeerRun:
 
     # ------------------------------------------------------------------ building blocks
 
-    async def connect(self, total: int) -> dict[str, Any]:
-        """Open *total* more streams across the workers; how long it took, and failures."""
+    async def connect(self, total: int, concurrency: int = 1000) -> dict[str, Any]:
+        """Open *total* more streams across the workers (each with at most *concurrency*
+        connects in flight); how long it took, and failures."""
         shares = split(total, len(self.clients))
         replies = await self.workers.each(
             lambda i: (
@@ -668,7 +697,7 @@ class PeerRun:
                     "port": self.server.port,
                     "path": self.peer.path,
                     "src": self.workers.source(i),
-                    "concurrency": 1000,
+                    "concurrency": concurrency,
                 }
                 if shares[i]
                 else None

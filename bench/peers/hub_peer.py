@@ -11,13 +11,15 @@ once: no ``--max-idle-connections`` (default 1,000), which would close the conne
 request head has not been read yet, past the thousandth, and the storm would be measured
 with retries. The driver publishes through the
 hub's broker in the server's own event loop, as the other peers do. ``--option log=warning``
-runs it with ``--log-level warning`` (no line per stream), to show what the logs cost.
+runs it with ``--log-level warning`` (no line per stream), to show what the logs cost;
+``--option gc=off`` without the cyclic garbage collector (for instruction counts).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 
 import tornado.netutil
 
@@ -67,6 +69,8 @@ async def main(args: argparse.Namespace) -> None:
     driver = Driver(publish, lambda: len(connections))
     control = await driver.serve(args.host, args.control_port)
     gcpolicy.settle()
+    if options(args).get("gc") == "off":  # its own work alone (connect_cost --instructions)
+        gc.disable()
     async with control:
         await asyncio.Event().wait()
 
