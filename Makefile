@@ -23,12 +23,14 @@ demo: $(VENV)/.installed
 	$(BIN)/tornado-sse demo --port $(PORT)
 
 # Debian packages the tests drive for real: redis-server, Chromium, nginx (HTTP/2 and TLS in front
-# of the hub: tests/test_nginx.py; bench runs Nchan in it when libnginx-mod-nchan is there).
+# of the hub: tests/test_nginx.py; bench runs Nchan in it when libnginx-mod-nchan is there),
+# valgrind (connect_cost --instructions counts instructions under its callgrind).
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v valgrind >/dev/null || missing="$$missing valgrind"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

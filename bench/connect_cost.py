@@ -50,16 +50,30 @@ from .harness import PEERS, PeerRun, Plan, Progress, Server, Workers, cores
 DEFAULT_PEERS = ("tornado_empty", "tornado_sse", "tornado_sse_hubgc", "tornado_sse_hub")
 
 
+def _runner(
+    name: str,
+    plan: Plan,
+    workers: Workers,
+    work: Path,
+    server_core: Any,
+    client_core: Any,
+    wrap: list[str] | None = None,
+) -> PeerRun:
+    """A run of peer *name* (its server not started yet) with the shared load generator."""
+    peer = PEERS[name]
+    runner = PeerRun(peer, plan, work, Progress(), server_core, client_core)
+    runner.server = Server(peer, plan, server_core, work, wrap=wrap or ())
+    runner.workers = workers
+    runner.clients = list(range(plan.workers))
+    runner.publisher = None
+    return runner
+
+
 async def one(
     name: str, plan: Plan, workers: Workers, work: Path, server_core: Any, client_core: Any
 ) -> dict[str, Any]:
     """Start *name*, warm it up, connect ``plan.idle_streams`` streams; its connect CPU."""
-    peer = PEERS[name]
-    runner = PeerRun(peer, plan, work, Progress(), server_core, client_core)
-    runner.server = Server(peer, plan, server_core, work)
-    runner.workers = workers
-    runner.clients = list(range(plan.workers))
-    runner.publisher = None
+    runner = _runner(name, plan, workers, work, server_core, client_core)
     await runner.server.start()
     try:
         await runner.warm_up()
@@ -152,14 +166,9 @@ async def instructions(
 ) -> dict[str, Any]:
     """Start *name* under callgrind, warm it up, connect ``plan.idle_streams`` streams; the
     instructions it executed meanwhile."""
-    peer = PEERS[name]
-    runner = PeerRun(peer, plan, work, Progress(), server_core, client_core)
     out = work / f"{name}.callgrind"
     wrap = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
-    runner.server = Server(peer, plan, server_core, work, wrap=wrap)
-    runner.workers = workers
-    runner.clients = list(range(plan.workers))
-    runner.publisher = None
+    runner = _runner(name, plan, workers, work, server_core, client_core, wrap)
     await runner.server.start()
     try:
         await runner.warm_up()

@@ -223,6 +223,31 @@ def test_connect_cost_compares_the_hub_with_the_empty_handler(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(120)
+def test_connect_cost_counts_instructions_under_callgrind(tmp_path: Path) -> None:
+    """``connect_cost --instructions``: the server runs under valgrind's callgrind, and the
+    instructions from the first connect to the last stream counted are read from its dump."""
+    import subprocess
+
+    out = tmp_path / "instructions.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "tornado_sse.bench.connect_cost", "--instructions"),
+            *("--streams", "10", "--peers", "tornado_sse_hub_nogc", "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["peer"] == "tornado_sse_hub_nogc" and row["streams"] == 10
+    # a connect runs hundreds of thousands of instructions (about a million in this hub)
+    assert 100_000 < row["per_stream"] < 10_000_000, row
+    assert "| tornado-sse serve, cyclic GC off |" in done.stdout
+
+
+@pytest.mark.timeout(120)
 def test_serve_cost_sums_every_process_of_the_group(tmp_path: Path) -> None:
     """bench/serve_cost.py (issue 15, item 5): the real serve, one process and two; every
     event reaches every subscriber once and in order in both."""
