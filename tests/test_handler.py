@@ -102,8 +102,11 @@ class Headed(EventStreamHandler):
     def prepare(self) -> None:
         self.set_header("X-Flavour", "vanilla")
         self.set_cookie("seen", "yes")
-        if self.get_query_argument("bad", None):
+        bad = self.get_query_argument("bad", None)
+        if bad == "crlf":
             self._headers["X-Injected"] = "a\r\nSet-Cookie: stolen=1"
+        elif bad == "wide":
+            self._headers["X-Wide"] = "snow \u2603"
 
 
 class FastHeartbeat(EventStreamHandler):
@@ -783,16 +786,21 @@ async def test_a_line_break_in_a_header_value_ends_the_stream_before_any_byte(
     port: int, app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A value with CR or LF put in the headers behind set_header's back is never sent (it
-    would inject a header): the connection closes without a byte, the value is not logged."""
+    would inject a header), nor one that is not Latin-1: the connection closes without a byte,
+    the value is not logged."""
     metrics = app.settings["sse_metrics"]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /headed?channel=b&bad=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
-    writer.close()
-    await wait_until(lambda: metrics.connections_open == 0)
+    for bad in ("crlf", "wide"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /headed?channel=b&bad={bad} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+        writer.close()
+        await wait_until(lambda: metrics.connections_open == 0)
     refused = [r.getMessage() for r in caplog.records if "stream refused" in r.getMessage()]
-    assert refused == ["stream refused: CR or LF in response header X-Injected"]
-    assert "stolen" not in caplog.text
+    assert refused == [
+        "stream refused: CR or LF in response header X-Injected",
+        "stream refused: a character beyond Latin-1 in response header X-Wide",
+    ]
+    assert "stolen" not in caplog.text and "snow" not in caplog.text
     # and the next stream is served
     lines, _, writer = await _head(port, b"GET /headed?channel=b HTTP/1.1\r\nHost: x\r\n\r\n")
     assert lines[0] == "HTTP/1.1 200 OK"

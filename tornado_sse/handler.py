@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import re
 import socket
 import threading
 import time
@@ -58,6 +59,8 @@ __all__ = ["MAX_HISTORY", "EventStreamHandler", "default_broker", "parse_history
 log = logging.getLogger("tornado_sse")
 
 _HEARTBEAT = encode_comment("")
+#: a header value the stream writes as is (what Tornado's set_header accepts)
+_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")
 _HEARTBEAT_CHUNK = b"%x\r\n%s\r\n" % (len(_HEARTBEAT), _HEARTBEAT)
 #: frames a replay reads from the broker at a time at most; a page holds about max_buffer bytes
 #: (its size follows the size of the frames read so far) and is written in pieces of at most
@@ -977,16 +980,20 @@ class EventStreamHandler(tornado.web.RequestHandler):
         lines = [f"HTTP/1.1 {self._status_code} {self._reason}"]
         lines.extend([f"{name}: {value}" for name, value in headers.get_all()])
         head = "\r\n".join(lines)
-        if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
-            # set_header refuses these; a subclass writing to _headers directly does not. The
+        try:
+            if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
+                raise ValueError("CR or LF")
+            data = head.encode("latin1") + b"\r\n\r\n"
+        except ValueError as exc:  # UnicodeEncodeError too
+            # set_header refuses both; a subclass writing to _headers directly does not. The
             # values are not logged: one may be a cookie.
-            bad = [name for name, value in headers.get_all() if "\r" in value or "\n" in value]
-            log.error("stream refused: CR or LF in response header %s", ", ".join(bad))
+            bad = [name for name, value in headers.get_all() if not _HEADER_VALUE.fullmatch(value)]
+            reason = "CR or LF" if str(exc) == "CR or LF" else "a character beyond Latin-1"
+            log.error("stream refused: %s in response header %s", reason, ", ".join(bad))
             stream.close()
             self._finalize("invalid-header")
             self._resolve_done()
             return
-        data = head.encode("latin1") + b"\r\n\r\n"
         data += b"%x\r\n%s\r\n" % (len(body), body) if chunked else body
         sock = stream.socket
         if sock is not None:
