@@ -8,6 +8,7 @@ the bytes the server wrote.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import socket
 import ssl
@@ -59,7 +60,32 @@ def listens_on(proc: subprocess.Popen[Any], port: int, timeout: float = 20.0) ->
     return False
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux; else the IANA one)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            low, high = ports.read().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_port() -> int:
+    """A loopback TCP port nothing is bound to now, for a server to listen on.
+
+    Chosen below the kernel's ephemeral range when it can be: a port of that range (what
+    binding port 0 gives) can be taken, between this check and the server's bind, as the local
+    port of any outgoing connection on the machine, and the server then fails with "Address
+    already in use" (seen under load: the README's examples, the hub's tests)."""
+    low, _ = _ephemeral_ports()
+    candidates = range(max(1024, low - 16384), low)
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
