@@ -206,8 +206,10 @@ def test_shutdown(run: Callable[[str, str], Example]) -> None:
 
 def test_follow(run: Callable[[str, str], Example], tmp_path: Path) -> None:
     port = free_port()
+    # --drain 0: stopped with the example's stream open, the hub waited out the 2 s window
+    serve = ["serve", "--port", str(port), *OPEN_NEWS, "--drain", "0"]
     hub = subprocess.Popen(
-        [sys.executable, "-m", "tornado_sse.cli", "serve", "--port", str(port), *OPEN_NEWS],
+        [sys.executable, "-m", "tornado_sse.cli", *serve],
         env={"TORNADO_SSE_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
