@@ -40,6 +40,8 @@ class Loss:
         self.replica: RedisServer | None = None
         if kind == "failover":
             self.replica = RedisServer(directory / "replica")
+            # the replica's first sync at once (Redis waits 5 s for more replicas to share it)
+            self.primary.args = ["--repl-diskless-sync-delay", "0"]
 
     def __enter__(self) -> Loss:
         self.primary.directory.mkdir()

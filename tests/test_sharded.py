@@ -425,7 +425,9 @@ async def test_one_shard_losing_its_data_resets_only_its_channels(
     make_broker: MakeSharded, redis_shards: list[RedisServer], loss: str
 ) -> None:
     """FLUSHALL of one redis-server, or a restart without persistence."""
-    broker = await make_broker()
+    # a FLUSHALL with nothing published is noticed after the reader's blocking read: 0.5 s,
+    # not the default 5 s
+    broker = await make_broker(read_block=0.5)
     channels = spread()
     sub, got = await subscribe(broker, channels)
     for n in range(6):
