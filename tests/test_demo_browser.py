@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
 #: milliseconds; every playwright wait is bounded by this
 WAIT = 10_000
 #: the demo's reconnection delay (ms)
-RETRY = 2000
+RETRY = 500
 #: seconds a lost connection keeps its member listed: longer than any drop in these tests lasts,
 #: however slow the machine (the drop test holds the reconnect until it has posted)
 PRESENCE_GRACE = 30.0
