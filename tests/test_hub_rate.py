@@ -249,7 +249,7 @@ def test_a_shed_eventsource_keeps_retrying_gets_in_and_resumes_exactly(tmp_path:
     require(_playwright_available(), "the playwright package is missing (pip install playwright)")
     from playwright.async_api import async_playwright
 
-    hub = start_hub(tmp_path / "hub.log", "--stream-rate", "0.25/1", "--retry", "300")
+    hub = start_hub(tmp_path / "hub.log", "--stream-rate", "0.5/1", "--retry", "300")
 
     async def scenario() -> None:
         async with async_playwright() as pw:
@@ -258,7 +258,8 @@ def test_a_shed_eventsource_keeps_retrying_gets_in_and_resumes_exactly(tmp_path:
                 page = await browser.new_page()
                 page.set_default_timeout(10_000)
                 await page.goto(hub.url + "/healthz")
-                # the first stream takes the address's one token (the next is 4 s away)
+                # the first stream takes the address's one token (the next is 2 s away: the
+                # shed stream is told to wait that long, ample time to publish e2 and e3)
                 await page.evaluate(
                     """() => new Promise((resolve) => {
                         window.first = [];
