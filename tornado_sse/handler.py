@@ -1018,24 +1018,8 @@ class EventStreamHandler(tornado.web.RequestHandler):
             # connection we just let go, and ours is not called for a closed stream.
             IOLoop.current().add_callback(self.on_connection_close)
             return
-        raw = self._raw_socket
-        if raw is not None:
-            # as _flush does: straight to the socket, the IOStream only for what does not fit
-            try:
-                sent = raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                stream.close()  # reset already: the close callback ends the stream
-                return
-            if sent == len(data):
-                self._backlog = False
-                return
-            data = data[sent:]
-        try:
-            stream.write(data)
-        except StreamClosedError:
-            pass  # the close callback runs
+        # as events go: straight to the socket, the IOStream only for what does not fit
+        self._write(stream, data)
 
     def _over_limits(self, connections: ConnectionSet) -> str | None:
         """Why a new stream must be shed (a `.Metrics.streams_shed` reason: ``"shutdown"``,
